@@ -1,0 +1,215 @@
+"""Typed configuration schemas, registered in Hydra's ConfigStore.
+
+`conf/train.yaml` composes one node of each group onto `TrainRunConfig`, so a misspelt key or
+a value of the wrong type fails at start-up with the key's name. `validate` then checks
+ranges and cross-field rules that a type cannot express.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class StageKind(str, Enum):
+    base = "base"
+    sr = "sr"
+
+
+class PredictionType(str, Enum):
+    epsilon = "epsilon"
+    v_prediction = "v_prediction"
+
+
+class MixedPrecision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class DataSource(str, Enum):
+    imagefolder = "imagefolder"
+    hub = "hub"
+    digits = "digits"
+    photos = "photos"
+
+
+class AugMode(str, Enum):
+    non_truncated = "non-truncated"
+    truncated = "truncated"
+
+
+@dataclass
+class UNetConfig:
+    """A named size preset (DiT-style factories): tiny for tests, small for CPU, paper for real runs."""
+
+    name: str = "tiny"
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    # Feature-map sizes (in pixels, at the stage's output resolution) that get self-attention.
+    # SR stages never use attention above 32x32, since they run on whole high-resolution images.
+    attention_resolutions: list[int] = field(default_factory=lambda: [16])
+    attention_head_dim: int = 32
+    norm_num_groups: int = 8
+    dropout: float = 0.0
+    level_embed_dim: int = 64
+
+
+@dataclass
+class SamplingConfig:
+    """Per-stage sampling defaults, copied into cascade.json at export."""
+
+    scheduler: str = "DPMSolverMultistepScheduler"
+    steps: int = 25
+    guidance_scale: float = 1.0
+    aug_level: int = 0
+    aug_mode: AugMode = AugMode.non_truncated
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    kind: StageKind = MISSING
+    resolution: int = MISSING  # output size
+    low_res: int = 0  # SR input size; 0 for a base stage
+    class_conditional: bool = True
+    label_dropout: float = 0.1  # p of replacing a label with the null id (classifier-free guidance)
+    prediction_type: PredictionType = PredictionType.epsilon
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+    crop_size: int = 0  # high-res training crop for SR stages; 0 trains on whole images
+    aug_max_level: int = 250  # conditioning augmentation: s ~ U{0..aug_max_level}
+    blur_prob: float = 0.0
+    blur_sigma: list[float] = field(default_factory=lambda: [0.4, 0.6])
+    sample: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = MISSING
+    path: str | None = None  # imagefolder root, or where an offline set is built
+    name: str | None = None  # Hub dataset id
+    config_name: str | None = None
+    split: str = "train"
+    image_column: str = "image"
+    label_column: str | None = "label"
+    streaming: bool = False
+    num_workers: int = 0
+    # For the offline photos set: how many images are held out for evaluation.
+    holdout: int = 3
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 8
+    max_steps: int = 1000
+    learning_rate: float = 2e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.999
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    mixed_precision: MixedPrecision = MixedPrecision.no
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    log_every: int = 10
+    sample_every: int = 500
+    num_samples: int = 8
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str | None = None  # "latest" or a checkpoint folder
+    output_dir: str = "runs/${stage.name}"
+    tracker: str = "tensorboard"  # or "none"
+    license: str = "apache-2.0"
+
+
+@dataclass
+class TrainRunConfig:
+    stage: StageConfig = field(default_factory=StageConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainRunConfig)
+
+
+def config_dir() -> Path:
+    """The conf/ folder: beside the package in a checkout, inside it when installed from a wheel."""
+    for candidate in (
+        Path(__file__).resolve().parent.parent / "conf",
+        Path(__file__).resolve().parent / "conf",
+    ):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError("cdm's conf/ folder was not found beside the package")
+
+
+def validate(cfg) -> None:
+    """Range and cross-field checks; each raises ValueError naming the key and the expected value."""
+    t, s = cfg.train, cfg.stage
+    positive = {
+        "train.batch_size": t.batch_size,
+        "train.max_steps": t.max_steps,
+        "train.grad_accum": t.grad_accum,
+        "train.keep_checkpoints": t.keep_checkpoints,
+        "train.checkpoint_every": t.checkpoint_every,
+        "train.sample_every": t.sample_every,
+        "train.log_every": t.log_every,
+        "stage.resolution": s.resolution,
+        "stage.num_train_timesteps": s.num_train_timesteps,
+        "stage.sample.steps": s.sample.steps,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{key}={value}: expected an integer >= 1")
+    if not 0 < t.learning_rate < 1:
+        raise ValueError(f"train.learning_rate={t.learning_rate}: expected a value in (0, 1)")
+    if not 0 <= t.ema_decay < 1:
+        raise ValueError(f"train.ema_decay={t.ema_decay}: expected a value in [0, 1)")
+    if not 0 <= s.label_dropout < 1:
+        raise ValueError(f"stage.label_dropout={s.label_dropout}: expected a value in [0, 1)")
+    if not 0 <= s.blur_prob <= 1:
+        raise ValueError(f"stage.blur_prob={s.blur_prob}: expected a value in [0, 1]")
+    if len(s.blur_sigma) != 2 or not 0 < s.blur_sigma[0] <= s.blur_sigma[1]:
+        raise ValueError(f"stage.blur_sigma={list(s.blur_sigma)}: expected [low, high] with 0 < low <= high")
+    if not 0 <= s.aug_max_level < s.num_train_timesteps:
+        raise ValueError(f"stage.aug_max_level={s.aug_max_level}: expected 0..{s.num_train_timesteps - 1}")
+    if s.kind == StageKind.base and not s.class_conditional:
+        raise ValueError("stage.class_conditional=false: the base stage is class-conditional")
+    if s.kind == StageKind.sr:
+        if s.low_res < 1 or s.resolution % s.low_res:
+            raise ValueError(
+                f"stage.low_res={s.low_res}: expected a positive size dividing stage.resolution={s.resolution}"
+            )
+        scale = s.resolution // s.low_res
+        if s.crop_size and (s.crop_size % scale or s.crop_size > s.resolution):
+            raise ValueError(
+                f"stage.crop_size={s.crop_size}: expected a multiple of the scale {scale} "
+                f"and at most stage.resolution={s.resolution}"
+            )
+    levels = 2 ** (len(cfg.unet.block_out_channels) - 1)
+    train_size = s.crop_size or s.resolution
+    if train_size % levels:
+        raise ValueError(
+            f"unet.block_out_channels has {len(cfg.unet.block_out_channels)} levels: training size "
+            f"{train_size} must be a multiple of {levels}"
+        )
+    if any(c % cfg.unet.norm_num_groups for c in cfg.unet.block_out_channels):
+        raise ValueError(
+            f"unet.norm_num_groups={cfg.unet.norm_num_groups} must divide every unet.block_out_channels "
+            f"{list(cfg.unet.block_out_channels)}"
+        )
+    if cfg.data.source == DataSource.imagefolder and not cfg.data.path:
+        raise ValueError(
+            "data.path is missing: data=imagefolder needs data.path=DIR (one sub-folder per class)"
+        )
+    if cfg.data.source == DataSource.hub and not cfg.data.name:
+        raise ValueError("data.name is missing: data=hub needs data.name=OWNER/DATASET")

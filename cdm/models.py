@@ -1,0 +1,109 @@
+"""Model factory: a stage config and a size preset make a diffusers UNet, schedulers and pipeline."""
+
+from __future__ import annotations
+
+import diffusers
+import torch
+from cdm_pipelines import CDMBasePipeline, SR3Pipeline
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+from cdm.config import PredictionType, StageConfig, StageKind, UNetConfig
+
+SR_MAX_ATTENTION_RES = 32  # SR3: no self-attention above 32x32, so stages run on whole big images
+
+
+def attention_levels(unet: UNetConfig, resolution: int, max_res: int | None = None) -> list[bool]:
+    """Which UNet levels get self-attention: the feature size at level i is resolution / 2**i."""
+    sizes = [resolution // 2**i for i in range(len(unet.block_out_channels))]
+    return [size in unet.attention_resolutions and (max_res is None or size <= max_res) for size in sizes]
+
+
+def build_base_unet(stage: StageConfig, unet: UNetConfig, num_classes: int) -> UNet2DModel:
+    """Class-conditional UNet2DModel with num_classes + 1 embeddings (last id = null label)."""
+    attn = attention_levels(unet, stage.resolution)
+    return UNet2DModel(
+        sample_size=stage.resolution,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(unet.block_out_channels),
+        layers_per_block=unet.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        attention_head_dim=unet.attention_head_dim,
+        norm_num_groups=unet.norm_num_groups,
+        dropout=unet.dropout,
+        num_class_embeds=num_classes + 1,
+    )
+
+
+def build_sr_unet(stage: StageConfig, unet: UNetConfig, num_classes: int) -> UNet2DConditionModel:
+    """SR3 UNet: 6 input channels, level through `timestep_cond`, optional class label, no cross-attention."""
+    attn = attention_levels(unet, stage.resolution, max_res=SR_MAX_ATTENTION_RES)
+    return UNet2DConditionModel(
+        sample_size=stage.resolution,
+        in_channels=6,
+        out_channels=3,
+        block_out_channels=tuple(unet.block_out_channels),
+        layers_per_block=unet.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        mid_block_type="UNetMidBlock2D",
+        attention_head_dim=unet.attention_head_dim,
+        norm_num_groups=unet.norm_num_groups,
+        dropout=unet.dropout,
+        time_cond_proj_dim=unet.level_embed_dim,
+        num_class_embeds=num_classes + 1 if num_classes else None,
+        cross_attention_dim=unet.block_out_channels[-1],  # unused: no cross-attention blocks
+    )
+
+
+def build_noise_scheduler(stage: StageConfig) -> DDPMScheduler:
+    """The training forward process q(x_t | x_0); also the SR noising scheduler for augmentation."""
+    return DDPMScheduler(
+        num_train_timesteps=stage.num_train_timesteps,
+        beta_schedule=stage.beta_schedule,
+        prediction_type=PredictionType(stage.prediction_type).value,
+        clip_sample=True,
+    )
+
+
+def sampling_scheduler(name: str, config):
+    """Any diffusers scheduler by class name, built from another scheduler's config."""
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config") or not name.endswith("Scheduler"):
+        raise ValueError(f"scheduler {name!r} is not a diffusers scheduler class (e.g. DDIMScheduler)")
+    return cls.from_config(config)
+
+
+def build_pipeline(
+    stage: StageConfig,
+    unet_cfg: UNetConfig,
+    num_classes: int,
+    id2label: dict | None = None,
+    unet: torch.nn.Module | None = None,
+):
+    """A stage's diffusers pipeline; pass `unet` to wrap trained weights instead of a fresh init."""
+    noise = build_noise_scheduler(stage)
+    scheduler = sampling_scheduler(stage.sample.scheduler, noise.config)
+    labels = id2label if num_classes and stage.class_conditional else None
+    unet = unet if unet is not None else build_unet(stage, unet_cfg, num_classes)
+    if stage.kind == StageKind.base:
+        return CDMBasePipeline(unet=unet, scheduler=scheduler, id2label=labels)
+    noising = DDPMScheduler.from_config(noise.config)
+    return SR3Pipeline(
+        unet=unet,
+        scheduler=scheduler,
+        image_noising_scheduler=noising,
+        low_res_size=stage.low_res,
+        id2label=labels,
+    )
+
+
+def build_unet(stage: StageConfig, unet_cfg: UNetConfig, num_classes: int) -> torch.nn.Module:
+    if stage.kind == StageKind.base:
+        return build_base_unet(stage, unet_cfg, num_classes)
+    return build_sr_unet(stage, unet_cfg, num_classes if stage.class_conditional else 0)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,102 @@
+"""Saving and loading stage folders: safetensors + JSON, never code from the folder.
+
+A saved stage is a diffusers pipeline folder plus a copy of its pipeline file, with
+`model_index.json` naming it as `[module, class]`. Plain diffusers can then load it with
+`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, an explicit opt-in.
+cdm itself never runs that copy: `load_stage` builds each component from stock diffusers
+classes and uses the pipeline class installed with cdm.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from pathlib import Path
+
+import diffusers
+from cdm_pipelines import CDMBasePipeline, SR3Pipeline
+from safetensors import SafetensorError
+
+from cdm.errors import UserError
+
+PIPELINES = {cls.__name__: cls for cls in (CDMBasePipeline, SR3Pipeline)}
+
+
+def save_stage(pipe, folder: str | Path) -> Path:
+    """`save_pretrained` (safetensors) plus the pipeline source, so the folder is Hub-loadable."""
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    source = Path(inspect.getfile(type(pipe)))
+    shutil.copyfile(source, folder / source.name)
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["_class_name"] = [source.stem, type(pipe).__name__]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def read_model_index(folder: str | Path) -> dict:
+    path = Path(folder) / "model_index.json"
+    if not path.is_file():
+        raise UserError(f"{folder} is not a pipeline folder: expected {path.name} inside it")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def pipeline_class_name(index: dict) -> str:
+    name = index.get("_class_name")
+    return name[1] if isinstance(name, list) else name
+
+
+def load_stage(folder: str | Path, torch_dtype=None):
+    """Load a stage folder with cdm's own pipeline classes and stock diffusers components."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"model folder {folder} does not exist")
+    index = read_model_index(folder)
+    name = pipeline_class_name(index)
+    cls = PIPELINES.get(name)
+    if cls is None:
+        raise UserError(
+            f"{folder}: pipeline class {name!r} is not a cdm stage: expected one of {sorted(PIPELINES)}"
+        )
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {}
+    for key, value in index.items():
+        if key.startswith("_") or key not in params:
+            continue
+        if isinstance(value, list) and len(value) == 2 and value[0] == "diffusers":
+            kwargs[key] = _load_component(folder, key, value[1], torch_dtype)
+        else:
+            kwargs[key] = value
+    missing = [
+        p for p in params if p != "self" and params[p].default is inspect.Parameter.empty and p not in kwargs
+    ]
+    if missing:
+        raise UserError(f"{folder}/model_index.json lacks components {missing} for {name}")
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise UserError(f"{folder}: {err}") from None
+
+
+def _load_component(folder: Path, key: str, class_name: str, torch_dtype):
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not (class_name.endswith("Scheduler") or class_name.endswith("Model")):
+        raise UserError(f"{folder}/{key}: {class_name!r} is not a diffusers model or scheduler class")
+    sub = folder / key
+    if not sub.is_dir():
+        raise UserError(f"{folder}: component folder {key}/ is missing")
+    if class_name.endswith("Scheduler"):
+        return cls.from_pretrained(folder, subfolder=key)
+    weights = list(sub.glob("*.safetensors"))
+    if not weights:
+        raise UserError(f"{sub}: no .safetensors weights found (cdm never loads pickled weights)")
+    try:
+        return cls.from_pretrained(folder, subfolder=key, use_safetensors=True, torch_dtype=torch_dtype)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{sub}: the weights could not be loaded ({first[:200]})") from None
