@@ -38,9 +38,13 @@ class DataSource(str, Enum):
     photos = "photos"
 
 
-class AugMode(str, Enum):
-    non_truncated = "non-truncated"
-    truncated = "truncated"
+class ResizeMode(str, Enum):
+    resize = "resize"  # short side to the stage resolution, then crop
+    crisp = "crisp"  # strokes re-rendered at the stage resolution with sharp edges
+    none = "none"  # native resolution; crops only
+
+
+AUG_MODES = ("non-truncated", "truncated")
 
 
 @dataclass
@@ -67,7 +71,7 @@ class SamplingConfig:
     steps: int = 25
     guidance_scale: float = 1.0
     aug_level: int = 0
-    aug_mode: AugMode = AugMode.non_truncated
+    aug_mode: str = "non-truncated"  # or "truncated" (CDM section 3.2)
 
 
 @dataclass
@@ -98,6 +102,7 @@ class DataConfig:
     image_column: str = "image"
     label_column: str | None = "label"
     streaming: bool = False
+    resize: ResizeMode = ResizeMode.resize
     num_workers: int = 0
     # For the offline photos set: how many images are held out for evaluation.
     holdout: int = 3
@@ -123,6 +128,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     resume: str | None = None  # "latest" or a checkpoint folder
+    stop_after: int = 0  # stop at this step, resumable (time-sliced jobs); 0 runs to max_steps
     output_dir: str = "runs/${stage.name}"
     tracker: str = "tensorboard"  # or "none"
     license: str = "apache-2.0"
@@ -180,6 +186,10 @@ def validate(cfg) -> None:
         raise ValueError(f"stage.blur_prob={s.blur_prob}: expected a value in [0, 1]")
     if len(s.blur_sigma) != 2 or not 0 < s.blur_sigma[0] <= s.blur_sigma[1]:
         raise ValueError(f"stage.blur_sigma={list(s.blur_sigma)}: expected [low, high] with 0 < low <= high")
+    if s.sample.aug_mode not in AUG_MODES:
+        raise ValueError(f"stage.sample.aug_mode={s.sample.aug_mode!r}: expected one of {', '.join(AUG_MODES)}")
+    if not 0 <= s.sample.aug_level < s.num_train_timesteps:
+        raise ValueError(f"stage.sample.aug_level={s.sample.aug_level}: expected 0..{s.num_train_timesteps - 1}")
     if not 0 <= s.aug_max_level < s.num_train_timesteps:
         raise ValueError(f"stage.aug_max_level={s.aug_max_level}: expected 0..{s.num_train_timesteps - 1}")
     if s.kind == StageKind.base and not s.class_conditional:
@@ -190,7 +200,8 @@ def validate(cfg) -> None:
                 f"stage.low_res={s.low_res}: expected a positive size dividing stage.resolution={s.resolution}"
             )
         scale = s.resolution // s.low_res
-        if s.crop_size and (s.crop_size % scale or s.crop_size > s.resolution):
+        too_big = s.crop_size > s.resolution and cfg.data.resize != ResizeMode.none
+        if s.crop_size and (s.crop_size % scale or too_big):
             raise ValueError(
                 f"stage.crop_size={s.crop_size}: expected a multiple of the scale {scale} "
                 f"and at most stage.resolution={s.resolution}"

@@ -1,0 +1,83 @@
+"""Checkpoints as safetensors + JSON, written atomically and rotated.
+
+accelerate's `save_state` pickles the optimizer, scheduler and RNG states; these files hold the
+same information without pickle. No RNG state is needed: every random draw in training is a
+function of (seed, step, rank), so the step count alone restores the data position and noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "checkpoint-"
+
+
+def optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and the rest (for JSON)."""
+    tensors, scalars = {}, {}
+    for pid, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(folder: Path, step: int, model, ema, optimizer, lr_scheduler, extra: dict, keep: int) -> Path:
+    """Write checkpoint-{step} under a temporary name, rename it into place, then drop old ones."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{PREFIX}{step:07d}"
+    tmp = folder / f".tmp-{PREFIX}{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    ema_state = ema.state_dict()
+    save_file({f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
+              tmp / "ema.safetensors")  # fmt: skip
+    tensors, meta = optimizer_to_flat(optimizer.state_dict())
+    save_file(tensors, tmp / "optimizer.safetensors")
+    trainer = {"step": step, "ema": ema_state, "optimizer": meta, "lr_scheduler": lr_scheduler.state_dict(), **extra}
+    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
+    for f in tmp.iterdir():  # the data must be on disk before the rename makes it visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.name.startswith(PREFIX) and (p / "trainer.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def load_checkpoint(path: Path, model, ema, optimizer, lr_scheduler) -> dict:
+    """Restore the states saved by `save_checkpoint`; returns trainer.json."""
+    trainer = json.loads((path / "trainer.json").read_text())
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    shadow = load_file(path / "ema.safetensors")
+    ema.load_state_dict({**trainer["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    optimizer.load_state_dict(optimizer_from_flat(load_file(path / "optimizer.safetensors"), trainer["optimizer"]))
+    lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+    return trainer

