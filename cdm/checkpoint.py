@@ -38,20 +38,30 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(folder: Path, step: int, model, ema, optimizer, lr_scheduler, extra: dict, keep: int) -> Path:
+def save_checkpoint(
+    folder: Path, step: int, model, ema, optimizer, lr_scheduler, extra: dict, keep: int
+) -> Path:
     """Write checkpoint-{step} under a temporary name, rename it into place, then drop old ones."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:07d}"
     tmp = folder / f".tmp-{PREFIX}{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors"
+    )
     ema_state = ema.state_dict()
     save_file({f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
               tmp / "ema.safetensors")  # fmt: skip
     tensors, meta = optimizer_to_flat(optimizer.state_dict())
     save_file(tensors, tmp / "optimizer.safetensors")
-    trainer = {"step": step, "ema": ema_state, "optimizer": meta, "lr_scheduler": lr_scheduler.state_dict(), **extra}
+    trainer = {
+        "step": step,
+        "ema": ema_state,
+        "optimizer": meta,
+        "lr_scheduler": lr_scheduler.state_dict(),
+        **extra,
+    }
     (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
     for f in tmp.iterdir():  # the data must be on disk before the rename makes it visible
         with open(f, "rb") as fh:
@@ -78,6 +88,8 @@ def load_checkpoint(path: Path, model, ema, optimizer, lr_scheduler) -> dict:
     model.load_state_dict(load_file(path / "model.safetensors"))
     shadow = load_file(path / "ema.safetensors")
     ema.load_state_dict({**trainer["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
-    optimizer.load_state_dict(optimizer_from_flat(load_file(path / "optimizer.safetensors"), trainer["optimizer"]))
+    optimizer.load_state_dict(
+        optimizer_from_flat(load_file(path / "optimizer.safetensors"), trainer["optimizer"])
+    )
     lr_scheduler.load_state_dict(trainer["lr_scheduler"])
     return trainer

@@ -187,9 +187,13 @@ def validate(cfg) -> None:
     if len(s.blur_sigma) != 2 or not 0 < s.blur_sigma[0] <= s.blur_sigma[1]:
         raise ValueError(f"stage.blur_sigma={list(s.blur_sigma)}: expected [low, high] with 0 < low <= high")
     if s.sample.aug_mode not in AUG_MODES:
-        raise ValueError(f"stage.sample.aug_mode={s.sample.aug_mode!r}: expected one of {', '.join(AUG_MODES)}")
+        raise ValueError(
+            f"stage.sample.aug_mode={s.sample.aug_mode!r}: expected one of {', '.join(AUG_MODES)}"
+        )
     if not 0 <= s.sample.aug_level < s.num_train_timesteps:
-        raise ValueError(f"stage.sample.aug_level={s.sample.aug_level}: expected 0..{s.num_train_timesteps - 1}")
+        raise ValueError(
+            f"stage.sample.aug_level={s.sample.aug_level}: expected 0..{s.num_train_timesteps - 1}"
+        )
     if not 0 <= s.aug_max_level < s.num_train_timesteps:
         raise ValueError(f"stage.aug_max_level={s.aug_max_level}: expected 0..{s.num_train_timesteps - 1}")
     if s.kind == StageKind.base and not s.class_conditional:

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +45,16 @@ def _write_atomically(root: Path, fill) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
         fill(tmp)
-        if root.exists():  # an interrupted earlier build, never a finished one (labels.json is last)
+        if (root / "labels.json").is_file():  # another process finished first
+            return root
+        if root.exists():  # an interrupted earlier build: labels.json is written last
             shutil.rmtree(root)
         tmp.rename(root)
-    except FileExistsError:  # another process finished first
+    except OSError:
+        if not (root / "labels.json").is_file():
+            raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 
@@ -117,7 +120,9 @@ def dataset_root(data: DataConfig) -> Path | None:
     if data.source == DataSource.digits:
         return build_digits(Path(data.path) if data.path else cache_root() / "digits")
     if data.source == DataSource.photos:
-        return build_photos(Path(data.path) if data.path else cache_root() / f"photos-{data.holdout}", data.holdout)
+        return build_photos(
+            Path(data.path) if data.path else cache_root() / f"photos-{data.holdout}", data.holdout
+        )
     if data.source == DataSource.imagefolder:
         root = Path(data.path)
         if not root.is_dir():
@@ -130,6 +135,8 @@ def open_dataset(data: DataConfig, split: str | None = None):
     """The raw `datasets` dataset (images not decoded) and its id -> label map."""
     import datasets
 
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()
     split = split or data.split
     root = dataset_root(data)
     try:
@@ -143,15 +150,21 @@ def open_dataset(data: DataConfig, split: str | None = None):
         else:
             ds = datasets.load_dataset(data.name, data.config_name, split=split, streaming=data.streaming)
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, ConnectionError) as err:
-        raise UserError(f"data: could not open {data.name or root} ({str(err).splitlines()[0][:200]})") from None
+        raise UserError(
+            f"data: could not open {data.name or root} ({str(err).splitlines()[0][:200]})"
+        ) from None
     features = ds.features or {}
     if data.image_column not in features:
-        raise UserError(f"data.image_column={data.image_column!r} is not a column: expected one of {list(features)}")
+        raise UserError(
+            f"data.image_column={data.image_column!r} is not a column: expected one of {list(features)}"
+        )
     ds = ds.cast_column(data.image_column, datasets.Image(decode=False))
     id2label = {0: "image"}
     label_col = data.label_column if data.label_column in features else None
     if data.label_column and label_col is None and data.source in (DataSource.imagefolder, DataSource.hub):
-        raise UserError(f"data.label_column={data.label_column!r} is not a column: expected one of {list(features)}")
+        raise UserError(
+            f"data.label_column={data.label_column!r} is not a column: expected one of {list(features)}"
+        )
     if label_col is not None:
         names = getattr(features[label_col], "names", None)
         if names:
@@ -238,12 +251,21 @@ class IndexStream(torch.utils.data.Sampler):
     """Batches of (epoch, index) for this rank, starting at micro-step `start`; a new permutation each epoch."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
-        self.n, self.batch_size, self.seed, self.rank, self.world, self.start = n, batch_size, seed, rank, world, start
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.start = (
+            n,
+            batch_size,
+            seed,
+            rank,
+            world,
+            start,
+        )
         self._perms: dict[int, torch.Tensor] = {}
 
     def perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+            self._perms = {
+                epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            }
         return self._perms[epoch]
 
     def batch(self, step: int) -> list[tuple[int, int]]:

@@ -1,7 +1,7 @@
 """cdm-train: train one cascade stage with accelerate, configured by Hydra.
 
-    cdm-train stage=sr64to256 data=imagefolder data.path=DIR train.max_steps=20000
-    accelerate launch --num_processes 8 -m cdm.train stage=base64 data=imagenet
+cdm-train stage=sr64to256 data=imagefolder data.path=DIR train.max_steps=20000
+accelerate launch --num_processes 8 -m cdm.train stage=base64 data=imagenet
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import torch
+from cdm_pipelines import augment_low_res, level_embedding
 from omegaconf import DictConfig, OmegaConf
 
 from cdm.config import StageKind, TrainRunConfig, config_dir, register_configs, validate
+from cdm.degradations import downsample, drop_labels, random_blur, sample_levels
 from cdm.errors import UserError, cli
 
 HELP = """usage: cdm-train [KEY=VALUE ...]
@@ -33,9 +35,16 @@ def _group_options(group: str) -> list[str]:
 
 
 def _one_line(err: Exception) -> str:
-    skip = ("full_key:", "object_type", "reference_type", "Set the environment", "Use --", "Available options")
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.strip().startswith(skip)]
-    return " ".join(lines)
+    """Hydra and OmegaConf errors span lines and chained causes; keep the informative lines."""
+    skip = ("full_key:", "object_type", "reference_type", "Set the environment", "Use --", "Available options",
+            "To append to your config")  # fmt: skip
+    lines = []
+    while err is not None:
+        lines += [
+            ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.strip().startswith(skip)
+        ]
+        err = err.__cause__
+    return ": ".join(dict.fromkeys(lines))
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -95,9 +104,6 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
 
 def stage_model_fn(unet, cfg, batch, noising, num_classes, generator):
     """The stage's conditioning, closed over a `model_fn(x_t, t)` for the loss, and the target x_0."""
-    from cdm.degradations import downsample, drop_labels, random_blur, sample_levels
-    from cdm_pipelines import augment_low_res, level_embedding
-
     stage = cfg.stage
     x0 = batch["images"]
     labels = batch["labels"].to(x0.device)
@@ -108,7 +114,9 @@ def stage_model_fn(unet, cfg, batch, noising, num_classes, generator):
     if stage.kind == StageKind.base:
         return x0, lambda x_t, t: unet(x_t, t, class_labels=labels).sample
     # SR: anti-aliased bicubic downsample, optional blur, then noise augmentation at a random level s
-    x_lr = random_blur(downsample(x0, stage.resolution // stage.low_res), stage.blur_prob, stage.blur_sigma, generator)
+    x_lr = random_blur(
+        downsample(x0, stage.resolution // stage.low_res), stage.blur_prob, stage.blur_sigma, generator
+    )
     s = sample_levels(x0.shape[0], stage.aug_max_level, generator).to(x0.device)
     cond = augment_low_res(x_lr, x0.shape[-2:], s, noising, generator).to(x0.dtype)
     s_emb = level_embedding(s, cfg.unet.level_embed_dim).to(x0.device, x0.dtype)
@@ -137,8 +145,6 @@ def save_samples(cfg, pipe, fixed, path: Path, num_classes: int) -> None:
         out = pipe([i % num_classes for i in range(n)], guidance_scale=cfg.stage.sample.guidance_scale, **kw)
         save_grid(list(out.images), path, ncols=min(n, 8))
         return
-    from cdm.degradations import downsample
-
     target = fixed["images"][:n]
     x_lr = downsample(target, cfg.stage.resolution // cfg.stage.low_res)
     labels = fixed["labels"][:n].tolist() if cfg.stage.class_conditional else None
@@ -166,7 +172,9 @@ def train(cfg: DictConfig) -> Path:
     run_dir, resume_from = resolve_run_dir(cfg)
     try:
         accelerator = accelerate.Accelerator(
-            mixed_precision=t.mixed_precision.value if hasattr(t.mixed_precision, "value") else t.mixed_precision,
+            mixed_precision=t.mixed_precision.value
+            if hasattr(t.mixed_precision, "value")
+            else t.mixed_precision,
             gradient_accumulation_steps=t.grad_accum,
             log_with=None if t.tracker == "none" else t.tracker,
             project_config=accelerate.utils.ProjectConfiguration(
@@ -179,7 +187,8 @@ def train(cfg: DictConfig) -> Path:
     set_seed(t.seed)
 
     # Data
-    ds, label_col, id2label = open_dataset(cfg.data)
+    with accelerator.main_process_first():  # offline sets are built once, by the main process
+        ds, label_col, id2label = open_dataset(cfg.data)
     dataset = StageDataset(ds, cfg.data, label_col, stage, t.seed)
     check_images_fit(dataset)
     num_classes = len(id2label)
@@ -206,7 +215,9 @@ def train(cfg: DictConfig) -> Path:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        (run_dir / "config.json").write_text(json.dumps(OmegaConf.to_container(cfg, enum_to_str=True), indent=1))
+        (run_dir / "config.json").write_text(
+            json.dumps(OmegaConf.to_container(cfg, enum_to_str=True), indent=1)
+        )
     if accelerator.log_with:
         flat = {k: v for k, v in _flatten(OmegaConf.to_container(cfg, enum_to_str=True)).items()
                 if isinstance(v, (int, float, str, bool))}  # fmt: skip
@@ -256,11 +267,17 @@ def train(cfg: DictConfig) -> Path:
         loss_value = accelerator.gather(loss.detach().float().reshape(1)).mean().item()
         bar.update(1)
         if step % t.log_every == 0 or step == stop_at:
-            logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "ema_decay": ema.cur_decay_value or 0.0}
+            logs = {
+                "loss": loss_value,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "ema_decay": ema.cur_decay_value or 0.0,
+            }
             bar.set_postfix(loss=f"{loss_value:.4f}")
             accelerator.log(logs, step=step)
         if main and (step % t.sample_every == 0 or step == t.max_steps) and fixed["images"] is not None:
-            pipe = build_pipeline(stage, cfg.unet, num_classes, id2label, unet=_ema_unet(ema, stage, cfg, num_classes))
+            pipe = build_pipeline(
+                stage, cfg.unet, num_classes, id2label, unet=_ema_unet(ema, stage, cfg, num_classes)
+            )
             pipe.to(accelerator.device)
             save_samples(cfg, pipe, fixed, run_dir / "samples" / f"step-{step:07d}.png", num_classes)
         if step % t.checkpoint_every == 0 or step == stop_at:
@@ -274,7 +291,9 @@ def train(cfg: DictConfig) -> Path:
     elapsed = time.time() - start_time
 
     # Every rank must hold the same weights after data-parallel training
-    checksum = torch.tensor([sum(p.double().sum().item() for p in unet.parameters())], device=accelerator.device)
+    checksum = torch.tensor(
+        [sum(p.double().sum().item() for p in unet.parameters())], device=accelerator.device
+    )
     checksums = accelerator.gather(checksum).tolist()
     if main:
         info = {
@@ -287,9 +306,15 @@ def train(cfg: DictConfig) -> Path:
             "num_classes": num_classes, "skipped_examples": skipped, "data": _data_name(cfg),
         }  # fmt: skip
         if step >= t.max_steps:
-            pipe = build_pipeline(stage, cfg.unet, num_classes, id2label, unet=_ema_unet(ema, stage, cfg, num_classes))
+            pipe = build_pipeline(
+                stage, cfg.unet, num_classes, id2label, unet=_ema_unet(ema, stage, cfg, num_classes)
+            )
             _export_atomically(pipe, run_dir / "export", save_stage, cfg, info)
-        previous = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").exists() else {}
+        previous = (
+            json.loads((run_dir / "run_info.json").read_text())
+            if (run_dir / "run_info.json").exists()
+            else {}
+        )
         info["seconds_total"] = round(previous.get("seconds_total", 0) + elapsed, 2)
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
         if any(skipped.values()):

@@ -56,3 +56,43 @@ def base_pipe():
 def sr_pipe(request):
     torch.manual_seed(0)
     return build_pipeline(sr_stage(class_conditional=request.param), TINY, 3, LABELS)
+
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def run_cli(cmd: list[str], cwd, env_extra=None, timeout=600):
+    """Run a console script of this environment in a subprocess, with no network and tiny threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TQDM_DISABLE": "1", **(env_extra or {})}  # fmt: skip
+    exe = str(BIN / cmd[0]) if (BIN / cmd[0]).exists() else cmd[0]
+    return subprocess.run([exe, *cmd[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def make_imagefolder(root: Path, classes=2, per_class=4, size=40, seed=0) -> Path:
+    """A tiny labelled imagefolder of smooth random RGB images."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            small = rng.integers(0, 255, (5, 5, 3), dtype=np.uint8)
+            PIL.Image.fromarray(small).resize((size, size), PIL.Image.BICUBIC).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_env(tmp_path_factory):
+    """Offline data sets and the datasets cache in one place for the whole test session."""
+    root = tmp_path_factory.mktemp("cache")
+    env = {"CDM_CACHE": str(root / "cdm"), "HF_DATASETS_CACHE": str(root / "hf")}
+    os.environ.update(env)
+    return env

@@ -1,0 +1,150 @@
+"""Training: the real cdm-train command on tiny settings, resume, data parallel, bad overrides."""
+
+import json
+import shutil
+
+import cdm_pipelines.pipeline_sr3
+import numpy as np
+import pytest
+import torch
+from conftest import make_imagefolder, run_cli
+from safetensors.torch import load_file
+
+import cdm.train
+from cdm.stage_io import load_stage
+
+TINY_STAGE = {
+    "base64": ["stage.resolution=16"],
+    "sr64to256": ["stage.resolution=32", "stage.low_res=8", "stage.crop_size=16"],
+    "sr256to1024": ["stage.resolution=64", "stage.low_res=16", "stage.crop_size=32"],
+}
+FAST = ["unet=tiny", "train.batch_size=2", "train.num_samples=2", "stage.sample.steps=2", "train.tracker=none",
+        "train.warmup_steps=1"]  # fmt: skip
+
+
+def train_args(stage, out, steps, *extra):
+    return ["cdm-train", f"stage={stage}", *TINY_STAGE[stage], *FAST, f"train.max_steps={steps}",
+            f"train.output_dir={out}", *extra]  # fmt: skip
+
+
+def test_training_uses_the_pipeline_augmentation_function_object():
+    assert cdm.train.augment_low_res is cdm_pipelines.pipeline_sr3.augment_low_res
+
+
+@pytest.mark.parametrize("stage", ["base64", "sr64to256", "sr256to1024"])
+def test_each_stage_trains_and_exports_a_loadable_pipeline(stage, tmp_path, cache_env):
+    data = ["data=photos"] if stage == "sr256to1024" else []
+    res = run_cli(train_args(stage, tmp_path / "run", 3, "train.sample_every=3", *data), tmp_path, cache_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file() and (run / "samples" / "step-0000003.png").is_file()
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["steps"] == 3 and np.isfinite(info["final_loss"])
+    pipe = load_stage(run / "export")
+    gen = [torch.Generator().manual_seed(0)]
+    if stage == "base64":
+        out = pipe([3], num_inference_steps=2, generator=gen, output_type="np").images
+        assert out.shape == (1, 16, 16, 3)
+        assert pipe.labels[7] == "7, seven"
+    else:
+        lr = pipe.config.low_res_size
+        out = pipe(
+            torch.zeros(1, 3, lr, lr), noise_level=10, num_inference_steps=2, generator=gen, output_type="np"
+        )
+        assert out.images.shape == (1, 4 * lr, 4 * lr, 3)
+    assert np.isfinite(out if isinstance(out, np.ndarray) else out.images).all()
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, cache_env):
+    common = ["train.checkpoint_every=3", "train.sample_every=100"]
+    straight = run_cli(train_args("sr64to256", tmp_path / "a", 6, *common), tmp_path, cache_env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run_cli(
+        train_args("sr64to256", tmp_path / "b", 6, *common, "train.stop_after=3"), tmp_path, cache_env
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (tmp_path / "b" / "export").exists()
+    # a crash in the middle of the next checkpoint write leaves a temporary folder behind
+    partial = tmp_path / "b" / "checkpoints" / ".tmp-checkpoint-0000006"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"truncated")
+    second = run_cli(
+        train_args("sr64to256", tmp_path / "b", 6, *common, "train.resume=latest"), tmp_path, cache_env
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        a = load_file(tmp_path / "a" / "checkpoints" / "checkpoint-0000006" / name)
+        b = load_file(tmp_path / "b" / "checkpoints" / "checkpoint-0000006" / name)
+        assert a.keys() == b.keys()
+        worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+        assert worst <= 1e-6, (name, worst)
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, cache_env):
+    args = train_args("base64", tmp_path / "run", 2)
+    assert run_cli(args, tmp_path, cache_env).returncode == 0
+    before = (tmp_path / "run" / "export" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    again = run_cli(args, tmp_path, cache_env)
+    assert again.returncode == 2
+    assert "already holds a run" in again.stderr and "Traceback" not in again.stderr
+    assert (
+        tmp_path / "run" / "export" / "unet" / "diffusion_pytorch_model.safetensors"
+    ).read_bytes() == before
+
+
+def test_bad_images_are_converted_or_counted(tmp_path, cache_env):
+    root = make_imagefolder(tmp_path / "imgs", classes=2, per_class=3, size=40)
+    PIL = pytest.importorskip("PIL.Image")
+    PIL.new("RGBA", (40, 40), (255, 0, 0, 128)).save(root / "class0" / "rgba.png")
+    PIL.new("L", (40, 40), 100).save(root / "class1" / "grey.png")
+    PIL.new("RGB", (8, 8)).save(root / "class1" / "tiny.png")
+    (root / "class0" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    args = train_args(
+        "sr64to256", tmp_path / "run", 8, "data=imagefolder", f"data.path={root}", "data.resize=none"
+    )
+    res = run_cli(args, tmp_path, cache_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["skipped_examples"]["small"] >= 1
+    assert info["skipped_examples"]["corrupt"] >= 1
+    assert "skipped" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (["stage=nope"], "stage=nope: no such stage; expected one of base64, sr256to1024, sr64to256"),
+        (["train.batch_size=0"], "train.batch_size=0: expected an integer >= 1"),
+        (["data=imagefolder"], "data.path"),
+        (
+            ["stage=sr64to256", "data=photos", "stage.crop_size=2048"],
+            "stage.crop_size=2048 is larger than the images",
+        ),
+        (["train.mixed_precision=fp8"], "fp8"),
+        (["train.batchsize=3"], "batchsize"),
+        (["data=imagefolder", "data.path=/no/such/folder"], "data.path=/no/such/folder: no such folder"),
+    ],
+)
+def test_bad_overrides_exit_2_with_one_line(tmp_path, cache_env, override, needle):
+    res = run_cli(["cdm-train", *override, f"train.output_dir={tmp_path / 'run'}"], tmp_path, cache_env)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_run_keeps_ranks_identical(tmp_path, cache_env):
+    launcher = shutil.which("accelerate", path=str(cdm.train.Path(__import__("sys").executable).parent))
+    args = train_args("base64", tmp_path / "run", 4)[1:]
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cdm.train", *args]  # fmt: skip
+    res = run_cli(cmd, tmp_path, {**cache_env, "ACCELERATE_USE_CPU": "1", "MASTER_PORT": "29533"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["world_size"] == 2
+    assert info["images_per_step"] == 4
+    a, b = info["rank_weight_checksums"]
+    assert a == b
