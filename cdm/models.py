@@ -72,7 +72,15 @@ def sampling_scheduler(name: str, config):
     cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "from_config") or not name.endswith("Scheduler"):
         raise ValueError(f"scheduler {name!r} is not a diffusers scheduler class (e.g. DDIMScheduler)")
-    return cls.from_config(config)
+    extra = {}
+    if "thresholding" in cls.__init__.__code__.co_varnames:
+        extra["thresholding"] = True  # Imagen's dynamic thresholding keeps pixel-space x_0 in [-1, 1]
+    if (
+        config.get("beta_schedule") == "squaredcos_cap_v2"
+        and "lambda_min_clipped" in cls.__init__.__code__.co_varnames
+    ):
+        extra["lambda_min_clipped"] = -5.1  # the cosine schedule's last steps are unstable without it
+    return cls.from_config(config, **extra)
 
 
 def build_pipeline(

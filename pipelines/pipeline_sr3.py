@@ -80,6 +80,20 @@ def to_output_type(sample: torch.Tensor, output_type: str):
     return [PIL.Image.fromarray((a * 255).round().astype("uint8")) for a in array]
 
 
+def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of overlapping tiles covering 0..n, the last one flush with the end."""
+    if n <= tile:
+        return [0]
+    starts = list(range(0, n - tile, tile - overlap))
+    return starts + [n - tile]
+
+
+def feather(tile: int, overlap: int) -> torch.Tensor:
+    """1-D blending weights: a linear ramp over `overlap` pixels at each end, 1 in the middle, never 0."""
+    i = torch.arange(tile, dtype=torch.float32)
+    return (torch.minimum(i + 1, tile - i).clamp(max=overlap + 1)) / (overlap + 1)
+
+
 def image_to_tensor(image) -> torch.Tensor:
     """PIL image(s), numpy (H, W, C) or (B, H, W, C) in [0, 1], or a tensor in [-1, 1] -> (B, 3, H, W) in [-1, 1]."""
     if isinstance(image, torch.Tensor):
@@ -194,6 +208,32 @@ class SR3Pipeline(DiffusionPipeline):
     def alphabar_at(self, t) -> float:
         return float(self.scheduler.alphas_cumprod[int(round(float(t)))])
 
+    def predict(self, x, t, labels, s_emb, tile_size=None, tile_overlap=0):
+        """UNet prediction, on overlapping tiles blended with linear ramps when `tile_size` is set.
+
+        Blending the predictions at every step (as in MultiDiffusion, Bar-Tal et al. 2023) keeps one
+        shared sample, so tiles agree and leave no seams; memory is bounded by the tile size.
+        """
+        h, w = x.shape[-2:]
+        if tile_size is None or (h <= tile_size and w <= tile_size):
+            return self.unet(
+                x, t, encoder_hidden_states=None, class_labels=labels, timestep_cond=s_emb
+            ).sample
+        out = torch.zeros((x.shape[0], self.unet.config.out_channels, h, w), device=x.device, dtype=x.dtype)
+        total = torch.zeros((1, 1, h, w), device=x.device, dtype=x.dtype)
+        ramp = feather(tile_size, tile_overlap).to(x.device, x.dtype)
+        for top in tile_starts(h, tile_size, tile_overlap):
+            for left in tile_starts(w, tile_size, tile_overlap):
+                th, tw = min(tile_size, h), min(tile_size, w)
+                crop = (..., slice(top, top + th), slice(left, left + tw))
+                pred = self.unet(
+                    x[crop], t, encoder_hidden_states=None, class_labels=labels, timestep_cond=s_emb
+                )
+                weight = ramp[:th, None] * ramp[None, :tw]
+                out[crop] += pred.sample * weight
+                total[crop] += weight
+        return out / total
+
     @torch.no_grad()
     def __call__(
         self,
@@ -210,6 +250,8 @@ class SR3Pipeline(DiffusionPipeline):
         truncate_alphabar: float | None = None,
         low_res_is_augmented: bool = False,
         allow_any_size: bool = False,
+        tile_size: int | None = None,
+        tile_overlap: int = 32,
     ):
         r"""Super-resolve a batch of images.
 
@@ -230,6 +272,10 @@ class SR3Pipeline(DiffusionPipeline):
             low_res_is_augmented: the image is already z_s from a truncated previous stage at level
                 `noise_level`; upsample it but add no further noise.
             allow_any_size: the UNet is fully convolutional; accept inputs other than `low_res_size`.
+            tile_size: evaluate the UNet on overlapping tiles of this many output pixels (a multiple of
+                the UNet's downsampling factor), so memory does not grow with the image; implies
+                `allow_any_size`.
+            tile_overlap: overlap between tiles, in output pixels.
         """
         # 1. Check inputs
         x_lr = image_to_tensor(image).to(self.device)
@@ -238,9 +284,18 @@ class SR3Pipeline(DiffusionPipeline):
             class_ids = [
                 int(c) for c in (class_labels if isinstance(class_labels, (list, tuple)) else [class_labels])
             ]
+        allow_any_size = allow_any_size or tile_size is not None
         self.check_inputs(
             x_lr, class_ids, noise_level, num_inference_steps, guidance_scale, generator, allow_any_size
         )
+        if tile_size is not None:
+            mult = 2 ** (len(self.unet.config.block_out_channels) - 1)
+            if tile_size < mult or tile_size % mult:
+                raise ValueError(f"tile_size={tile_size}: expected a positive multiple of {mult}")
+            if not 0 <= tile_overlap < tile_size:
+                raise ValueError(
+                    f"tile_overlap={tile_overlap}: expected 0 <= overlap < tile_size={tile_size}"
+                )
         do_cfg = guidance_scale > 1.0
         batch_size = x_lr.shape[0]
         size = (x_lr.shape[-2] * self.scale_factor, x_lr.shape[-1] * self.scale_factor)
@@ -271,9 +326,7 @@ class SR3Pipeline(DiffusionPipeline):
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = torch.cat([self.scheduler.scale_model_input(model_input, t), cond], dim=1)
-            model_output = self.unet(
-                model_input, t, encoder_hidden_states=None, class_labels=labels, timestep_cond=s_emb
-            ).sample
+            model_output = self.predict(model_input, t, labels, s_emb, tile_size, tile_overlap)
             if do_cfg:
                 model_output = cfg_combine(model_output, guidance_scale)
             latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample

@@ -96,3 +96,31 @@ def cache_env(tmp_path_factory):
     env = {"CDM_CACHE": str(root / "cdm"), "HF_DATASETS_CACHE": str(root / "hf")}
     os.environ.update(env)
     return env
+
+
+def make_cascade(
+    root: Path,
+    sizes=(8, 32, 128),
+    num_classes=3,
+    labels=None,
+    sr_classes=(False, False),
+    label_set=None,
+    modes=("non-truncated", "non-truncated"),
+    levels=(100, 100),
+) -> Path:
+    """A tiny random cascade folder: base at sizes[0], then 4x SR stages, saved as cdm-export does."""
+    from cdm.cascade import StageSettings, write_cascade_json
+    from cdm.stage_io import save_stage
+
+    torch.manual_seed(0)
+    labels = labels if labels is not None else LABELS
+    names = ["base64", "sr64to256", "sr256to1024"][: len(sizes)]
+    settings = [StageSettings(scheduler="DDIMScheduler", steps=2, guidance_scale=1.0)]
+    save_stage(build_pipeline(base_stage(sizes[0]), TINY, num_classes, labels), root / names[0])
+    for k in range(1, len(sizes)):
+        stage = sr_stage(sizes[k - 1], sizes[k], class_conditional=sr_classes[k - 1], name=names[k])
+        save_stage(build_pipeline(stage, TINY, num_classes, labels), root / names[k])
+        settings.append(StageSettings(scheduler="DDIMScheduler", steps=2, aug_level=levels[k - 1],
+                                      aug_mode=modes[k - 1], max_batch=2))  # fmt: skip
+    write_cascade_json(root, names, settings, {"label_set": label_set} if label_set else None)
+    return root

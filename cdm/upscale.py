@@ -1,0 +1,127 @@
+"""cdm-upscale: run one SR stage on any image, tiling large inputs.
+
+cdm-upscale photo.jpg --model runs/sr64to256/export --out upscaled/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from cdm.errors import UserError, cli
+from cdm.images import to_pil
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cdm-upscale", description="Super-resolve images with one SR stage.")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--model", required=True, help="SR stage folder, cascade folder or Hub repo id")
+    p.add_argument("--stage", default=None, help="which SR stage of a cascade (default: the first)")
+    p.add_argument("--out", type=Path, default=Path("upscaled"), help="output folder (default upscaled/)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="tile size in input pixels (default: the stage's input size)")  # fmt: skip
+    p.add_argument("--overlap", type=int, default=None, help="tile overlap in input pixels (default tile/4)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the stage's setting)")
+    p.add_argument("--noise-level", type=int, default=0, help="augmentation level s of the input (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def load_sr_stage(model: str, stage: str | None):
+    """An SR3Pipeline from a stage folder or from a cascade (by name, or its first SR stage)."""
+    from cdm_pipelines import SR3Pipeline
+
+    from cdm.cascade import CASCADE_FILE, Cascade, StageSettings, resolve_model
+    from cdm.stage_io import load_stage
+
+    root = resolve_model(model)
+    if (root / CASCADE_FILE).is_file():
+        cascade = Cascade.from_pretrained(root)
+        names = [n for n, p in zip(cascade.names, cascade.pipes) if isinstance(p, SR3Pipeline)]
+        name = stage or (names[0] if names else None)
+        if name not in names:
+            raise UserError(f"--stage={stage}: expected one of the cascade's SR stages {names}")
+        k = cascade.names.index(name)
+        return cascade.pipes[k], cascade.settings[k]
+    pipe = load_stage(root)
+    if not isinstance(pipe, SR3Pipeline):
+        raise UserError(f"{model} is a {type(pipe).__name__}, not an SR stage")
+    return pipe, StageSettings(steps=20)
+
+
+def read_image(path: Path) -> PIL.Image.Image:
+    """Open an image file; RGBA is composited on white, grey and palette images become RGB."""
+    from cdm.data import decode_image
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        return decode_image({"path": str(path)})
+    except (OSError, PIL.UnidentifiedImageError, SyntaxError, ValueError):
+        raise UserError(f"{path}: not a readable image (corrupt, or not an image format)") from None
+
+
+def upscale(pipe, image: PIL.Image.Image, tile: int, overlap: int, steps: int, noise_level: int, seed: int):
+    """Super-resolve a whole image; the UNet sees tiles of `tile` input pixels, blended at every step."""
+    from cdm_pipelines.pipeline_sr3 import image_to_tensor
+
+    x = image_to_tensor(image)
+    f = pipe.scale_factor
+    mult = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    step = max(1, mult // f) if mult > f else 1
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % step, (-w) % step  # pad so that the output is a multiple of the UNet's stride
+    x = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+    noise = torch.randn(
+        (1, 3, x.shape[-2] * f, x.shape[-1] * f), generator=torch.Generator().manual_seed(seed)
+    )
+    out = pipe(x.to(pipe.device), noise_level=noise_level, num_inference_steps=steps,
+               generator=torch.Generator().manual_seed(seed), latents=noise, output_type="pt",
+               tile_size=tile * f, tile_overlap=overlap * f).images  # fmt: skip
+    return to_pil(out[0, :, : h * f, : w * f])
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    pipe, settings = load_sr_stage(args.model, args.stage)
+    tile = args.tile or pipe.config.low_res_size
+    overlap = tile // 4 if args.overlap is None else args.overlap
+    if not 0 <= overlap < tile:
+        raise UserError(f"--overlap={overlap}: expected 0 <= overlap < --tile={tile}")
+    mult = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if (tile * pipe.scale_factor) % mult:
+        raise UserError(f"--tile={tile}: tile x {pipe.scale_factor} must be a multiple of {mult}")
+    if not 0 <= args.noise_level <= pipe.max_noise_level:
+        raise UserError(f"--noise-level={args.noise_level}: expected 0..{pipe.max_noise_level}")
+    steps = args.steps or settings.steps
+    if steps < 1:
+        raise UserError(f"--steps={steps}: expected an integer >= 1")
+    images = [read_image(p) for p in args.inputs]  # every input is checked before anything is written
+    outputs = [args.out / f"{p.stem}-x{pipe.scale_factor}.png" for p in args.inputs]
+    existing = [o for o in outputs if o.exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"{existing[0]} already exists: pass --overwrite or choose another --out")
+    from cdm.models import sampling_scheduler
+
+    pipe.scheduler = sampling_scheduler(settings.scheduler, pipe.scheduler.config)
+    pipe.to(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path, image, target in zip(args.inputs, images, outputs):
+        start = time.perf_counter()
+        result = upscale(pipe, image, tile, overlap, steps, args.noise_level, args.seed)
+        result.save(target)
+        print(f"{path} {image.width}x{image.height} -> {target} {result.width}x{result.height} "
+              f"({time.perf_counter() - start:.1f}s)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

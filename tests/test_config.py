@@ -1,0 +1,70 @@
+"""Every stage x data x unet combination composes, validates and instantiates."""
+
+import pytest
+from conftest import make_imagefolder
+from omegaconf import OmegaConf
+
+from cdm.config import TrainRunConfig, validate
+from cdm.data import StageDataset, open_dataset
+from cdm.models import build_pipeline, build_unet, count_parameters
+from cdm.train import compose_config
+
+STAGES = ["base64", "sr64to256", "sr256to1024"]
+DATA = ["digits", "photos", "imagefolder", "hub", "imagenet"]
+
+
+def compose(*overrides):
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), compose_config(list(overrides)))
+    validate(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("data", DATA)
+def test_every_stage_and_data_composes_and_instantiates(stage, data, tmp_path, cache_env):
+    extra = {"imagefolder": [f"data.path={make_imagefolder(tmp_path / 'imgs', size=300)}"],
+             "hub": ["data.name=someone/some-images"]}.get(data, [])  # fmt: skip
+    cfg = compose(f"stage={stage}", f"data={data}", "unet=tiny", *extra)
+    assert cfg.stage.name == stage
+    num_classes = 1000 if data == "imagenet" else 10
+    unet = build_unet(cfg.stage, cfg.unet, num_classes)
+    assert count_parameters(unet) > 0
+    if data in ("hub", "imagenet"):  # no network here: composing and building the model is what can run
+        return
+    ds, label_col, id2label = open_dataset(cfg.data)
+    item = StageDataset(ds, cfg.data, label_col, cfg.stage, seed=0)[(0, 0)]
+    size = cfg.stage.crop_size or cfg.stage.resolution
+    assert item["image"] is None or item["image"].shape == (3, size, size)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "paper"])
+def test_presets_build_both_model_kinds(preset):
+    sizes = {}
+    for stage in ("base64", "sr64to256"):
+        cfg = compose(f"stage={stage}", f"unet={preset}")
+        pipe = build_pipeline(cfg.stage, cfg.unet, 10, {i: str(i) for i in range(10)})
+        sizes[stage] = count_parameters(pipe.unet)
+    assert sizes["base64"] > 0 and sizes["sr64to256"] > 0
+
+
+def test_sr_stages_have_no_attention_above_32():
+    cfg = compose("stage=sr64to256", "unet=paper")
+    unet = build_unet(cfg.stage, cfg.unet, 0)
+    # 256 -> 128 -> 64 -> 32: only the 32x32 level may attend
+    assert [type(b).__name__ for b in unet.down_blocks] == ["DownBlock2D", "DownBlock2D", "DownBlock2D",
+                                                            "AttnDownBlock2D"]  # fmt: skip
+    base = build_unet(compose("stage=base64", "unet=paper").stage, cfg.unet, 10)
+    assert [type(b).__name__ for b in base.down_blocks][1:] == ["AttnDownBlock2D"] * 3
+
+
+def test_experiment_configs_compose():
+    for name in ("demo_base64", "demo_sr64to256", "demo_sr256to1024"):
+        cfg = compose(f"experiment={name}")
+        assert cfg.train.output_dir.endswith(cfg.stage.name)
+
+
+def test_typos_fail_with_the_key_name():
+    with pytest.raises(ValueError, match="batchsize"):
+        compose("train.batchsize=3")
+    with pytest.raises(ValueError, match="stage.sample.aug_mode='sideways'"):
+        compose("stage=sr64to256", "stage.sample.aug_mode=sideways")

@@ -1,0 +1,115 @@
+"""Pure functions: degradations, levels, label dropout, rendering, loss, checkpoint format."""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from cdm.checkpoint import optimizer_from_flat, optimizer_to_flat
+from cdm.data import IndexStream
+from cdm.degradations import (
+    downsample,
+    drop_labels,
+    gaussian_blur,
+    random_blur,
+    render_crisp,
+    sample_levels,
+)  # fmt: skip
+from cdm.losses import DiffusionLoss
+
+
+def g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_downsample_keeps_constants_and_averages_stripes():
+    x = torch.full((1, 3, 16, 16), 0.3)
+    assert torch.allclose(downsample(x, 4), torch.full((1, 3, 4, 4), 0.3), atol=1e-6)
+    stripes = torch.zeros(1, 1, 16, 16)
+    stripes[..., ::2] = 1.0
+    # anti-aliasing: a stripe pattern above the new Nyquist rate averages to grey, not aliasing
+    assert (downsample(stripes, 4) - 0.5).abs().max() < 0.05
+
+
+def test_gaussian_blur_preserves_constants_and_smooths_per_sample():
+    x = torch.full((2, 3, 12, 12), -0.2)
+    assert torch.allclose(gaussian_blur(x, torch.tensor([0.5, 2.0])), x, atol=1e-6)
+    impulse = torch.zeros(2, 1, 15, 15)
+    impulse[:, :, 7, 7] = 1
+    out = gaussian_blur(impulse, torch.tensor([0.5, 2.0]))
+    assert out[0, 0, 7, 7] > out[1, 0, 7, 7]  # wider sigma spreads the mass further
+    assert torch.allclose(out.sum(dim=(2, 3)), torch.ones(2, 1), atol=1e-4)
+
+
+def test_random_blur_probability_zero_and_one():
+    x = torch.rand(8, 3, 10, 10)
+    assert torch.equal(random_blur(x, 0.0, [0.4, 0.6], g()), x)
+    out = random_blur(x, 1.0, [0.4, 0.6], g())
+    assert (out - x).abs().amax(dim=(1, 2, 3)).min() > 0
+
+
+def test_sample_levels_covers_the_range():
+    s = sample_levels(5000, 250, g())
+    assert s.min() == 0 and s.max() == 250
+    assert s.float().mean().item() == pytest.approx(125, abs=5)
+
+
+def test_drop_labels_rate_and_null_id():
+    labels = torch.zeros(10000, dtype=torch.long)
+    out = drop_labels(labels, 0.1, 10, g())
+    assert set(out.unique().tolist()) == {0, 10}
+    assert (out == 10).float().mean().item() == pytest.approx(0.1, abs=0.01)
+
+
+def test_render_crisp_has_sharp_edges_at_any_size():
+    x = torch.zeros(1, 1, 8, 8)
+    x[..., 2:6] = 1.0
+    for size in (64, 256):
+        row = render_crisp(x, size)[0, 0, size // 2]
+        mid = ((row > 0.1) & (row < 0.9)).sum().item()
+        assert mid <= 6  # a transition a few pixels wide, whatever the scale
+        assert row.max() > 0.95 and row.min() < 0.05
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diffusion_loss_is_zero_for_the_exact_target(prediction_type):
+    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    captured = {}
+
+    def oracle(x_t, t):  # recover the target from x_t and x0: the loss must then be ~0
+        ab = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+        eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        captured["t"] = t
+        return eps if prediction_type == "epsilon" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
+
+    loss = DiffusionLoss(sched, prediction_type)(oracle, x0, g(1))
+    assert loss.item() < 1e-8
+    assert DiffusionLoss(sched, prediction_type)(lambda x_t, t: torch.zeros_like(x_t), x0, g(1)).item() > 0.1
+
+
+def test_optimizer_state_roundtrips_through_flat_form():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors, meta = optimizer_to_flat(opt.state_dict())
+    restored = optimizer_from_flat(tensors, meta)
+    original = opt.state_dict()
+    for pid, entry in original["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(torch.as_tensor(restored["state"][pid][key]), torch.as_tensor(value))
+    assert restored["param_groups"] == original["param_groups"]
+
+
+def test_index_stream_is_a_pure_function_of_the_step():
+    a = IndexStream(10, 3, seed=1, start=0)
+    b = IndexStream(10, 3, seed=1, start=5)
+    first = [next(iter_) for iter_ in [iter(a)] for _ in range(1)]
+    assert first[0] == a.batch(0)
+    assert next(iter(b)) == a.batch(5)
+    # ranks read disjoint slices of the same global batch
+    r0, r1 = IndexStream(10, 2, 1, rank=0, world=2), IndexStream(10, 2, 1, rank=1, world=2)
+    assert set(r0.batch(0)).isdisjoint(r1.batch(0))
+    # every epoch is a permutation
+    epoch0 = [idx for step in range(5) for (e, idx) in IndexStream(10, 2, 3).batch(step)]
+    assert sorted(epoch0) == list(range(10))
