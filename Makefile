@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[demo,test]"
+	$(BIN)/python -m pip install -q -e ".[demo,fid,test]"
 	touch $(STAMP)
 
 test: install

