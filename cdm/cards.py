@@ -100,7 +100,7 @@ def augmentation_rows(names, pipes, infos, settings) -> str:
     return "\n".join(rows)
 
 
-def usage(repo: str, names: list[str], pipes: list, cascade: bool, label_example: str) -> str:
+def usage(repo: str, names: list[str], pipes: list, settings: list, cascade: bool, label_example: str) -> str:
     base_call = f'pipe(class_labels=[{label_example}], num_inference_steps=25, output_type="pt")'
     if cascade:
         cdm = f"""```bash
@@ -125,9 +125,10 @@ root = snapshot_download("{repo}")
 base = DiffusionPipeline.from_pretrained(f"{{root}}/{names[0]}", trust_remote_code=True)
 x = base.{base_call}.images
 """
-        for name, pipe in zip(names[1:], pipes[1:]):
-            plain += f"""{name.replace("-", "_")} = DiffusionPipeline.from_pretrained(f"{{root}}/{name}", trust_remote_code=True)
-x = {name.replace("-", "_")}(image=x, noise_level=100, num_inference_steps=20, output_type="pt").images
+        for name, s in zip(names[1:], settings[1:]):
+            var = name.replace("-", "_")
+            plain += f"""{var} = DiffusionPipeline.from_pretrained(f"{{root}}/{name}", trust_remote_code=True)
+x = {var}(image=x, noise_level={s.aug_level}, num_inference_steps={s.steps}, output_type="pt").images
 """
         plain += "```"
         return f"### With cdm\n\n{cdm}\n\n### With plain diffusers\n\n{plain}"
@@ -190,7 +191,7 @@ def make_card(
                  "(truncated).", "", augmentation_rows(names, pipes, infos, settings), ""]  # fmt: skip
     body += ["## Results", ""]
     body += [results_table(results)] if results else ["No evaluation has been run for this model yet.", ""]
-    body += ["## Usage", "", usage(repo, names, pipes, cascade, label_example), ""]
+    body += ["## Usage", "", usage(repo, names, pipes, settings, cascade, label_example), ""]
     body += ["## Training", ""]
     for name, info in zip(names, infos):
         if not info:
