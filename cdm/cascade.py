@@ -97,7 +97,7 @@ class Cascade:
     # -- loading -------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, torch_dtype=None) -> Cascade:
+    def from_pretrained(cls, model: str | Path, torch_dtype=torch.float32) -> Cascade:
         root = resolve_model(model)
         spec_path = root / CASCADE_FILE
         if not spec_path.is_file():
@@ -236,16 +236,20 @@ class Cascade:
                 gens = [torch.Generator().manual_seed(stage_seed(seed, k)) for seed in seeds[lo:hi]]
                 common = {"num_inference_steps": s.steps, "guidance_scale": s.guidance_scale, "generator": gens,
                           "output_type": "pt", "truncate_alphabar": truncate}  # fmt: skip
+                autocast = torch.autocast(pipe.device.type, dtype=self.autocast_dtype or torch.float32,
+                                          enabled=self.autocast_dtype is not None)  # fmt: skip
                 if k == 0:
-                    out = pipe(ids[lo:hi], **common)
+                    with autocast:
+                        out = pipe(ids[lo:hi], **common)
                 else:
                     handed_over = alphabar is not None
                     level = (
                         nearest_level(alphabar, pipe.image_noising_scheduler) if handed_over else s.aug_level
                     )
                     labels = ids[lo:hi] if pipe.num_classes else None
-                    out = pipe(x[lo:hi].to(pipe.device), class_labels=labels, noise_level=level,
-                               low_res_is_augmented=handed_over, **common)  # fmt: skip
+                    with autocast:
+                        out = pipe(x[lo:hi].to(pipe.device), class_labels=labels, noise_level=level,
+                                   low_res_is_augmented=handed_over, **common)  # fmt: skip
                 chunks.append(out.images.float().cpu())
                 alphabars.append(out.alphabar)
             x, alphabar = torch.cat(chunks), alphabars[0]

@@ -50,17 +50,23 @@ def stage_settings(info: dict | None, kind: str):
     return s
 
 
-def copy_stage(src: Path, dst: Path) -> None:
-    """Copy only what a stage needs: JSON configs, safetensors weights, the pipeline file."""
+def copy_stage(src: Path, dst: Path, half: bool = False) -> None:
+    """Copy only what a stage needs: JSON configs, safetensors weights (fp16 if `half`), the pipeline file."""
+    from safetensors.torch import load_file, save_file
+
     for pattern in STAGE_FILES:
         for f in src.glob(pattern):
             target = dst / f.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, target)
+            if half and f.suffix == ".safetensors":
+                tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(f).items()}
+                save_file(tensors, target)
+            else:
+                shutil.copyfile(f, target)
 
 
 def assemble(inputs: list[Path], out: Path, results: list[dict], repo: str, license: str | None,
-             grid: Path | None, overwrite: bool) -> Path:  # fmt: skip
+             grid: Path | None, overwrite: bool, half: bool = False) -> Path:  # fmt: skip
     """Build the folder under a temporary name and move it into place only when complete."""
     from cdm.cards import make_card
     from cdm.cascade import Cascade, write_cascade_json
@@ -90,12 +96,12 @@ def assemble(inputs: list[Path], out: Path, results: list[dict], repo: str, lice
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         if single:
-            copy_stage(folders[0], tmp)
+            copy_stage(folders[0], tmp, half)
             if not (tmp / "model_index.json").is_file():
                 save_stage(pipes[0], tmp)
         else:
             for name, folder in zip(names, folders):
-                copy_stage(folder, tmp / name)
+                copy_stage(folder, tmp / name, half)
             label_set = (
                 "imagenet"
                 if any("imagenet" in str((i or {}).get("data", {})).lower() for i in infos)
@@ -145,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
     p.add_argument("--private", action="store_true")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in token)")
+    p.add_argument("--half", action="store_true", help="store weights as fp16 (half the size; loaded as fp32)")
     p.add_argument("--overwrite", action="store_true")
     return p
 
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.out is None:
             raise UserError("--out is required to assemble a cascade or stage folder")
         folder = assemble(args.inputs, args.out, load_results(args.evals), repo, args.license, args.samples,
-                          args.overwrite)  # fmt: skip
+                          args.overwrite, args.half)  # fmt: skip
         print(f"wrote {folder}/ ({', '.join(sorted(p.name for p in folder.iterdir()))})")
     if args.push_to_hub:
         url = push_to_hub(folder, args.push_to_hub, args.private, args.token)

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import diffusers
+import torch
 from cdm_pipelines import CDMBasePipeline, SR3Pipeline
 from safetensors import SafetensorError
 
@@ -51,8 +52,11 @@ def pipeline_class_name(index: dict) -> str:
     return name[1] if isinstance(name, list) else name
 
 
-def load_stage(folder: str | Path, torch_dtype=None):
-    """Load a stage folder with cdm's own pipeline classes and stock diffusers components."""
+def load_stage(folder: str | Path, torch_dtype=torch.float32):
+    """Load a stage folder with cdm's own pipeline classes and stock diffusers components.
+
+    Weights stored as fp16 are upcast to `torch_dtype` (fp32 by default, which CPUs need).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"model folder {folder} does not exist")

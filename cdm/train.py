@@ -236,7 +236,7 @@ def train(cfg: DictConfig) -> Path:
 
     skipped = {"corrupt": 0, "small": 0}
     bar = tqdm(total=t.max_steps, initial=step, disable=not main, desc=f"train {stage.name}", unit="step")
-    start_time, start_step, loss_value = time.time(), step, float("nan")
+    start_time, start_step, loss_value, side_seconds = time.time(), step, float("nan"), 0.0
     stop_at = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
     unet.train()
     for batch in loader:
@@ -274,6 +274,7 @@ def train(cfg: DictConfig) -> Path:
             }
             bar.set_postfix(loss=f"{loss_value:.4f}")
             accelerator.log(logs, step=step)
+        side_start = time.time()  # sampling and checkpoints are timed apart from training steps
         if main and (step % t.sample_every == 0 or step == t.max_steps) and fixed["images"] is not None:
             pipe = build_pipeline(
                 stage, cfg.unet, num_classes, id2label, unet=_ema_unet(ema, stage, cfg, num_classes)
@@ -286,6 +287,7 @@ def train(cfg: DictConfig) -> Path:
                 extra = {"skipped": skipped, "world_size": accelerator.num_processes}
                 save_checkpoint(run_dir / "checkpoints", step, accelerator.unwrap_model(unet), ema, optimizer,
                                 lr_scheduler, extra, t.keep_checkpoints)  # fmt: skip
+        side_seconds += time.time() - side_start
     bar.close()
     accelerator.wait_for_everyone()
     elapsed = time.time() - start_time
@@ -299,7 +301,8 @@ def train(cfg: DictConfig) -> Path:
         info = {
             "stage": stage.name, "steps": step, "target_steps": t.max_steps, "final_loss": loss_value,
             "seconds_this_session": round(elapsed, 2),
-            "steps_per_second": round((step - start_step) / elapsed, 4) if elapsed > 0 else None,
+            "steps_per_second": round((step - start_step) / max(elapsed - side_seconds, 1e-9), 4),
+            "seconds_sampling_and_checkpoints": round(side_seconds, 2),
             "images_per_step": t.batch_size * t.grad_accum * accelerator.num_processes,
             "world_size": accelerator.num_processes, "rank_weight_checksums": checksums,
             "parameters": count_parameters(accelerator.unwrap_model(unet)),

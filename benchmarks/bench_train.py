@@ -1,0 +1,98 @@
+"""cdm-train's step against a bare accelerate loop (same UNet, batch, precision), and base-stage MFU."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import accelerate
+import torch
+from common import header
+from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from cdm.config import TrainRunConfig, validate
+from cdm.models import build_unet
+from cdm.train import compose_config, train
+
+BATCH, STEPS = 8, 12
+
+
+def cdm_images_per_second(precision: str, out: Path) -> float:
+    overrides = ["stage=base64", "unet=small", "data=digits", f"train.batch_size={BATCH}",
+                 f"train.max_steps={STEPS}", f"train.mixed_precision={precision}", "train.tracker=none",
+                 "train.sample_every=100000", "train.checkpoint_every=100000", "train.num_samples=1",
+                 "stage.sample.steps=1", f"train.output_dir={out}"]  # fmt: skip
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), compose_config(overrides))
+    validate(cfg)
+    train(cfg)
+    info = json.loads((out / "run_info.json").read_text())
+    return info["steps_per_second"] * BATCH
+
+
+def bare_images_per_second(precision: str) -> tuple[float, float]:
+    """A plain accelerate loop on in-memory tensors; also returns the seconds per step."""
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), compose_config(["stage=base64", "unet=small"]))
+    unet = build_unet(cfg.stage, cfg.unet, 10)
+    acc = accelerate.Accelerator(mixed_precision=precision)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    unet, opt = acc.prepare(unet, opt)
+    x = torch.randn(BATCH, 3, 64, 64)
+    labels = torch.randint(0, 11, (BATCH,))
+
+    def step():
+        t = torch.randint(0, 1000, (BATCH,))
+        with acc.autocast():
+            loss = (unet(x, t, class_labels=labels).sample.float() - x).pow(2).mean()
+        acc.backward(loss)
+        acc.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    start = time.perf_counter()
+    for _ in range(STEPS):
+        step()
+    per_step = (time.perf_counter() - start) / STEPS
+    return BATCH / per_step, per_step
+
+
+def matmul_peak(dtype) -> float:
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    n = 5
+    for _ in range(n):
+        a @ b
+    return 2 * 2048**3 * n / (time.perf_counter() - start)
+
+
+def train_step_flops() -> float:
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), compose_config(["stage=base64", "unet=small"]))
+    unet = build_unet(cfg.stage, cfg.unet, 10)
+    x = torch.randn(BATCH, 3, 64, 64)
+    with FlopCounterMode(display=False) as counter:
+        loss = unet(x, torch.randint(0, 1000, (BATCH,)), class_labels=torch.zeros(BATCH, dtype=torch.long)).sample
+        loss.pow(2).mean().backward()
+    return counter.get_total_flops()
+
+
+def main():
+    header(f"training step, base64 small preset, batch {BATCH}, {STEPS} steps")
+    flops = train_step_flops()
+    for precision, dtype in (("no", torch.float32), ("bf16", torch.bfloat16)):
+        with tempfile.TemporaryDirectory() as tmp:
+            ours = cdm_images_per_second(precision, Path(tmp) / "run")
+        bare, per_step = bare_images_per_second(precision)
+        peak = matmul_peak(dtype)
+        mfu = flops / per_step / peak
+        print(f"precision={precision:<4} cdm-train {ours:6.1f} img/s  bare accelerate {bare:6.1f} img/s  "
+              f"ratio {ours / bare:.3f} (goal >= 1.0)")  # fmt: skip
+        print(f"               model FLOPs/step {flops / 1e9:.1f} G, achieved {flops / per_step / 1e9:.1f} GFLOP/s, "
+              f"matmul peak {peak / 1e9:.1f} GFLOP/s ({dtype}), MFU {mfu:.1%} (goal >= 70%)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
