@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -29,3 +30,10 @@ def cli(fn):
             sys.exit(130)
 
     return wrapper
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (exit code 2, as for every other bad input)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}\n")

@@ -41,13 +41,13 @@ def stage_info(folder: Path) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def stage_settings(info: dict | None, kind: str):
+def stage_settings(info: dict | None):
+    """Sampling defaults recorded at training time (conf stage.sample), or the library defaults."""
     from cdm.cascade import StageSettings
 
     sample = ((info or {}).get("stage") or {}).get("sample") or {}
     known = StageSettings.__dataclass_fields__
-    s = StageSettings(**{k: v for k, v in sample.items() if k in known})
-    return s
+    return StageSettings(**{k: v for k, v in sample.items() if k in known})
 
 
 def copy_stage(src: Path, dst: Path, half: bool = False) -> None:
@@ -83,7 +83,7 @@ def assemble(inputs: list[Path], out: Path, results: list[dict], repo: str, lice
              for f, i in zip(folders, infos)]  # fmt: skip
     if len(set(names)) != len(names):
         raise UserError(f"stage names repeat: {names}")
-    settings = [stage_settings(i, "") for i in infos]
+    settings = [stage_settings(i) for i in infos]
     for name, s in zip(names, settings):
         if name.endswith("1024") or s.max_batch > 8:
             s.max_batch = 1  # whole 1024 px images, one at a time, keep memory bounded

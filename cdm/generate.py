@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from cdm.errors import UserError, cli
+from cdm.errors import OneLineParser, UserError, cli
 from cdm.images import save_grid, to_pil
 
 DEMO_CASCADE = Path(__file__).resolve().parent / "demo_cascade"
@@ -31,7 +31,7 @@ def _csv(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cdm-generate", description="Sample images from a cascade.")
+    p = OneLineParser(prog="cdm-generate", description="Sample images from a cascade.")
     p.add_argument(
         "--class",
         dest="classes",

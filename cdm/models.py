@@ -20,42 +20,36 @@ def attention_levels(unet: UNetConfig, resolution: int, max_res: int | None = No
     return [size in unet.attention_resolutions and (max_res is None or size <= max_res) for size in sizes]
 
 
+def shared_unet_kwargs(stage: StageConfig, unet: UNetConfig, max_attention_res: int | None = None) -> dict:
+    """Size-preset arguments common to both UNet classes; attention where the preset asks for it."""
+    attn = attention_levels(unet, stage.resolution, max_attention_res)
+    return {
+        "sample_size": stage.resolution,
+        "out_channels": 3,
+        "block_out_channels": tuple(unet.block_out_channels),
+        "layers_per_block": unet.layers_per_block,
+        "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        "up_block_types": tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        "attention_head_dim": unet.attention_head_dim,
+        "norm_num_groups": unet.norm_num_groups,
+        "dropout": unet.dropout,
+    }
+
+
 def build_base_unet(stage: StageConfig, unet: UNetConfig, num_classes: int) -> UNet2DModel:
     """Class-conditional UNet2DModel with num_classes + 1 embeddings (last id = null label)."""
-    attn = attention_levels(unet, stage.resolution)
-    return UNet2DModel(
-        sample_size=stage.resolution,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=tuple(unet.block_out_channels),
-        layers_per_block=unet.layers_per_block,
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        attention_head_dim=unet.attention_head_dim,
-        norm_num_groups=unet.norm_num_groups,
-        dropout=unet.dropout,
-        num_class_embeds=num_classes + 1,
-    )
+    return UNet2DModel(in_channels=3, num_class_embeds=num_classes + 1, **shared_unet_kwargs(stage, unet))
 
 
 def build_sr_unet(stage: StageConfig, unet: UNetConfig, num_classes: int) -> UNet2DConditionModel:
     """SR3 UNet: 6 input channels, level through `timestep_cond`, optional class label, no cross-attention."""
-    attn = attention_levels(unet, stage.resolution, max_res=SR_MAX_ATTENTION_RES)
     return UNet2DConditionModel(
-        sample_size=stage.resolution,
         in_channels=6,
-        out_channels=3,
-        block_out_channels=tuple(unet.block_out_channels),
-        layers_per_block=unet.layers_per_block,
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
         mid_block_type="UNetMidBlock2D",
-        attention_head_dim=unet.attention_head_dim,
-        norm_num_groups=unet.norm_num_groups,
-        dropout=unet.dropout,
         time_cond_proj_dim=unet.level_embed_dim,
         num_class_embeds=num_classes + 1 if num_classes else None,
         cross_attention_dim=unet.block_out_channels[-1],  # unused: no cross-attention blocks
+        **shared_unet_kwargs(stage, unet, max_attention_res=SR_MAX_ATTENTION_RES),
     )
 
 

@@ -14,12 +14,12 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from cdm.errors import UserError, cli
+from cdm.errors import OneLineParser, UserError, cli
 from cdm.images import to_pil
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cdm-upscale", description="Super-resolve images with one SR stage.")
+    p = OneLineParser(prog="cdm-upscale", description="Super-resolve images with one SR stage.")
     p.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="image files (PNG, JPEG, ...)")
     p.add_argument("--model", required=True, help="SR stage folder, cascade folder or Hub repo id")
     p.add_argument("--stage", default=None, help="which SR stage of a cascade (default: the first)")
@@ -39,7 +39,7 @@ def load_sr_stage(model: str, stage: str | None):
     """An SR3Pipeline from a stage folder or from a cascade (by name, or its first SR stage)."""
     from cdm_pipelines import SR3Pipeline
 
-    from cdm.cascade import CASCADE_FILE, Cascade, StageSettings, resolve_model
+    from cdm.cascade import CASCADE_FILE, Cascade, resolve_model
     from cdm.stage_io import load_stage
 
     root = resolve_model(model)
@@ -54,7 +54,9 @@ def load_sr_stage(model: str, stage: str | None):
     pipe = load_stage(root)
     if not isinstance(pipe, SR3Pipeline):
         raise UserError(f"{model} is a {type(pipe).__name__}, not an SR stage")
-    return pipe, StageSettings(steps=20)
+    from cdm.export import stage_info, stage_settings
+
+    return pipe, stage_settings(stage_info(root))
 
 
 def read_image(path: Path) -> PIL.Image.Image:
