@@ -92,7 +92,15 @@ class Cascade:
         self, names: list[str], pipes: list, settings: list[StageSettings], root: Path | None = None
     ):
         self.names, self.pipes, self.settings, self.root = names, pipes, settings, root
+        self.autocast_dtype: torch.dtype | None = None
         self.check_chain()
+
+    def optimize(self, bf16: bool = False, channels_last: bool = False) -> Cascade:
+        """Speed settings: bf16 autocast for the UNets, and channels-last memory layout."""
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        for p in self.pipes:
+            p.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return self
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -100,6 +108,10 @@ class Cascade:
     def from_pretrained(cls, model: str | Path, torch_dtype=torch.float32) -> Cascade:
         root = resolve_model(model)
         spec_path = root / CASCADE_FILE
+        if not spec_path.is_file() and (root / "model_index.json").is_file():  # a single base stage
+            from cdm.export import stage_info, stage_settings
+
+            return cls([root.name], [load_stage(root, torch_dtype)], [stage_settings(stage_info(root))], root)
         if not spec_path.is_file():
             raise UserError(f"{root} is not a cascade folder: expected {CASCADE_FILE} inside it")
         try:

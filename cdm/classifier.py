@@ -35,9 +35,15 @@ class SmallCNN(nn.Module):
 
 
 def prepare(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, 1, 32, 32) grey in [0, 1]."""
-    grey = images.float().mean(1, keepdim=True) * 0.5 + 0.5
-    return F.interpolate(grey, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
+    """(B, 3, H, W) in [-1, 1] -> (B, 1, 32, 32) grey, standardised per image.
+
+    Standardising each image makes the judge look at shape, not at global brightness, contrast or
+    background tint, which say nothing about the class.
+    """
+    grey = images.float().mean(1, keepdim=True)
+    small = F.interpolate(grey, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
+    mean, std = small.mean(dim=(1, 2, 3), keepdim=True), small.std(dim=(1, 2, 3), keepdim=True)
+    return (small - mean) / std.clamp(min=1e-3)
 
 
 def _real_images(data: DataConfig, split: str, resolution: int):
@@ -76,11 +82,8 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def get_classifier(data: DataConfig, resolution: int = 64):
     """The cached classifier for this data and rendering, trained on first use."""
-    path = (
-        cache_root()
-        / "classifiers"
-        / f"{data.source.value}-{data.path or 'default'}-{resolution}".replace("/", "_")
-    )
+    name = f"standardised-{data.source.value}-{data.path or 'default'}-{resolution}".replace("/", "_")
+    path = cache_root() / "classifiers" / name
     weights, record = path.with_suffix(".safetensors"), path.with_suffix(".json")
     if weights.is_file() and record.is_file():
         meta = json.loads(record.read_text())

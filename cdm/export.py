@@ -65,8 +65,25 @@ def copy_stage(src: Path, dst: Path, half: bool = False) -> None:
                 shutil.copyfile(f, target)
 
 
+def apply_overrides(names: list[str], settings: list, overrides: list[str]) -> None:
+    """`STAGE.KEY=VALUE` edits of the per-stage sampling defaults, typed like StageSettings."""
+    from cdm.cascade import StageSettings
+
+    fields = StageSettings.__dataclass_fields__
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        stage, _, field = key.partition(".")
+        if not sep or stage not in names or field not in fields:
+            raise UserError(f"--set {item}: expected STAGE.KEY=VALUE with STAGE in {names} and KEY in {list(fields)}")
+        kind = type(getattr(StageSettings(), field))
+        try:
+            setattr(settings[names.index(stage)], field, kind(value))
+        except ValueError:
+            raise UserError(f"--set {item}: {value!r} is not a valid {kind.__name__}") from None
+
+
 def assemble(inputs: list[Path], out: Path, results: list[dict], repo: str, license: str | None,
-             grid: Path | None, overwrite: bool, half: bool = False) -> Path:  # fmt: skip
+             grid: Path | None, overwrite: bool, half: bool = False, overrides: list[str] = ()) -> Path:  # fmt: skip
     """Build the folder under a temporary name and move it into place only when complete."""
     from cdm.cards import make_card
     from cdm.cascade import Cascade, write_cascade_json
@@ -87,6 +104,7 @@ def assemble(inputs: list[Path], out: Path, results: list[dict], repo: str, lice
     for name, s in zip(names, settings):
         if name.endswith("1024") or s.max_batch > 8:
             s.max_batch = 1  # whole 1024 px images, one at a time, keep memory bounded
+    apply_overrides(names, settings, list(overrides))
     licenses = {(i or {}).get("train", {}).get("license") for i in infos} - {None}
     license = license or (licenses.pop() if len(licenses) == 1 else "apache-2.0")
     single = len(pipes) == 1
@@ -151,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
     p.add_argument("--private", action="store_true")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in token)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="change a stage's sampling default in cascade.json, e.g. base64.steps=50")  # fmt: skip
     p.add_argument("--half", action="store_true", help="store weights as fp16 (half the size; loaded as fp32)")
     p.add_argument("--overwrite", action="store_true")
     return p
@@ -173,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.out is None:
             raise UserError("--out is required to assemble a cascade or stage folder")
         folder = assemble(args.inputs, args.out, load_results(args.evals), repo, args.license, args.samples,
-                          args.overwrite, args.half)  # fmt: skip
+                          args.overwrite, args.half, args.overrides)  # fmt: skip
         print(f"wrote {folder}/ ({', '.join(sorted(p.name for p in folder.iterdir()))})")
     if args.push_to_hub:
         url = push_to_hub(folder, args.push_to_hub, args.private, args.token)

@@ -125,7 +125,8 @@ def test_export_cascade_writes_a_card_that_parses_with_every_field(tmp_path, cac
     Image.new("RGB", (4, 4)).save(grid)
     out = tmp_path / "cascade"
     res = run_cli(["cdm-export", str(src / "base64"), str(src / "sr64to256"), "--out", str(out), "--eval",
-                   str(tmp_path / "r.json"), "--samples", str(grid), "--license", "mit"], tmp_path, cache_env)  # fmt: skip
+                   str(tmp_path / "r.json"), "--samples", str(grid), "--license", "mit", "--set", "base64.steps=7",
+                   "--set", "sr64to256.aug_mode=truncated"], tmp_path, cache_env)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     meta, card = _meta(out / "README.md")
     assert meta["library_name"] == "diffusers" and meta["license"] == "mit"
@@ -144,6 +145,8 @@ def test_export_cascade_writes_a_card_that_parses_with_every_field(tmp_path, cac
         assert needle in body, needle
     spec = json.loads((out / "cascade.json").read_text())
     assert [s["name"] for s in spec["stages"]] == ["base64", "sr64to256"]
+    assert spec["stages"][0]["sampling"]["steps"] == 7
+    assert spec["stages"][1]["sampling"]["aug_mode"] == "truncated"
     assert (out / "samples.png").is_file() and (out / "sr64to256" / "pipeline_sr3.py").is_file()
 
 
