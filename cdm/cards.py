@@ -41,7 +41,7 @@ def eval_results(results: list[dict], model_name: str) -> list[EvalResult]:
                 task_type=task, task_name=task_name, dataset_type=res["dataset"]["name"],
                 dataset_name=res["dataset"]["name"], dataset_split=res["dataset"].get("split"),
                 metric_type=key, metric_name=f"{METRIC_NAMES.get(key, key)} ({res.get('stage', model_name)})",
-                metric_value=round(float(value), 5),
+                metric_value=float(f"{float(value):.5g}"),
             ))  # fmt: skip
     return out
 
@@ -176,7 +176,7 @@ def make_card(
     resolutions = " → ".join([str(pipes[0].config.get("low_res_size", ""))] * (kinds[0] == "sr")
                              + [str(p.unet.config.sample_size) for p in pipes])  # fmt: skip
     title = f"# {model_name}\n\nA {'cascaded diffusion model' if cascade else ('super-resolution stage' if kinds[0] == 'sr' else 'class-conditional base stage')}"
-    title += f" ({resolutions} px) built with [cdm](https://pypi.org/project/cdm/) on diffusers, after"
+    title += f" ({resolutions} px) built with cdm on diffusers, after"
     title += " Cascaded Diffusion Models (Ho et al., 2021) and SR3 (Saharia et al., 2021)."
     n_classes = len(labels) if labels else (pipes[0].num_classes if kinds[0] == "base" else 0)
     if n_classes:

@@ -126,8 +126,12 @@ def assemble(inputs: list[Path], out: Path, results: list[dict], repo: str, lice
                 else None
             )
             write_cascade_json(tmp, names, settings, {"label_set": label_set} if label_set else None)
-        if grid is not None:
-            shutil.copyfile(grid, tmp / "samples.png")
+        if grid is not None:  # a card image, not an archive: at most 2048 px on a side
+            import PIL.Image
+
+            with PIL.Image.open(grid) as image:
+                image.thumbnail((2048, 2048), PIL.Image.LANCZOS)
+                image.convert("RGB").save(tmp / "samples.png", optimize=True)
         card = make_card(names, pipes, settings, infos, results, repo, license, has_samples=grid is not None)
         card.save(tmp / "README.md")
         if out.exists():
