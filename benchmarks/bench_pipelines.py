@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from cdm_pipelines import augment_low_res, level_embedding
 from common import header, timeit
 
 from cdm.config import SamplingConfig, StageConfig, StageKind, UNetConfig
 from cdm.models import build_pipeline
-from cdm_pipelines import augment_low_res, level_embedding
 
 SMALL = UNetConfig(name="small", block_out_channels=[32, 64, 128, 128], layers_per_block=1,
                    attention_resolutions=[16, 8], attention_head_dim=32, norm_num_groups=16, level_embed_dim=64)  # fmt: skip
@@ -45,7 +45,9 @@ def bare_sr(pipe, lr, seed):
 def main():
     torch.manual_seed(0)
     sample = SamplingConfig(scheduler="DDIMScheduler", steps=STEPS)
-    base = build_pipeline(StageConfig(name="base64", kind=StageKind.base, resolution=64, sample=sample), SMALL, 10)
+    base = build_pipeline(
+        StageConfig(name="base64", kind=StageKind.base, resolution=64, sample=sample), SMALL, 10
+    )
     sr = build_pipeline(StageConfig(name="sr64to256", kind=StageKind.sr, resolution=256, low_res=64,
                                     class_conditional=False, sample=sample), SMALL, 0)  # fmt: skip
     for p in (base, sr):
@@ -60,7 +62,9 @@ def main():
     ]  # fmt: skip
     for name, pipe_fn, bare_fn in rows:
         t_pipe, t_bare = timeit(pipe_fn), timeit(bare_fn)
-        print(f"{name:<10} pipeline {t_pipe:6.3f}s  bare loop {t_bare:6.3f}s  ratio {t_pipe / t_bare:.3f} (goal <= 1.03)")
+        print(
+            f"{name:<10} pipeline {t_pipe:6.3f}s  bare loop {t_bare:6.3f}s  ratio {t_pipe / t_bare:.3f} (goal <= 1.03)"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import accelerate
 import torch
+from accelerate.state import AcceleratorState
 from common import header
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,6 +28,7 @@ def cdm_images_per_second(precision: str, out: Path) -> float:
                  "stage.sample.steps=1", f"train.output_dir={out}"]  # fmt: skip
     cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), compose_config(overrides))
     validate(cfg)
+    AcceleratorState._reset_state(reset_partial_state=True)  # each run picks its own precision
     train(cfg)
     info = json.loads((out / "run_info.json").read_text())
     return info["steps_per_second"] * BATCH
@@ -34,8 +36,11 @@ def cdm_images_per_second(precision: str, out: Path) -> float:
 
 def bare_images_per_second(precision: str) -> tuple[float, float]:
     """A plain accelerate loop on in-memory tensors; also returns the seconds per step."""
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), compose_config(["stage=base64", "unet=small"]))
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(TrainRunConfig), compose_config(["stage=base64", "unet=small"])
+    )
     unet = build_unet(cfg.stage, cfg.unet, 10)
+    AcceleratorState._reset_state(reset_partial_state=True)
     acc = accelerate.Accelerator(mixed_precision=precision)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     unet, opt = acc.prepare(unet, opt)
@@ -70,11 +75,15 @@ def matmul_peak(dtype) -> float:
 
 
 def train_step_flops() -> float:
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), compose_config(["stage=base64", "unet=small"]))
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(TrainRunConfig), compose_config(["stage=base64", "unet=small"])
+    )
     unet = build_unet(cfg.stage, cfg.unet, 10)
     x = torch.randn(BATCH, 3, 64, 64)
     with FlopCounterMode(display=False) as counter:
-        loss = unet(x, torch.randint(0, 1000, (BATCH,)), class_labels=torch.zeros(BATCH, dtype=torch.long)).sample
+        loss = unet(
+            x, torch.randint(0, 1000, (BATCH,)), class_labels=torch.zeros(BATCH, dtype=torch.long)
+        ).sample
         loss.pow(2).mean().backward()
     return counter.get_total_flops()
 

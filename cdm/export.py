@@ -74,7 +74,9 @@ def apply_overrides(names: list[str], settings: list, overrides: list[str]) -> N
         key, sep, value = item.partition("=")
         stage, _, field = key.partition(".")
         if not sep or stage not in names or field not in fields:
-            raise UserError(f"--set {item}: expected STAGE.KEY=VALUE with STAGE in {names} and KEY in {list(fields)}")
+            raise UserError(
+                f"--set {item}: expected STAGE.KEY=VALUE with STAGE in {names} and KEY in {list(fields)}"
+            )
         kind = type(getattr(StageSettings(), field))
         try:
             setattr(settings[names.index(stage)], field, kind(value))
@@ -175,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in token)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="change a stage's sampling default in cascade.json, e.g. base64.steps=50")  # fmt: skip
-    p.add_argument("--half", action="store_true", help="store weights as fp16 (half the size; loaded as fp32)")
+    p.add_argument(
+        "--half", action="store_true", help="store weights as fp16 (half the size; loaded as fp32)"
+    )
     p.add_argument("--overwrite", action="store_true")
     return p
 

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-intermediates", action="store_true", help="also save every stage's images")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast for the UNets (about 1.6x faster on CPU)"
+    )
+    p.add_argument("--no-channels-last", action="store_true", help="keep the default memory layout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     if existing and not args.overwrite:
         raise UserError(f"{existing[0]} already exists: pass --overwrite or choose another --out")
 
-    cascade.to(args.device)
+    cascade.to(args.device).optimize(bf16=args.bf16, channels_last=not args.no_channels_last)
     args.out.mkdir(parents=True, exist_ok=True)
 
     def on_stage_end(k, name, images):

@@ -182,7 +182,8 @@ def train(cfg: DictConfig) -> Path:
             ),
         )
     except (ValueError, RuntimeError) as err:
-        raise UserError(f"train.mixed_precision={t.mixed_precision}: {_one_line(err)}") from None
+        value = getattr(t.mixed_precision, "value", t.mixed_precision)
+        raise UserError(f"train.mixed_precision={value}: {_one_line(err)}") from None
     main = accelerator.is_main_process
     set_seed(t.seed)
 
