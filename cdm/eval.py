@@ -134,7 +134,8 @@ def cmd_sr(args) -> None:
     start = time.perf_counter()
     hr, _ = real_images(data, args.split, size, args.num_images)
     metrics = evaluate_sr(pipe.to(args.device), hr, steps, args.noise_level, args.seed, args.tile)
-    stage_name = args.stage or Path(str(args.model).rstrip("/")).name
+    model_path = Path(str(args.model).rstrip("/"))
+    stage_name = args.stage or (model_path.parent.name if model_path.name == "export" else model_path.name)
     result = {
         "kind": "sr", "stage": stage_name, "model": str(args.model),
         "dataset": {"name": data.source.value if data.source != DataSource.imagefolder else str(data.path),
