@@ -191,3 +191,21 @@ def test_tiled_upscale_matches_untiled_without_seams():
     typical = np.abs(np.diff(whole, axis=1)).mean()
     assert col_jump[[31, 55, 63, 87]].max() < 1.5 * typical
     assert row_jump[[31, 63]].max() < 1.5 * typical
+
+
+def test_demo_cascade_loads_and_its_pipeline_copies_match_the_package():
+    from pathlib import Path
+
+    from cdm.generate import DEMO_CASCADE
+
+    cascade = Cascade.from_pretrained(DEMO_CASCADE)
+    assert cascade.resolutions == [64, 256, 1024] and cascade.num_classes == 10
+    assert cascade.class_ids(["seven"]) == [7]
+    size = sum(f.stat().st_size for f in DEMO_CASCADE.rglob("*.safetensors"))
+    assert size <= 30 * 2**20
+    # the copies beside the weights (for plain-diffusers users) must be the installed pipeline files
+    package = Path(__file__).resolve().parents[1] / "pipelines"
+    copies = sorted(DEMO_CASCADE.glob("*/pipeline_*.py"))
+    assert len(copies) == 3
+    for copy in copies:
+        assert copy.read_text() == (package / copy.name).read_text(), copy
