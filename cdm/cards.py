@@ -100,6 +100,11 @@ def augmentation_rows(names, pipes, infos, settings) -> str:
     return "\n".join(rows)
 
 
+def template(name: str) -> str:
+    """Card text kept as markdown data in cdm/card_templates/ (the plain-diffusers snippets for users)."""
+    return (Path(__file__).parent / "card_templates" / f"{name}.md").read_text()
+
+
 def usage(repo: str, names: list[str], pipes: list, settings: list, cascade: bool, label_example: str) -> str:
     base_call = f'pipe(class_labels=[{label_example}], num_inference_steps=25, output_type="pt")'
     if cascade:
@@ -113,36 +118,20 @@ from cdm.cascade import Cascade
 cascade = Cascade.from_pretrained("{repo}")
 out = cascade([{label_example}], seeds=[0])
 ```"""
-        plain = f"""Each stage folder loads with plain diffusers (its pipeline file sits next to the weights, so
-loading it runs that file: `trust_remote_code=True` is the explicit opt-in):
-
-```python
-import torch
-from diffusers import DiffusionPipeline
-from huggingface_hub import snapshot_download
-
-root = snapshot_download("{repo}")
-base = DiffusionPipeline.from_pretrained(f"{{root}}/{names[0]}", trust_remote_code=True)
-x = base.{base_call}.images
-"""
-        for name, s in zip(names[1:], settings[1:]):
-            var = name.replace("-", "_")
-            plain += f"""{var} = DiffusionPipeline.from_pretrained(f"{{root}}/{name}", trust_remote_code=True)
-x = {var}(image=x, noise_level={s.aug_level}, num_inference_steps={s.steps}, output_type="pt").images
-"""
-        plain += "```"
+        lines = "".join(
+            template("sr_line").format(
+                var=name.replace("-", "_"), name=name, level=s.aug_level, steps=s.steps
+            )
+            for name, s in zip(names[1:], settings[1:])
+        )
+        plain = template("cascade_plain").format(
+            repo=repo, base_name=names[0], base_call=base_call, sr_lines=lines
+        )
         return f"### With cdm\n\n{cdm}\n\n### With plain diffusers\n\n{plain}"
     kind = stage_kind(pipes[0])
     call = (base_call if kind == "base"
             else 'pipe(image=low_res_pil, noise_level=100, num_inference_steps=20)')  # fmt: skip
-    return f"""```python
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained("{repo}", trust_remote_code=True)
-images = pipe.{call}.images
-```
-
-`trust_remote_code=True` runs the pipeline file stored next to the weights; read it first.
-With cdm installed, `cdm.stage_io.load_stage("{repo}")` loads the same folder without running it."""
+    return template("stage_plain").format(repo=repo, call=call)
 
 
 def make_card(

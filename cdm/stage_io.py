@@ -2,7 +2,7 @@
 
 A saved stage is a diffusers pipeline folder plus a copy of its pipeline file, with
 `model_index.json` naming it as `[module, class]`. Plain diffusers can then load it with
-`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, an explicit opt-in.
+`DiffusionPipeline.from_pretrained(folder, ...)` with `trust_remote_code` switched on, an explicit opt-in.
 cdm itself never runs that copy: `load_stage` builds each component from stock diffusers
 classes and uses the pipeline class installed with cdm.
 """
