@@ -326,6 +326,10 @@ def train(cfg: DictConfig) -> Path:
                   file=sys.stderr)  # fmt: skip
         where = run_dir / "export" if step >= t.max_steps else run_dir / "checkpoints"
         print(f"{stage.name}: {step} steps in {elapsed:.1f}s, loss {loss_value:.4f}; saved to {where}")
+    # Drop the DDP wrapper while the process group is still registered: if its reducer held the last
+    # reference, gloo's destructor would join worker threads that wait for the GIL this thread holds.
+    del unet, optimizer, lr_scheduler, loader
+    accelerator.free_memory()
     accelerator.end_training()
     return run_dir
 

@@ -1,7 +1,11 @@
 """Training: the real cdm-train command on tiny settings, resume, data parallel, bad overrides."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import cdm_pipelines.pipeline_sr3
 import numpy as np
@@ -136,12 +140,23 @@ def test_bad_overrides_exit_2_with_one_line(tmp_path, cache_env, override, needl
 
 
 @pytest.mark.slow
-def test_two_process_data_parallel_run_keeps_ranks_identical(tmp_path, cache_env):
-    launcher = shutil.which("accelerate", path=str(cdm.train.Path(__import__("sys").executable).parent))
+@pytest.mark.parametrize("one_core", [False, True], ids=["free", "one-core"])
+def test_two_process_data_parallel_run_keeps_ranks_identical(tmp_path, cache_env, one_core):
+    """Two CPU ranks train in lock step and shut down cleanly, also when they share one core (which
+    once exposed a shutdown deadlock between gloo's worker threads and the GIL)."""
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     args = train_args("base64", tmp_path / "run", 4)[1:]
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cdm.train", *args]  # fmt: skip
-    res = run_cli(cmd, tmp_path, {**cache_env, "ACCELERATE_USE_CPU": "1", "MASTER_PORT": "29533"})
+    if one_core:
+        cpu = min(os.sched_getaffinity(0))
+        pin = f"import os, sys; os.sched_setaffinity(0, {{{cpu}}}); os.execv(sys.argv[1], sys.argv[1:])"
+        cmd = [sys.executable, "-c", pin, *cmd]
+    env = {**cache_env, "ACCELERATE_USE_CPU": "1", "MASTER_PORT": "29534" if one_core else "29533"}
+    try:
+        res = run_cli(cmd, tmp_path, env, timeout=240)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"the two-process run did not finish in 240 s; its last output: {str(err.stdout)[-300:]}")
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert info["world_size"] == 2
