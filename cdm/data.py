@@ -145,7 +145,10 @@ def open_dataset(data: DataConfig, split: str | None = None):
             if has_splits and not (root / split).is_dir():
                 raise UserError(f"{root} has no {split}/ folder: expected {root / split}")
             ds = datasets.load_dataset(
-                "imagefolder", data_dir=str(root / split if has_splits else root), split="train"
+                "imagefolder",
+                data_dir=str(root / split if has_splits else root),
+                split="train",
+                streaming=data.streaming,
             )
         else:
             ds = datasets.load_dataset(data.name, data.config_name, split=split, streaming=data.streaming)
@@ -154,6 +157,11 @@ def open_dataset(data: DataConfig, split: str | None = None):
             f"data: could not open {data.name or root} ({str(err).splitlines()[0][:200]})"
         ) from None
     features = ds.features or {}
+    if not features and isinstance(ds, datasets.IterableDataset):
+        first = next(iter(ds.take(1)), None)
+        if first is None:
+            raise UserError(f"data: {data.name or root} is empty")
+        features = dict.fromkeys(first)
     if data.image_column not in features:
         raise UserError(
             f"data.image_column={data.image_column!r} is not a column: expected one of {list(features)}"
@@ -237,14 +245,90 @@ class StageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        row = self.ds[int(index)]
+        return self.example(self.ds[int(index)], example_generator(self.seed, epoch, index))
+
+    def example(self, row: dict, generator: torch.Generator) -> dict:
         label = int(row[self.label_col]) if self.label_col else 0
         try:
             image = decode_image(row[self.data.image_column])
         except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError):
             return {"image": None, "label": label, "reason": "corrupt"}
-        x = self.pre(image, example_generator(self.seed, epoch, index))
+        x = self.pre(image, generator)
         return {"image": x, "label": label, "reason": None if x is not None else "small"}
+
+    def head(self, n: int) -> list[dict]:
+        """The first `n` raw records, in storage order."""
+        return [self.ds[i] for i in range(min(n, len(self.ds)))]
+
+
+class StreamingStageDataset(torch.utils.data.IterableDataset):
+    """Training examples from a streamed `datasets.IterableDataset`, for one rank, epoch after epoch.
+
+    Each epoch reshuffles (shard order and a buffer of `buffer_size` records, seeded by seed and
+    epoch). Ranks read disjoint parts (`split_dataset_by_node`) and DataLoader workers split the
+    shards between them. A run resumed at micro-step `start` skips, undecoded, the records this
+    rank (and each worker) had consumed. With `num_workers=0` the resumed run then reads exactly the
+    batches an uninterrupted run would; with workers, the same records, though batches of different
+    workers may come in another order.
+    """
+
+    def __init__(
+        self,
+        ds,
+        data: DataConfig,
+        label_col: str | None,
+        stage: StageConfig,
+        seed: int,
+        batch_size: int = 1,
+        rank: int = 0,
+        world: int = 1,
+        start: int = 0,
+        buffer_size: int = 1000,
+    ):
+        from datasets.distributed import split_dataset_by_node
+
+        self.raw = ds
+        self.ds = split_dataset_by_node(
+            ds.shuffle(seed=seed, buffer_size=buffer_size), rank=rank, world_size=world
+        )
+        self.view = StageDataset(ds, data, label_col, stage, seed)
+        self.seed, self.batch_size, self.start = seed, batch_size, start
+        self.data, self.pre = data, self.view.pre
+
+    def records(self):
+        """(epoch, position, record) for ever; positions count across epochs. Ends if an epoch is empty."""
+        epoch, position = 0, 0
+        while True:
+            self.ds.set_epoch(epoch)
+            before = position
+            for row in self.ds:
+                yield epoch, position, row
+                position += 1
+            if position == before:
+                return
+            epoch += 1
+
+    def records_to_skip(self) -> int:
+        info = torch.utils.data.get_worker_info()
+        # `datasets` stops the workers beyond the shard count; the loader takes turns over the rest
+        workers, worker = (min(info.num_workers, self.ds.num_shards), info.id) if info is not None else (1, 0)
+        return len(range(worker, self.start, workers)) * self.batch_size  # batches this worker produced
+
+    def __iter__(self):
+        skip = self.records_to_skip()
+        for epoch, position, row in self.records():
+            if position < skip:
+                continue
+            yield self.view.example(row, example_generator(self.seed, epoch, position))
+
+    def first_examples(self, n: int) -> list[dict]:
+        """The first `n` examples of the unshuffled stream (fixed inputs for sample grids)."""
+        return [
+            self.view.example(row, example_generator(self.seed, 0, i)) for i, row in enumerate(self.head(n))
+        ]
+
+    def head(self, n: int) -> list[dict]:
+        return list(self.raw.take(n))
 
 
 class IndexStream(torch.utils.data.Sampler):
@@ -291,15 +375,16 @@ def collate(items: list[dict]) -> dict:
     }
 
 
-def check_images_fit(dataset: StageDataset, probe: int = 32) -> None:
+def check_images_fit(dataset: StageDataset | StreamingStageDataset, probe: int = 32) -> None:
     """Fail early, with one line, when none of the first images can give a training example."""
-    n = min(probe, len(dataset))
+    records = dataset.head(probe)
+    n = len(records)
     if n == 0:
         raise UserError("data: the dataset is empty")
     sizes, ok = [], 0
-    for i in range(n):
+    for i, row in enumerate(records):
         try:
-            image = decode_image(dataset.ds[i][dataset.data.image_column])
+            image = decode_image(row[dataset.data.image_column])
         except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError):
             continue
         sizes.append(image.size)

@@ -163,7 +163,14 @@ def train(cfg: DictConfig) -> Path:
     from tqdm.auto import tqdm
 
     from cdm.checkpoint import load_checkpoint, save_checkpoint
-    from cdm.data import IndexStream, StageDataset, check_images_fit, collate, open_dataset
+    from cdm.data import (
+        IndexStream,
+        StageDataset,
+        StreamingStageDataset,
+        check_images_fit,
+        collate,
+        open_dataset,
+    )
     from cdm.losses import DiffusionLoss
     from cdm.models import build_noise_scheduler, build_pipeline, build_unet, count_parameters
     from cdm.stage_io import save_stage
@@ -190,7 +197,12 @@ def train(cfg: DictConfig) -> Path:
     # Data
     with accelerator.main_process_first():  # offline sets are built once, by the main process
         ds, label_col, id2label = open_dataset(cfg.data)
-    dataset = StageDataset(ds, cfg.data, label_col, stage, t.seed)
+    streamed = not hasattr(ds, "__len__")
+    if streamed:
+        rank, world = accelerator.process_index, accelerator.num_processes
+        dataset = StreamingStageDataset(ds, cfg.data, label_col, stage, t.seed, t.batch_size, rank, world)
+    else:
+        dataset = StageDataset(ds, cfg.data, label_col, stage, t.seed)
     check_images_fit(dataset)
     num_classes = len(id2label)
 
@@ -226,12 +238,20 @@ def train(cfg: DictConfig) -> Path:
 
     # Batches: a deterministic stream from the current micro-step
     micro = step * t.grad_accum
-    sampler = IndexStream(len(dataset), t.batch_size, t.seed, accelerator.process_index,
-                          accelerator.num_processes, start=micro)  # fmt: skip
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers
-    )
-    fixed = collate([dataset[(0, i)] for i in range(min(len(dataset), t.num_samples * 4))])
+    workers = cfg.data.num_workers
+    if streamed:  # records already read are skipped, not decoded
+        dataset.start = micro
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=t.batch_size, collate_fn=collate, num_workers=workers
+        )
+        fixed = collate(dataset.first_examples(t.num_samples * 4))
+    else:
+        sampler = IndexStream(len(dataset), t.batch_size, t.seed, accelerator.process_index,
+                              accelerator.num_processes, start=micro)  # fmt: skip
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers
+        )
+        fixed = collate([dataset[(0, i)] for i in range(min(len(dataset), t.num_samples * 4))])
     if fixed["images"] is not None:
         fixed["images"] = fixed["images"][: t.num_samples]
 

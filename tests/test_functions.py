@@ -113,3 +113,56 @@ def test_index_stream_is_a_pure_function_of_the_step():
     # every epoch is a permutation
     epoch0 = [idx for step in range(5) for (e, idx) in IndexStream(10, 2, 3).batch(step)]
     assert sorted(epoch0) == list(range(10))
+
+
+def _streamed(tmp_path, num_shards=None, **kw):
+    import datasets
+    from conftest import make_imagefolder
+
+    from cdm.config import DataConfig, DataSource, StageConfig
+    from cdm.data import StreamingStageDataset, open_dataset
+
+    root = make_imagefolder(tmp_path / "imgs", classes=2, per_class=5, size=24)
+    data = DataConfig(source=DataSource.imagefolder, path=str(root), streaming=True)
+    ds, label_col, id2label = open_dataset(data)
+    assert isinstance(ds, datasets.IterableDataset) and id2label == {0: "class0", 1: "class1"}
+    if num_shards:  # the same records, in several shards (as large Hub datasets come)
+        data.streaming = False
+        ds = open_dataset(data)[0].to_iterable_dataset(num_shards=num_shards)
+    stage = StageConfig(name="base64", resolution=16)
+    return lambda **more: StreamingStageDataset(ds, data, label_col, stage, seed=3, **{**kw, **more})
+
+
+def _take(dataset, n):
+    out = []
+    for example in dataset:
+        out.append(example["image"] if isinstance(example, dict) else example)
+        if len(out) == n:
+            return out
+    raise AssertionError(f"the stream ended after {len(out)} examples")
+
+
+def test_streamed_data_resumes_where_it_stopped_and_splits_ranks(tmp_path, cache_env):
+    make = _streamed(tmp_path, batch_size=2)
+    straight = _take(make(), 24)  # 10 records: more than two epochs
+    resumed = _take(make(start=3), 18)  # three batches of two were consumed
+    assert all(torch.equal(a, b) for a, b in zip(straight[6:], resumed))
+    # a new epoch reshuffles and draws new crops, yet covers the same records
+    first, second = straight[:10], straight[10:20]
+    assert any(not torch.equal(a, b) for a, b in zip(first, second))
+    # two ranks read disjoint halves of each epoch
+    rank0, rank1 = _take(make(world=2, rank=0), 5), _take(make(world=2, rank=1), 5)
+    sums = sorted(round(float(x.sum()), 3) for x in rank0 + rank1)
+    assert sums == sorted(round(float(x.sum()), 3) for x in first)
+
+
+@pytest.mark.parametrize("num_shards", [None, 4], ids=["one-shard", "four-shards"])
+def test_streamed_data_with_workers_skips_what_each_worker_read(tmp_path, cache_env, num_shards):
+    make = _streamed(tmp_path, num_shards, batch_size=1)
+
+    def loader(start):
+        return torch.utils.data.DataLoader(make(start=start), batch_size=1, num_workers=2, collate_fn=lambda b: b[0])
+
+    straight = _take(loader(0), 8)
+    resumed = _take(loader(4), 4)
+    assert all(torch.equal(a, b) for a, b in zip(straight[4:], resumed))

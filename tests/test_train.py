@@ -59,8 +59,12 @@ def test_each_stage_trains_and_exports_a_loadable_pipeline(stage, tmp_path, cach
     assert np.isfinite(out if isinstance(out, np.ndarray) else out.images).all()
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, cache_env):
+@pytest.mark.parametrize("streamed", [False, True], ids=["map-style", "streamed"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, cache_env, streamed):
     common = ["train.checkpoint_every=3", "train.sample_every=100"]
+    if streamed:  # a streamed dataset resumes by skipping the records already read
+        root = make_imagefolder(tmp_path / "imgs", classes=2, per_class=5, size=40)
+        common += ["data=imagefolder", f"data.path={root}", "data.streaming=true"]
     straight = run_cli(train_args("sr64to256", tmp_path / "a", 6, *common), tmp_path, cache_env)
     assert straight.returncode == 0, straight.stderr[-3000:]
     first = run_cli(
