@@ -161,7 +161,9 @@ def test_streamed_data_with_workers_skips_what_each_worker_read(tmp_path, cache_
     make = _streamed(tmp_path, num_shards, batch_size=1)
 
     def loader(start):
-        return torch.utils.data.DataLoader(make(start=start), batch_size=1, num_workers=2, collate_fn=lambda b: b[0])
+        return torch.utils.data.DataLoader(
+            make(start=start), batch_size=1, num_workers=2, collate_fn=lambda b: b[0]
+        )
 
     straight = _take(loader(0), 8)
     resumed = _take(loader(4), 4)
