@@ -9,6 +9,7 @@ be passed instead.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
@@ -55,7 +56,9 @@ def frechet_and_kernel_distance(
     feature = feature or OfflineInception()
     subset = max(2, min(len(images), len(reference), 100))
     fid = FrechetInceptionDistance(feature=feature, reset_real_features=True)
-    kid = KernelInceptionDistance(feature=feature, subset_size=subset, subsets=10)
+    with warnings.catch_warnings():  # it warns that it keeps every feature, which is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=feature, subset_size=subset, subsets=10)
     for metric in (fid, kid):
         for chunk in to_uint8(reference).split(32):
             metric.update(chunk, real=True)

@@ -104,6 +104,24 @@ def test_fid_and_kid_with_a_pluggable_extractor():
     assert far["fid"] > near["fid"] and far["kid"] > near["kid"]
 
 
+
+def test_offline_inception_tells_real_digits_from_tinted_ones(cache_env):
+    """The shipped TorchScript Inception, end to end: two halves of the real test digits are closer
+    to each other than a colour-tinted copy of one half is to the other."""
+    from cdm.eval import data_config, real_images
+    from cdm.fid import OfflineInception, frechet_and_kernel_distance
+
+    inception = OfflineInception()
+    assert inception(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 2048)
+    images, labels = real_images(data_config("digits", None), "test", 32, None)
+    a, b = images[0::20], images[10::20]  # 25 each, spread over the classes
+    assert len(set(labels[0::20].tolist())) == len(set(labels[10::20].tolist())) == 10
+    tint = torch.tensor([0.3, -0.2, 0.1]).view(1, 3, 1, 1)
+    near = frechet_and_kernel_distance(a, b, feature=inception)
+    far = frechet_and_kernel_distance((a + tint).clamp(-1, 1), b, feature=inception)
+    assert far["fid"] > near["fid"] + 10 and far["kid"] > near["kid"]
+
+
 # -- cards and export -----------------------------------------------------------------------------
 
 
