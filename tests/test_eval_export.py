@@ -104,7 +104,6 @@ def test_fid_and_kid_with_a_pluggable_extractor():
     assert far["fid"] > near["fid"] and far["kid"] > near["kid"]
 
 
-
 def test_offline_inception_tells_real_digits_from_tinted_ones(cache_env):
     """The shipped TorchScript Inception, end to end: two halves of the real test digits are closer
     to each other than a colour-tinted copy of one half is to the other."""
