@@ -74,17 +74,25 @@ def test_sweep_writes_table_plot_and_best_level(tmp_path, cache_env):
     assert (stage["aug_level"], stage["aug_mode"]) == (sweep["best"]["aug_level"], sweep["best"]["aug_mode"])
 
 
-def test_eval_gen_reports_class_agreement_with_classifier_accuracy(tmp_path, cache_env):
+@pytest.mark.parametrize("fid", [False, True], ids=["agreement", "with-fid"])
+def test_eval_gen_reports_class_agreement_with_classifier_accuracy(tmp_path, cache_env, fid):
     root = make_cascade(tmp_path / "c", sizes=(8, 32))
     data = _split_imagefolder(tmp_path / "imgs", size=16)
     res = run_cli(["cdm-eval", "gen", "--model", str(root), "--stages", "1", "--num-per-class", "2",
-                   "--data", "imagefolder", "--data-path", str(data), "--out", str(tmp_path / "g")],
-                  tmp_path, cache_env)  # fmt: skip
+                   "--data", "imagefolder", "--data-path", str(data), "--out", str(tmp_path / "g"),
+                   *(["--fid"] if fid else [])], tmp_path, cache_env)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "g" / "results.json").read_text())
     assert result["num_samples"] == 6
     assert 0 <= result["metrics"]["class_agreement"] <= 1
     assert 0 <= result["classifier"]["held_out_accuracy"] <= 1
+    if fid:  # the offline Inception; the floor is as many real train images against the same reference
+        assert result["metrics"]["fid"] > 0 and np.isfinite(result["metrics"]["kid"])
+        floor = result["real_data_floor"]
+        assert floor["split"] == "train" and floor["num_images"] == 6 and floor["fid"] > 0
+        assert f"FID {floor['fid']:.1f}" in (tmp_path / "g" / "results.md").read_text()
+    else:
+        assert "fid" not in result["metrics"] and result["real_data_floor"] is None
 
 
 def test_fid_and_kid_with_a_pluggable_extractor():
