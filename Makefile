@@ -52,10 +52,10 @@ DEMO_SET := --set base64.scheduler=DDPMScheduler --set base64.steps=50 --set bas
 	--set sr64to256.aug_level=250 --set sr256to1024.aug_level=200
 EVAL := runs/demo-eval
 
-# Measure the demo cascade and write its card: class agreement of base samples, SR metrics vs bicubic.
+# Measure the demo cascade and write its card: class agreement and FID/KID of base samples, SR metrics vs bicubic.
 demo-eval: install
 	$(BIN)/cdm-export $(DEMO_SOURCES) --out $(EVAL)/cascade --overwrite $(DEMO_SET)
-	$(BIN)/cdm-eval gen --model $(EVAL)/cascade --stages 1 --num-per-class 20 --data digits --out $(EVAL)/gen --overwrite
+	$(BIN)/cdm-eval gen --model $(EVAL)/cascade --stages 1 --num-per-class 20 --data digits --fid --out $(EVAL)/gen --overwrite
 	$(BIN)/cdm-eval sr --model $(EVAL)/cascade --stage sr64to256 --data digits --num-images 20 --out $(EVAL)/sr64to256 --overwrite
 	$(BIN)/cdm-eval sr --model $(EVAL)/cascade --stage sr256to1024 --data digits --num-images 4 --out $(EVAL)/sr256to1024 --overwrite
 	$(BIN)/cdm-generate --model $(EVAL)/cascade --class 0 --class 1 --class 2 --class 3 --class 4 --class 5 \
