@@ -68,3 +68,25 @@ def test_typos_fail_with_the_key_name():
         compose("train.batchsize=3")
     with pytest.raises(ValueError, match="stage.sample.aug_mode='sideways'"):
         compose("stage=sr64to256", "stage.sample.aug_mode=sideways")
+
+
+def test_a_wheel_carries_the_configs_pipelines_and_demo_cascade(tmp_path):
+    """cdm-train finds conf/ inside the installed package when cdm is not an editable checkout."""
+    import importlib.util
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(root)]
+    if importlib.util.find_spec("setuptools"):  # build with the installed setuptools: no download
+        cmd.insert(5, "--no-build-isolation")
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    names = set(zipfile.ZipFile(next(tmp_path.glob("cdm-*.whl"))).namelist())
+    conf = {f"cdm/conf/{p.relative_to(root / 'conf')}" for p in (root / "conf").rglob("*.yaml")}
+    assert conf and conf <= names
+    assert {"cdm_pipelines/pipeline_sr3.py", "cdm_pipelines/pipeline_cdm_base.py", "cdm/imagenet_classes.json",
+            "cdm/demo_cascade/cascade.json"} <= names  # fmt: skip
+    assert any(n.startswith("cdm/demo_cascade/base64/unet/") and n.endswith(".safetensors") for n in names)
