@@ -2,10 +2,11 @@
 """Class-conditional base stage of a Cascaded Diffusion Model (Ho et al., arXiv 2106.15282).
 
 This file is self-contained: it imports only torch, numpy, PIL and diffusers, so it can be
-uploaded next to the weights and loaded by plain diffusers::
+uploaded next to the weights. Plain diffusers runs it only when the user opts in with the
+`trust_remote_code` argument of `DiffusionPipeline.from_pretrained` (the model card shows the
+exact call); cdm loads such a folder with its installed copy of this file and never runs the
+folder's. Once loaded::
 
-    from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained("path/to/base64", trust_remote_code=True)
     image = pipe(class_labels=[7], num_inference_steps=50).images[0]
 """
 

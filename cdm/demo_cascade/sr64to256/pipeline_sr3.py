@@ -2,10 +2,11 @@
 """SR3 super-resolution stage (Saharia et al., arXiv 2104.07636) with CDM conditioning augmentation.
 
 This file is self-contained: it imports only torch, numpy, PIL and diffusers, so it can be
-uploaded next to the weights and loaded by plain diffusers::
+uploaded next to the weights. Plain diffusers runs it only when the user opts in with the
+`trust_remote_code` argument of `DiffusionPipeline.from_pretrained` (the model card shows the
+exact call); cdm loads such a folder with its installed copy of this file and never runs the
+folder's. Once loaded::
 
-    from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained("path/to/sr64to256", trust_remote_code=True)
     big = pipe(image=small_pil, noise_level=100, num_inference_steps=50).images[0]
 
 Conditioning. The low-res image is upsampled (bicubic) to the output size, noised to the
