@@ -321,7 +321,7 @@ def train(cfg: DictConfig) -> Path:
     if main:
         info = {
             "stage": stage.name, "steps": step, "target_steps": t.max_steps, "final_loss": loss_value,
-            "seconds_this_session": round(elapsed, 2),
+            "seconds_this_launch": round(elapsed, 2),
             "steps_per_second": round((step - start_step) / max(elapsed - side_seconds, 1e-9), 4),
             "seconds_sampling_and_checkpoints": round(side_seconds, 2),
             "images_per_step": t.batch_size * t.grad_accum * accelerator.num_processes,
