@@ -293,7 +293,14 @@ class StreamingStageDataset(torch.utils.data.IterableDataset):
         )
         self.view = StageDataset(ds, data, label_col, stage, seed)
         self.seed, self.batch_size, self.start = seed, batch_size, start
-        self.data, self.pre = data, self.view.pre
+
+    @property
+    def data(self) -> DataConfig:
+        return self.view.data
+
+    @property
+    def pre(self) -> Preprocess:
+        return self.view.pre
 
     def records(self):
         """(epoch, position, record) for ever; positions count across epochs. Ends if an epoch is empty."""
