@@ -15,6 +15,7 @@ from cdm.models import count_parameters
 
 BASE_TAGS = ["diffusers", "cascaded-diffusion", "cdm", "pixel-diffusion"]
 METRIC_NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "consistency": "SR3 consistency (MSE)",
+                "hf_ratio": "HF ratio", "patch_kid": "patch KID",
                 "class_agreement": "class agreement", "fid": "FID", "kid": "KID"}  # fmt: skip
 
 
@@ -46,6 +47,35 @@ def eval_results(results: list[dict], model_name: str) -> list[EvalResult]:
     return out
 
 
+SR_COLUMNS = {"psnr": ("PSNR (dB)", "{:.2f}"), "ssim": ("SSIM", "{:.4f}"),
+              "consistency": ("consistency (MSE)", "{:.2e}"), "hf_ratio": ("HF ratio", "{:.2f}"),
+              "patch_kid": ("patch KID", "{:.4f}")}  # fmt: skip
+
+
+def sr_table(res: dict) -> list[str]:
+    """An SR result as markdown: the stage and bicubic side by side, then any steps sweep."""
+    settings = res["settings"]
+    cols = [c for c in SR_COLUMNS if c in res["metrics"]["model"]]
+    head = ["| method | " + " | ".join(SR_COLUMNS[c][0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    where = res["dataset"]
+    crop = f", {where['crop']} px crops" if where.get("crop") else ", whole images"
+    lines = [f"**{res['stage']}** on {where['name']} ({where.get('split', '')}, {where['num_images']} images{crop}), "
+             f"{settings.get('scheduler', '')} {settings['steps']} steps, noise level {settings['noise_level']}:", ""]  # fmt: skip
+    lines += head
+    for method in ("model", "bicubic"):
+        m = res["metrics"][method]
+        name = res["stage"] if method == "model" else "bicubic upsampling"
+        lines.append(f"| {name} | " + " | ".join(SR_COLUMNS[c][1].format(m[c]) for c in cols) + " |")
+    if res.get("sweep"):
+        lines += ["", "Sampling steps against quality (one UNet evaluation per step):", ""]
+        lines += ["| scheduler | steps | " + " | ".join(SR_COLUMNS[c][0] for c in cols) + " |",
+                  "|---|---" + "|---" * len(cols) + "|"]  # fmt: skip
+        for row in res["sweep"]:
+            values = " | ".join(SR_COLUMNS[c][1].format(row[c]) for c in cols)
+            lines.append(f"| {row['scheduler']} | {row['steps']} | {values} |")
+    return lines
+
+
 def results_table(results: list[dict]) -> str:
     """Markdown tables of the measured results, with sample counts."""
     lines = []
@@ -54,13 +84,7 @@ def results_table(results: list[dict]) -> str:
         where = f"{d['name']} ({d.get('split', '')}, {d['num_images']} images"
         where += f", {d['crop']} px crops)" if d.get("crop") else ")"
         if res["kind"] == "sr":
-            lines += [f"**{res['stage']}** on {where}, {res['settings']['steps']} steps, "
-                      f"noise level {res['settings']['noise_level']}:", "",
-                      "| method | PSNR (dB) | SSIM | consistency (MSE) |", "|---|---|---|---|"]  # fmt: skip
-            for method in ("model", "bicubic"):
-                m = res["metrics"][method]
-                name = res["stage"] if method == "model" else "bicubic upsampling"
-                lines.append(f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['consistency']:.2e} |")
+            lines += sr_table(res)
         else:
             lines += [f"**{res.get('stage', 'generation')}**, {res['num_samples']} samples:", "",
                       "| metric | value |", "|---|---|"]  # fmt: skip

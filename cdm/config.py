@@ -89,6 +89,10 @@ class StageConfig:
     aug_max_level: int = 250  # conditioning augmentation: s ~ U{0..aug_max_level}
     blur_prob: float = 0.0
     blur_sigma: list[float] = field(default_factory=lambda: [0.4, 0.6])
+    # SR stages: diffuse the residual over the bicubic upsample, times `residual_scale`, instead of
+    # the whole image (SRDiff, Li et al. 2022). The low frequencies are then exact from step one.
+    residual: bool = False
+    residual_scale: float = 1.0
     sample: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -104,6 +108,11 @@ class DataConfig:
     streaming: bool = False
     resize: ResizeMode = ResizeMode.resize
     num_workers: int = 0
+    # Standard SR augmentations, applied before cropping: a random anti-aliased downscale by a
+    # factor in [min_scale, 1] (more scales of the same scene), random flips and 90-degree turns.
+    min_scale: float = 1.0
+    random_flip: bool = False
+    random_rot90: bool = False
     # For the offline photos set: how many images are held out for evaluation.
     holdout: int = 3
 
@@ -186,6 +195,15 @@ def validate(cfg) -> None:
         raise ValueError(f"stage.blur_prob={s.blur_prob}: expected a value in [0, 1]")
     if len(s.blur_sigma) != 2 or not 0 < s.blur_sigma[0] <= s.blur_sigma[1]:
         raise ValueError(f"stage.blur_sigma={list(s.blur_sigma)}: expected [low, high] with 0 < low <= high")
+    if not s.residual_scale > 0:
+        raise ValueError(f"stage.residual_scale={s.residual_scale}: expected a value > 0")
+    if not 0 < cfg.data.min_scale <= 1:
+        raise ValueError(f"data.min_scale={cfg.data.min_scale}: expected a value in (0, 1]")
+    if s.residual and s.sample.aug_mode == "truncated":
+        raise ValueError(
+            "stage.sample.aug_mode=truncated: a residual SR stage needs the finished previous stage, "
+            "expected non-truncated"
+        )
     if s.sample.aug_mode not in AUG_MODES:
         raise ValueError(
             f"stage.sample.aug_mode={s.sample.aug_mode!r}: expected one of {', '.join(AUG_MODES)}"

@@ -26,11 +26,18 @@ from cdm.errors import UserError
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGITS_HELD_OUT_PER_CLASS = 50
-PHOTO_SOURCES = [  # (name, loader) for photos shipped inside installed wheels
-    "skimage:astronaut", "skimage:coffee", "skimage:chelsea", "skimage:rocket", "skimage:retina",
-    "skimage:hubble_deep_field", "skimage:immunohistochemistry", "skimage:colorwheel", "skimage:camera",
+# Every natural photo that the installed wheels ship, as "library:name". Synthetic images
+# (colour wheels, logos, phantoms), scanned text and motion- or focus-blurred photos are left out; a
+# stereo pair contributes one view. Grey photos (textures, the moon, coins) become grey RGB. The last
+# `data.holdout` entries are the test split.
+PHOTO_SOURCES = [
+    "skimage:astronaut", "skimage:coffee", "skimage:chelsea", "skimage:rocket",
+    "skimage-file:motorcycle_left.png", "skimage:camera", "skimage:moon", "skimage:coins",
+    "skimage:grass", "skimage:gravel", "skimage:brick", "skimage:hubble_deep_field",
+    "skimage:retina", "skimage:immunohistochemistry",
     "sklearn:china.jpg", "sklearn:flower.jpg", "matplotlib:grace_hopper.jpg",
 ]  # fmt: skip
+PHOTOS_VERSION = 2  # bump when PHOTO_SOURCES changes, so cached sets are rebuilt
 
 
 def cache_root() -> Path:
@@ -83,6 +90,10 @@ def build_digits(root: Path) -> Path:
 
 def _load_photo(spec: str) -> PIL.Image.Image:
     lib, name = spec.split(":")
+    if lib == "skimage-file":
+        import importlib.resources
+
+        return PIL.Image.open(importlib.resources.files("skimage") / "data" / name).convert("RGB")
     if lib == "skimage":
         import skimage.data
 
@@ -121,7 +132,7 @@ def dataset_root(data: DataConfig) -> Path | None:
         return build_digits(Path(data.path) if data.path else cache_root() / "digits")
     if data.source == DataSource.photos:
         return build_photos(
-            Path(data.path) if data.path else cache_root() / f"photos-{data.holdout}", data.holdout
+            Path(data.path) if data.path else cache_root() / f"photos-v{PHOTOS_VERSION}-{data.holdout}", data.holdout
         )
     if data.source == DataSource.imagefolder:
         root = Path(data.path)
@@ -200,12 +211,38 @@ def to_tensor(image: PIL.Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
 
 
+def random_scaled_crop(image: PIL.Image.Image, size: int, min_scale: float, generator) -> PIL.Image.Image:
+    """A random crop of the image downscaled by a factor ~ U[min_scale, 1] (SR scale augmentation).
+
+    Crops size / scale source pixels and resizes them to `size` with anti-aliased bicubic, which
+    equals cropping the downscaled image but costs only the crop.
+    """
+    u = float(torch.rand((), generator=generator))
+    side = min(round(size / (min_scale + (1 - min_scale) * u)), *image.size)
+    top, left = random_crop_box(image.height, image.width, side, generator)
+    crop = image.crop((left, top, left + side, top + side))
+    return crop if side == size else crop.resize((size, size), PIL.Image.BICUBIC, reducing_gap=None)
+
+
+def random_flip_rot90(x: torch.Tensor, flip: bool, rot90: bool, generator) -> torch.Tensor:
+    """The dihedral augmentations of SR training: a horizontal flip and a turn by k * 90 degrees."""
+    draws = torch.randint(0, 4, (2,), generator=generator).tolist()
+    if flip and draws[0] % 2:
+        x = x.flip(-1)
+    if rot90 and draws[1]:
+        x = torch.rot90(x, draws[1], dims=(-2, -1))
+    return x
+
+
 @dataclass
 class Preprocess:
-    """Image -> the stage's training target: resize or re-render, then a crop of `size`."""
+    """Image -> the stage's training target: resize or re-render, optionally rescale, then a crop of `size`."""
 
     stage: StageConfig
     mode: ResizeMode
+    min_scale: float = 1.0
+    flip: bool = False
+    rot90: bool = False
 
     @property
     def size(self) -> int:
@@ -221,12 +258,20 @@ class Preprocess:
                 scale = res / min(image.size)
                 new = (max(res, round(image.width * scale)), max(res, round(image.height * scale)))
                 image = image.resize(new, PIL.Image.BICUBIC, reducing_gap=None)
+            if self.min_scale < 1 and min(image.size) >= self.size:
+                image = random_scaled_crop(image, self.size, self.min_scale, generator)
             x = to_tensor(image)
         h, w = x.shape[-2:]
         if h < self.size or w < self.size:
             return None
         top, left = random_crop_box(h, w, self.size, generator)
-        return x[:, top : top + self.size, left : left + self.size].contiguous()
+        x = x[:, top : top + self.size, left : left + self.size]
+        if self.flip or self.rot90:
+            x = random_flip_rot90(x, self.flip, self.rot90, generator)
+        return x.contiguous()
+
+
+SMALL_DATASET = 64  # map-style sets up to this many images keep their decoded images in memory
 
 
 def example_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -238,19 +283,29 @@ class StageDataset(torch.utils.data.Dataset):
 
     def __init__(self, ds, data: DataConfig, label_col: str | None, stage: StageConfig, seed: int):
         self.ds, self.data, self.label_col, self.seed = ds, data, label_col, seed
-        self.pre = Preprocess(stage, ResizeMode(data.resize))
+        self._decoded: dict[int, PIL.Image.Image] = {}
+        self.pre = Preprocess(
+            stage, ResizeMode(data.resize), data.min_scale, data.random_flip, data.random_rot90
+        )
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, key):
         epoch, index = key
+        if len(self.ds) <= SMALL_DATASET:  # a few large photos: decode each once, not once per crop
+            return self.example(self.ds[int(index)], example_generator(self.seed, epoch, index), index)
         return self.example(self.ds[int(index)], example_generator(self.seed, epoch, index))
 
-    def example(self, row: dict, generator: torch.Generator) -> dict:
+    def example(self, row: dict, generator: torch.Generator, cache_key: int | None = None) -> dict:
         label = int(row[self.label_col]) if self.label_col else 0
         try:
-            image = decode_image(row[self.data.image_column])
+            if cache_key is None:
+                image = decode_image(row[self.data.image_column])
+            else:
+                if cache_key not in self._decoded:
+                    self._decoded[cache_key] = decode_image(row[self.data.image_column])
+                image = self._decoded[cache_key]
         except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError):
             return {"image": None, "label": label, "reason": "corrupt"}
         x = self.pre(image, generator)

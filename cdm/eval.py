@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -48,29 +49,72 @@ def real_images(data: DataConfig, split: str, size: int, limit: int | None, seed
     return batch["images"], batch["labels"]
 
 
-def evaluate_sr(
-    pipe, hr: torch.Tensor, steps: int, noise_level: int, seed: int, tile: int | None = None
-) -> dict:
-    """PSNR, SSIM and consistency of the stage and of bicubic upsampling on the same low-res inputs."""
-    from cdm.degradations import downsample
-    from cdm.metrics import consistency, psnr, ssim
+def whole_images(data: DataConfig, split: str, multiple: int, limit: int | None) -> list[torch.Tensor]:
+    """Held-out images at native size, each cropped to a multiple of `multiple`, as (1, 3, H, W) in [-1, 1]."""
+    from cdm.data import decode_image, open_dataset, to_tensor
 
-    f = pipe.scale_factor
-    totals = {m: {"psnr": [], "ssim": [], "consistency": []} for m in ("model", "bicubic")}
+    ds, _, _ = open_dataset(data, split)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    images = []
+    for i in torch.linspace(0, len(ds) - 1, n).round().long().tolist() if n else []:
+        x = to_tensor(decode_image(ds[i][data.image_column]))[None]
+        h, w = x.shape[-2] // multiple * multiple, x.shape[-1] // multiple * multiple
+        if h and w:
+            images.append(x[..., :h, :w])
+    if not images:
+        raise UserError(f"no {split} image of {data.source.value} is at least {multiple}x{multiple} pixels")
+    return images
+
+
+SR_METRICS = ("psnr", "ssim", "consistency", "hf_ratio")
+KID_PATCH, KID_PATCHES_PER_IMAGE = 64, 64
+
+
+def sr_outputs(pipe, images: list[torch.Tensor], steps: int, noise_level: int, seed: int, tile=None):
+    """The stage's output and bicubic upsampling for the downsampled `images` (the SR3 degradation)."""
+    from cdm.degradations import downsample
+
     pipe.set_progress_bar_config(disable=True)
-    for i in tqdm(range(len(hr)), desc="sr eval", unit="img"):
-        target = hr[i : i + 1]
-        lr = downsample(target, f).clamp(-1, 1)
+    outs = {"model": [], "bicubic": [], "lr": []}
+    for i, target in enumerate(tqdm(images, desc=f"sr eval, {steps} steps", unit="img", leave=False)):
+        lr = downsample(target, pipe.scale_factor).clamp(-1, 1)
         out = pipe(lr.to(pipe.device), noise_level=noise_level, num_inference_steps=steps, output_type="pt",
                    generator=[torch.Generator().manual_seed(seed + i)], allow_any_size=True,
                    tile_size=tile).images.float().cpu()  # fmt: skip
-        bicubic = F.interpolate(lr, size=target.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
-        for name, pred in (("model", out), ("bicubic", bicubic)):
-            p01, t01, l01 = pred * 0.5 + 0.5, target * 0.5 + 0.5, lr * 0.5 + 0.5
-            totals[name]["psnr"].append(psnr(p01, t01).item())
-            totals[name]["ssim"].append(ssim(p01, t01).item())
-            totals[name]["consistency"].append(consistency(p01, l01).item())
-    return {m: {k: sum(v) / len(v) for k, v in d.items()} for m, d in totals.items()}
+        outs["model"].append(out)
+        outs["bicubic"].append(
+            F.interpolate(lr, size=target.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+        )
+        outs["lr"].append(lr)
+    return outs
+
+
+def score_sr(preds: list[torch.Tensor], images: list[torch.Tensor], lrs: list[torch.Tensor], kid: bool) -> dict:
+    """Mean PSNR, SSIM, consistency and HF ratio over the images, and patch KID over all their patches."""
+    from cdm.metrics import consistency, hf_ratio, patch_grid, psnr, ssim
+
+    rows = {m: [] for m in SR_METRICS}
+    for pred, target, lr in zip(preds, images, lrs):
+        p01, t01, l01 = pred * 0.5 + 0.5, target * 0.5 + 0.5, lr * 0.5 + 0.5
+        rows["psnr"].append(psnr(p01, t01).item())
+        rows["ssim"].append(ssim(p01, t01).item())
+        rows["consistency"].append(consistency(p01, l01).item())
+        rows["hf_ratio"].append(hf_ratio(p01, t01, target.shape[-1] // lr.shape[-1]).item())
+    result = {m: sum(v) / len(v) for m, v in rows.items()}
+    if kid:
+        from cdm.fid import patch_kid
+
+        def patches(xs):
+            return torch.cat([patch_grid(x, KID_PATCH, KID_PATCHES_PER_IMAGE) for x in xs])
+
+        result["patch_kid"] = patch_kid(patches(preds), patches(images))
+    return result
+
+
+def evaluate_sr(pipe, images, steps: int, noise_level: int, seed: int, tile=None, kid: bool = False) -> dict:
+    """PSNR, SSIM, consistency, HF ratio (and patch KID) of the stage and of bicubic on the same inputs."""
+    outs = sr_outputs(pipe, images, steps, noise_level, seed, tile)
+    return {m: score_sr(outs[m], images, outs["lr"], kid) for m in ("model", "bicubic")}
 
 
 def generate(
@@ -123,31 +167,86 @@ def check_out(out: Path, names: list[str], overwrite: bool) -> None:
 
 def cmd_sr(args) -> None:
     from cdm.cards import results_table
+    from cdm.models import sampling_scheduler
     from cdm.upscale import load_sr_stage
 
     check_out(args.out, ["results.json"], args.overwrite)
+    if args.num_images is not None and args.num_images < 1:
+        raise UserError(f"--num-images={args.num_images}: expected an integer >= 1")
     pipe, settings = load_sr_stage(args.model, args.stage)
     data = data_config(args.data, args.data_path)
-    size = args.crop or pipe.unet.config.sample_size
-    if size % pipe.scale_factor:
-        raise UserError(f"--crop={size}: expected a multiple of the stage's scale {pipe.scale_factor}")
-    steps = args.steps or settings.steps
+    size = pipe.unet.config.sample_size if args.crop is None else args.crop
+    mult = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if size % pipe.scale_factor or size % mult:
+        raise UserError(f"--crop={size}: expected a multiple of the stage's scale {pipe.scale_factor} and of {mult}")
+    steps_list = args.steps or [settings.steps]
+    schedulers = args.scheduler or [settings.scheduler]
+    if min(steps_list) < 1:
+        raise UserError(f"--steps={min(steps_list)}: expected integers >= 1")
+    kid = not args.no_kid
     start = time.perf_counter()
-    hr, _ = real_images(data, args.split, size, args.num_images)
-    metrics = evaluate_sr(pipe.to(args.device), hr, steps, args.noise_level, args.seed, args.tile)
+    if size == 0:  # whole images, each cropped to a multiple of the scale and the UNet's stride
+        images = whole_images(data, args.split, pipe.scale_factor * mult // math.gcd(pipe.scale_factor, mult),
+                              args.num_images)  # fmt: skip
+    else:
+        images = list(real_images(data, args.split, size, args.num_images)[0].split(1))
+    pipe.to(args.device)
+    base_config = pipe.scheduler.config
+    sweep, bicubic = [], None
+    for name in schedulers:
+        pipe.scheduler = sampling_scheduler(name, base_config)
+        for steps in steps_list:
+            outs = sr_outputs(pipe, images, steps, args.noise_level, args.seed, args.tile)
+            if bicubic is None:
+                bicubic = score_sr(outs["bicubic"], images, outs["lr"], kid)
+            row = {"scheduler": name, "steps": steps, **score_sr(outs["model"], images, outs["lr"], kid)}
+            sweep.append(row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                  file=sys.stderr)  # fmt: skip
     model_path = Path(str(args.model).rstrip("/"))
     stage_name = args.stage or (model_path.parent.name if model_path.name == "export" else model_path.name)
+    first = {k: v for k, v in sweep[0].items() if k not in ("scheduler", "steps")}
     result = {
         "kind": "sr", "stage": stage_name, "model": str(args.model),
         "dataset": {"name": data.source.value if data.source != DataSource.imagefolder else str(data.path),
-                    "split": args.split, "num_images": len(hr), "crop": size},
-        "settings": {"steps": steps, "noise_level": args.noise_level, "scheduler": settings.scheduler},
-        "metrics": metrics, "seconds": round(time.perf_counter() - start, 2),
+                    "split": args.split, "num_images": len(images), "crop": size or None,
+                    "pixels": sum(x.shape[-1] * x.shape[-2] for x in images)},
+        "settings": {"steps": sweep[0]["steps"], "noise_level": args.noise_level,
+                     "scheduler": sweep[0]["scheduler"]},
+        "metrics": {"model": first, "bicubic": bicubic},
+        "sweep": sweep if len(sweep) > 1 else [],
+        "seconds": round(time.perf_counter() - start, 2),
     }  # fmt: skip
     table = results_table([result])
     write_results(args.out, "results", result, table)
+    if len(sweep) > 1:
+        plot_sweep(result, args.out / "sweep.png")
     print(table)
-    print(f"{len(hr)} images in {result['seconds']:.1f}s; wrote {args.out}/results.json and results.md")
+    print(f"{len(images)} images in {result['seconds']:.1f}s; wrote {args.out}/results.json and results.md")
+
+
+def plot_sweep(result: dict, path: Path) -> None:
+    """PSNR and HF ratio against sampling steps, one line per scheduler, bicubic as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key in zip(axes, ("psnr", "hf_ratio")):
+        for name in dict.fromkeys(r["scheduler"] for r in result["sweep"]):
+            rows = [r for r in result["sweep"] if r["scheduler"] == name]
+            ax.plot([r["steps"] for r in rows], [r[key] for r in rows], marker="o", label=name.replace("Scheduler", ""))
+        ax.axhline(result["metrics"]["bicubic"][key], color="grey", linestyle="--", label="bicubic")
+        ax.set_xscale("log")
+        ax.set_xlabel("sampling steps (UNet evaluations)")
+        ax.set_ylabel({"psnr": "PSNR (dB)", "hf_ratio": "HF ratio (1 = original)"}[key])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{result['stage']} on {result['dataset']['num_images']} {result['dataset']['name']} images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _cascade_and_ids(args):
@@ -297,8 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--stage", default=None, help="SR stage of a cascade (default: the first)")
     sr.add_argument("--split", default="test")
     sr.add_argument("--num-images", type=int, default=None, help="at most this many images (default: all)")
-    sr.add_argument("--crop", type=int, default=None, help="high-res size (default: the stage's output size)")
-    sr.add_argument("--steps", type=int, default=None)
+    sr.add_argument("--crop", type=int, default=None,
+                    help="high-res crop size (default: the stage's output size; 0: whole images)")  # fmt: skip
+    sr.add_argument("--steps", type=_levels, default=None,
+                    help="sampling steps, or a comma-separated list to sweep (default: the stage's setting)")  # fmt: skip
+    sr.add_argument("--scheduler", type=lambda t: t.split(","), default=None,
+                    help="diffusers scheduler class(es), comma-separated (default: the stage's setting)")  # fmt: skip
+    sr.add_argument("--no-kid", action="store_true", help="skip patch KID (needs: pip install 'cdm[fid]')")
     sr.add_argument("--noise-level", type=int, default=0)
     sr.add_argument("--tile", type=int, default=None, help="tile size in output pixels, to bound memory")
 

@@ -35,3 +35,41 @@ def save_grid(images: list[torch.Tensor], path: Path, ncols: int = 8) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(images, ncols).save(path)
     return path
+
+
+def labelled(image: PIL.Image.Image, text: str, height: int = 22) -> PIL.Image.Image:
+    """The image with a white caption strip on top."""
+    from PIL import ImageDraw
+
+    out = PIL.Image.new("RGB", (image.width, image.height + height), "white")
+    out.paste(image, (0, height))
+    ImageDraw.Draw(out).text((6, 5), text, fill="black")
+    return out
+
+
+def comparison_figure(rows: list[dict[str, torch.Tensor]], zoom: int = 4, pad: int = 6) -> PIL.Image.Image:
+    """Columns side by side per row (each a (3, H, W) tensor of one size), and under each row a zoomed centre crop.
+
+    `rows` maps a column title to its image; every row must have the same titles.
+    """
+    strips = []
+    for row in rows:
+        full = [labelled(to_pil(x), title) for title, x in row.items()]
+        h, w = next(iter(row.values())).shape[-2:]
+        ch, cw = h // zoom, w // zoom
+        top, left = (h - ch) // 2, (w - cw) // 2
+        crops = []
+        for title, x in row.items():
+            crop = to_pil(x[:, top : top + ch, left : left + cw]).resize((cw * zoom, ch * zoom), PIL.Image.NEAREST)
+            crops.append(labelled(crop, f"{title}, centre x{zoom}"))
+        for line in (full, crops):
+            strip = PIL.Image.new("RGB", (sum(i.width for i in line) + pad * (len(line) - 1), line[0].height), "white")
+            for k, image in enumerate(line):
+                strip.paste(image, (k * (image.width + pad), 0))
+            strips.append(strip)
+    figure = PIL.Image.new("RGB", (max(s.width for s in strips), sum(s.height + pad for s in strips)), "white")
+    y = 0
+    for strip in strips:
+        figure.paste(strip, (0, y))
+        y += strip.height + pad
+    return figure

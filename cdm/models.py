@@ -55,11 +55,15 @@ def build_sr_unet(stage: StageConfig, unet: UNetConfig, num_classes: int) -> UNe
 
 def build_noise_scheduler(stage: StageConfig) -> DDPMScheduler:
     """The training forward process q(x_t | x_0); also the SR noising scheduler for augmentation."""
+    # "trailing" spacing starts sampling at the last training timestep, so even one step starts from
+    # pure noise and returns E[x_0 | conditioning] (Lin et al. 2023, "Common diffusion noise schedules
+    # are flawed"). A residual is not bounded by [-1, 1], so it is not clipped.
     return DDPMScheduler(
         num_train_timesteps=stage.num_train_timesteps,
         beta_schedule=stage.beta_schedule,
         prediction_type=PredictionType(stage.prediction_type).value,
-        clip_sample=True,
+        clip_sample=not stage.residual,
+        timestep_spacing="trailing",
     )
 
 
@@ -69,8 +73,10 @@ def sampling_scheduler(name: str, config):
     if cls is None or not hasattr(cls, "from_config") or not name.endswith("Scheduler"):
         raise ValueError(f"scheduler {name!r} is not a diffusers scheduler class (e.g. DDIMScheduler)")
     extra, params = {}, inspect.signature(cls.__init__).parameters
-    if "thresholding" in params:
+    if "thresholding" in params and config.get("clip_sample", True):
         extra["thresholding"] = True  # Imagen's dynamic thresholding keeps pixel-space x_0 in [-1, 1]
+    if "timestep_spacing" in params:
+        extra["timestep_spacing"] = "trailing"  # start from the last training step: one step gives E[x_0]
     if config.get("beta_schedule") == "squaredcos_cap_v2" and "lambda_min_clipped" in params:
         extra["lambda_min_clipped"] = -5.1  # the cosine schedule's last steps are unstable without it
     return cls.from_config(config, **extra)
@@ -97,6 +103,8 @@ def build_pipeline(
         image_noising_scheduler=noising,
         low_res_size=stage.low_res,
         id2label=labels,
+        residual=stage.residual,
+        residual_scale=stage.residual_scale,
     )
 
 

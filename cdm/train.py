@@ -119,6 +119,8 @@ def stage_model_fn(unet, cfg, batch, noising, num_classes, generator):
     )
     s = sample_levels(x0.shape[0], stage.aug_max_level, generator).to(x0.device)
     cond = augment_low_res(x_lr, x0.shape[-2:], s, noising, generator).to(x0.dtype)
+    if stage.residual:  # the target is the scaled residual over the clean upsample (as the pipeline adds it)
+        x0 = (x0 - augment_low_res(x_lr, x0.shape[-2:], 0, noising).to(x0.dtype)) * stage.residual_scale
     s_emb = level_embedding(s, cfg.unet.level_embed_dim).to(x0.device, x0.dtype)
 
     def model_fn(x_t, t):

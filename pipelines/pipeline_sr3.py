@@ -124,6 +124,10 @@ class SR3Pipeline(DiffusionPipeline):
             augmentation; its `num_train_timesteps` bounds `noise_level`.
         low_res_size (`int`): the input resolution the stage was built for.
         id2label (`dict`, *optional*): class id (string key) to name, for class-conditional stages.
+        residual (`bool`): the diffused sample is the residual over the bicubic upsample of the clean
+            low-res input, times `residual_scale` (SRDiff, Li et al. 2022); the image is
+            `upsample + sample / residual_scale`. `False`: the sample is the whole image (SR3).
+        residual_scale (`float`): brings the small residual closer to unit scale for the schedule.
     """
 
     model_cpu_offload_seq = "unet"
@@ -135,6 +139,8 @@ class SR3Pipeline(DiffusionPipeline):
         image_noising_scheduler,
         low_res_size: int = 64,
         id2label: dict | None = None,
+        residual: bool = False,
+        residual_scale: float = 1.0,
     ):
         super().__init__()
         if unet.config.in_channels != 2 * unet.config.out_channels:
@@ -149,8 +155,13 @@ class SR3Pipeline(DiffusionPipeline):
                 f"low_res_size={low_res_size} does not divide the output size {unet.config.sample_size}"
             )
         self.register_modules(unet=unet, scheduler=scheduler, image_noising_scheduler=image_noising_scheduler)
+        if not residual_scale > 0:
+            raise ValueError(f"residual_scale={residual_scale}: expected a value > 0")
         self.register_to_config(
-            low_res_size=int(low_res_size), id2label={str(k): str(v) for k, v in (id2label or {}).items()}
+            low_res_size=int(low_res_size),
+            id2label={str(k): str(v) for k, v in (id2label or {}).items()},
+            residual=bool(residual),
+            residual_scale=float(residual_scale),
         )
 
     @property
@@ -301,6 +312,12 @@ class SR3Pipeline(DiffusionPipeline):
         batch_size = x_lr.shape[0]
         size = (x_lr.shape[-2] * self.scale_factor, x_lr.shape[-1] * self.scale_factor)
 
+        if self.config.residual and (low_res_is_augmented or truncate_alphabar is not None):
+            raise ValueError(
+                "a residual SR stage adds its output to the upsampled clean input: truncated "
+                "conditioning augmentation (low_res_is_augmented, truncate_alphabar) is not supported"
+            )
+
         # 2. Conditioning: upsample + noise augmentation at level s, and the level embedding
         level = 0 if low_res_is_augmented else noise_level
         cond = augment_low_res(x_lr, size, level, self.image_noising_scheduler, generator=generator)
@@ -341,7 +358,10 @@ class SR3Pipeline(DiffusionPipeline):
                     latents = self.scheduler.scale_model_input(latents, t_next)
                     break
 
-        # 6. Post-process
+        # 6. Post-process: a residual stage adds the sample to the clean upsampled input
+        if self.config.residual:
+            base = augment_low_res(x_lr, size, 0, self.image_noising_scheduler)
+            latents = base.to(latents.dtype) + latents / self.config.residual_scale
         if alphabar is None:
             latents = latents.clamp(-1, 1)
         elif output_type != "pt":

@@ -1,0 +1,210 @@
+"""Photo super-resolution: the residual SR stage, SR augmentations, HF ratio and patch KID, cdm-upscale's
+shipped photo stage and its comparison figure."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, run_cli, sr_stage
+
+from cdm.degradations import downsample
+from cdm.metrics import hf_ratio, patch_grid
+from cdm.models import build_pipeline, sampling_scheduler
+from cdm.stage_io import load_stage, save_stage
+from cdm.upscale import PHOTO_STAGE
+
+
+def textured(size=64, seed=0) -> torch.Tensor:
+    """A (1, 3, size, size) image in [-1, 1] with detail at every scale (smoothed noise at three scales)."""
+    g = torch.Generator().manual_seed(seed)
+    x = sum(
+        F.interpolate(torch.rand(1, 3, max(1, size // k), max(1, size // k), generator=g), size=(size, size), mode="bicubic")
+        for k in (1, 4, 16)
+    )
+    return (x / 3 * 2 - 1).clamp(-1, 1)
+
+
+def v_stage(**kw):
+    stage = sr_stage(8, 32, **kw)
+    stage.prediction_type = "v_prediction"
+    return stage
+
+
+def residual_stage(**kw):
+    stage = v_stage(**kw)
+    stage.residual, stage.residual_scale = True, 4.0
+    return stage
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+
+
+def test_hf_ratio_is_one_for_the_original_near_zero_for_bicubic_and_above_one_for_grain():
+    hr = textured(64)
+    up = F.interpolate(downsample(hr, 4), size=(64, 64), mode="bicubic", align_corners=False)
+    grain = hr + 0.3 * torch.randn(hr.shape, generator=torch.Generator().manual_seed(1))
+    assert hf_ratio(hr, hr, 4).item() == pytest.approx(1.0)
+    assert hf_ratio(up, hr, 4).item() < 0.1
+    assert hf_ratio(grain, hr, 4).item() > 1.5
+
+
+def test_patch_grid_covers_the_image_corners_and_skips_small_images():
+    x = torch.arange(100.0).reshape(1, 1, 10, 10)
+    patches = patch_grid(x, 4, 9)
+    assert patches.shape == (9, 1, 4, 4)
+    assert patches[0, 0, 0, 0] == 0 and patches[-1, 0, -1, -1] == 99  # first and last corners
+    assert patch_grid(x, 12, 9).shape[0] == 0
+
+
+# -- the residual stage -------------------------------------------------------------------------------
+
+
+def test_one_trailing_step_starts_at_the_last_training_timestep():
+    pipe = build_pipeline(sr_stage(8, 32), TINY, 0)
+    for name in ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler"):
+        scheduler = sampling_scheduler(name, pipe.scheduler.config)
+        scheduler.set_timesteps(1)
+        assert int(scheduler.timesteps[0]) >= 950, name  # DPM-Solver clips lambda near the end
+
+
+def test_residual_stage_with_a_silent_unet_returns_the_bicubic_upsample():
+    torch.manual_seed(0)
+    pipes = {r: build_pipeline(residual_stage() if r else v_stage(), TINY, 0) for r in (True, False)}
+    lr = textured(8)
+    bicubic = F.interpolate(lr, size=(32, 32), mode="bicubic", align_corners=False).clamp(-1, 1)
+    out = {}
+    for residual, pipe in pipes.items():
+        torch.nn.init.zeros_(pipe.unet.conv_out.weight)
+        torch.nn.init.zeros_(pipe.unet.conv_out.bias)  # v = 0: the one-step x_0 estimate is ~0
+        pipe.scheduler = sampling_scheduler("DDIMScheduler", pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        out[residual] = pipe(lr, num_inference_steps=1, noise_level=0, output_type="pt",
+                             generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert (out[True] - bicubic).abs().max() < 1e-2
+    assert (out[False] - bicubic).abs().mean() > 0.2  # a whole-image stage has no bicubic to fall back on
+
+
+def test_residual_stage_saves_loads_and_refuses_truncated_input(tmp_path):
+    pipe = build_pipeline(residual_stage(), TINY, 0)
+    loaded = load_stage(save_stage(pipe, tmp_path / "st"))
+    assert (loaded.config.residual, loaded.config.residual_scale) == (True, 4.0)
+    with pytest.raises(ValueError, match="truncated"):
+        loaded(textured(8), num_inference_steps=1, low_res_is_augmented=True, output_type="pt")
+
+
+def test_residual_training_target_is_the_scaled_residual_over_the_clean_upsample():
+    from omegaconf import OmegaConf
+
+    from cdm.config import TrainRunConfig
+    from cdm.models import build_noise_scheduler, build_unet
+    from cdm.train import stage_model_fn
+
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig),
+                          {"stage": OmegaConf.structured(residual_stage()), "unet": OmegaConf.structured(TINY)})  # fmt: skip
+    cfg.stage.aug_max_level = 100
+    hr = textured(32)
+    noising = build_noise_scheduler(cfg.stage)
+    unet = build_unet(cfg.stage, cfg.unet, 0)
+    batch = {"images": hr, "labels": torch.zeros(1, dtype=torch.long)}
+    x0, _ = stage_model_fn(unet, cfg, batch, noising, 1, torch.Generator().manual_seed(0))
+    up = F.interpolate(downsample(hr, 4), size=(32, 32), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(x0, (hr - up) * 4.0, atol=1e-5, rtol=0)
+
+
+# -- SR augmentations ---------------------------------------------------------------------------------
+
+
+def test_flips_and_rot90_are_dihedral_transforms_of_the_same_crop():
+    from cdm.config import ResizeMode
+    from cdm.data import Preprocess
+
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    stage = sr_stage(4, 16)
+    stage.crop_size = 16  # the whole image: only the transform varies
+    plain = Preprocess(stage, ResizeMode.none)(image, torch.Generator().manual_seed(0))
+    dihedral = [torch.rot90(t, k, dims=(-2, -1)) for t in (plain, plain.flip(-1)) for k in range(4)]
+    pre = Preprocess(stage, ResizeMode.none, flip=True, rot90=True)
+    seen = set()
+    for seed in range(40):
+        x = pre(image, torch.Generator().manual_seed(seed))
+        matches = [k for k, d in enumerate(dihedral) if torch.equal(x, d)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert len(seen) == 8
+
+
+def test_random_scaled_crop_shrinks_the_content_within_the_range():
+    from cdm.data import random_scaled_crop
+
+    # vertical stripes with a period of 8 pixels; a crop downscaled by s shows a period of 8 * s
+    stripes = np.tile(((np.arange(256) // 4) % 2 * 255).astype(np.uint8), (256, 1))
+    image = PIL.Image.fromarray(np.stack([stripes] * 3, -1))
+    periods = []
+    for seed in range(12):
+        crop = np.asarray(random_scaled_crop(image, 64, 0.5, torch.Generator().manual_seed(seed)), dtype=float)
+        row = crop[32, :, 0] - crop[32, :, 0].mean()
+        crossings = np.sum(np.diff(np.sign(row)) != 0)
+        periods.append(2 * 64 / max(crossings, 1))
+        assert crop.shape == (64, 64, 3)
+    assert min(periods) >= 3.5 and max(periods) <= 8.5
+    assert max(periods) - min(periods) > 1.5  # the scale really varies
+
+
+def test_every_photo_source_loads_as_rgb():
+    from cdm.data import PHOTO_SOURCES, _load_photo
+
+    for spec in PHOTO_SOURCES:
+        image = _load_photo(spec).convert("RGB")
+        assert min(image.size) >= 256, spec
+
+
+# -- the shipped photo stage and cdm-upscale ----------------------------------------------------------
+
+
+def test_shipped_photo_stage_beats_bicubic_on_a_held_out_photo(cache_env):
+    """The default cdm-upscale model, at its shipped settings, on a 128 px crop of a photo it never saw."""
+    from cdm.export import stage_info, stage_settings
+    from cdm.metrics import psnr
+    from cdm.upscale import held_out_photos
+
+    pipe = load_stage(PHOTO_STAGE)
+    settings = stage_settings(stage_info(PHOTO_STAGE))
+    assert (pipe.scale_factor, pipe.config.residual) == (4, True)
+    pipe.scheduler = sampling_scheduler(settings.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    name, photo = held_out_photos(1)[0]
+    hr = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    hr = hr[..., 100:228, 200:328]
+    lr = downsample(hr, 4).clamp(-1, 1)
+    out = pipe(lr, num_inference_steps=settings.steps, noise_level=0, output_type="pt", allow_any_size=True,
+               generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    bicubic = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+    gain = psnr(out * 0.5 + 0.5, hr * 0.5 + 0.5) - psnr(bicubic * 0.5 + 0.5, hr * 0.5 + 0.5)
+    assert gain.item() > 0.3, f"{name}: {gain.item():.2f} dB over bicubic"
+
+
+def test_upscale_compare_writes_the_figure_and_reports_psnr(tmp_path, cache_env):
+    stage_dir = save_stage(build_pipeline(residual_stage(), TINY, 0), tmp_path / "st")
+    (stage_dir / "cdm_stage.json").write_text(json.dumps({"stage": {"sample": {"scheduler": "DDIMScheduler", "steps": 1}}}))
+    PIL.Image.fromarray(((textured(48)[0].permute(1, 2, 0) + 1) * 127.5).byte().numpy()).save(tmp_path / "a.png")
+    res = run_cli(["cdm-upscale", str(tmp_path / "a.png"), "--model", str(stage_dir), "--compare",
+                   str(tmp_path / "fig.png"), "--held-out", "1"], tmp_path, cache_env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [ln for ln in res.stdout.splitlines() if "PSNR bicubic" in ln]
+    assert len(lines) == 2 and lines[0].startswith("a 12x12 -> 48x48")
+    figure = PIL.Image.open(tmp_path / "fig.png")
+    assert figure.width > 4 * 48 and figure.height > 4 * 48  # two photos, each full and zoomed, 4 columns
+    again = run_cli(["cdm-upscale", str(tmp_path / "a.png"), "--model", str(stage_dir), "--compare",
+                     str(tmp_path / "fig.png")], tmp_path, cache_env)  # fmt: skip
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_upscale_without_model_uses_the_shipped_photo_stage(tmp_path):
+    res = run_cli(["cdm-upscale", "--help"], tmp_path)
+    assert res.returncode == 0 and "shipped 4x photo stage" in res.stdout
+    assert (PHOTO_STAGE / "model_index.json").is_file() and (PHOTO_STAGE / "README.md").is_file()
+    weights = sum(f.stat().st_size for f in PHOTO_STAGE.rglob("*.safetensors"))
+    assert weights <= 15e6
