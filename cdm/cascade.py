@@ -206,7 +206,28 @@ class Cascade:
                 raise UserError(
                     f"aug_level={s.aug_level} for stage {name}: expected 0..{pipe.max_noise_level}"
                 )
+        for k in range(len(out)):
+            self.check_sampler(k, out[k], out[k + 1] if k + 1 < len(out) else None)
         return out
+
+    def check_sampler(self, k: int, s: StageSettings, nxt: StageSettings | None) -> None:
+        """The scheduler must run at the stage's steps; a truncated handover needs its alphabar too."""
+        try:
+            scheduler = sampling_scheduler(s.scheduler, self.pipes[k].scheduler.config, s.steps)
+        except ValueError as err:
+            raise UserError(f"stage {self.names[k]}: {err}") from None
+        if nxt is None or nxt.aug_mode != "truncated" or nxt.aug_level == 0:
+            return
+        if getattr(scheduler, "alphas_cumprod", None) is None:
+            raise UserError(
+                f"scheduler={s.scheduler} for stage {self.names[k]}: truncated conditioning augmentation "
+                "needs a scheduler with a DDPM noise schedule (alphas_cumprod), e.g. DDIMScheduler"
+            )
+        if self.pipes[k + 1].config.residual:
+            raise UserError(
+                f"aug_mode=truncated for stage {self.names[k + 1]}: a residual SR stage needs the finished "
+                "previous stage, expected non-truncated"
+            )
 
     # -- sampling ------------------------------------------------------------------------------
 
@@ -236,7 +257,7 @@ class Cascade:
         x, alphabar = None, None
         for k, (name, pipe, s) in enumerate(zip(self.names, self.pipes, settings)):
             start = time.perf_counter()
-            pipe.scheduler = sampling_scheduler(s.scheduler, pipe.scheduler.config)
+            pipe.scheduler = sampling_scheduler(s.scheduler, pipe.scheduler.config, s.steps)
             pipe.set_progress_bar_config(disable=not progress, desc=name, leave=False)
             nxt = settings[k + 1] if k + 1 < len(settings) else None
             truncate = None

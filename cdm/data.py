@@ -132,7 +132,8 @@ def dataset_root(data: DataConfig) -> Path | None:
         return build_digits(Path(data.path) if data.path else cache_root() / "digits")
     if data.source == DataSource.photos:
         return build_photos(
-            Path(data.path) if data.path else cache_root() / f"photos-v{PHOTOS_VERSION}-{data.holdout}", data.holdout
+            Path(data.path) if data.path else cache_root() / f"photos-v{PHOTOS_VERSION}-{data.holdout}",
+            data.holdout,
         )
     if data.source == DataSource.imagefolder:
         root = Path(data.path)

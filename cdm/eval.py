@@ -89,7 +89,9 @@ def sr_outputs(pipe, images: list[torch.Tensor], steps: int, noise_level: int, s
     return outs
 
 
-def score_sr(preds: list[torch.Tensor], images: list[torch.Tensor], lrs: list[torch.Tensor], kid: bool) -> dict:
+def score_sr(
+    preds: list[torch.Tensor], images: list[torch.Tensor], lrs: list[torch.Tensor], kid: bool
+) -> dict:
     """Mean PSNR, SSIM, consistency and HF ratio over the images, and patch KID over all their patches."""
     from cdm.metrics import consistency, hf_ratio, patch_grid, psnr, ssim
 
@@ -167,6 +169,7 @@ def check_out(out: Path, names: list[str], overwrite: bool) -> None:
 
 def cmd_sr(args) -> None:
     from cdm.cards import results_table
+    from cdm.metrics import patch_grid
     from cdm.models import sampling_scheduler
     from cdm.upscale import load_sr_stage
 
@@ -178,12 +181,17 @@ def cmd_sr(args) -> None:
     size = pipe.unet.config.sample_size if args.crop is None else args.crop
     mult = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     if size % pipe.scale_factor or size % mult:
-        raise UserError(f"--crop={size}: expected a multiple of the stage's scale {pipe.scale_factor} and of {mult}")
+        raise UserError(
+            f"--crop={size}: expected a multiple of the stage's scale {pipe.scale_factor} and of {mult}"
+        )
     steps_list = args.steps or [settings.steps]
     schedulers = args.scheduler or [settings.scheduler]
     if min(steps_list) < 1:
         raise UserError(f"--steps={min(steps_list)}: expected integers >= 1")
     kid = not args.no_kid
+    for name in schedulers:  # every combination is tried before any compute
+        for steps in steps_list:
+            sampling_scheduler(name, pipe.scheduler.config, steps)
     start = time.perf_counter()
     if size == 0:  # whole images, each cropped to a multiple of the scale and the UNet's stride
         images = whole_images(data, args.split, pipe.scale_factor * mult // math.gcd(pipe.scale_factor, mult),
@@ -194,8 +202,8 @@ def cmd_sr(args) -> None:
     base_config = pipe.scheduler.config
     sweep, bicubic = [], None
     for name in schedulers:
-        pipe.scheduler = sampling_scheduler(name, base_config)
         for steps in steps_list:
+            pipe.scheduler = sampling_scheduler(name, base_config, steps)
             outs = sr_outputs(pipe, images, steps, args.noise_level, args.seed, args.tile)
             if bicubic is None:
                 bicubic = score_sr(outs["bicubic"], images, outs["lr"], kid)
@@ -210,7 +218,8 @@ def cmd_sr(args) -> None:
         "kind": "sr", "stage": stage_name, "model": str(args.model),
         "dataset": {"name": data.source.value if data.source != DataSource.imagefolder else str(data.path),
                     "split": args.split, "num_images": len(images), "crop": size or None,
-                    "pixels": sum(x.shape[-1] * x.shape[-2] for x in images)},
+                    "pixels": sum(x.shape[-1] * x.shape[-2] for x in images),
+                    "kid_patches": sum(len(patch_grid(x, KID_PATCH, KID_PATCHES_PER_IMAGE)) for x in images) if kid else 0},
         "settings": {"steps": sweep[0]["steps"], "noise_level": args.noise_level,
                      "scheduler": sweep[0]["scheduler"]},
         "metrics": {"model": first, "bicubic": bicubic},
@@ -236,7 +245,12 @@ def plot_sweep(result: dict, path: Path) -> None:
     for ax, key in zip(axes, ("psnr", "hf_ratio")):
         for name in dict.fromkeys(r["scheduler"] for r in result["sweep"]):
             rows = [r for r in result["sweep"] if r["scheduler"] == name]
-            ax.plot([r["steps"] for r in rows], [r[key] for r in rows], marker="o", label=name.replace("Scheduler", ""))
+            ax.plot(
+                [r["steps"] for r in rows],
+                [r[key] for r in rows],
+                marker="o",
+                label=name.replace("Scheduler", ""),
+            )
         ax.axhline(result["metrics"]["bicubic"][key], color="grey", linestyle="--", label="bicubic")
         ax.set_xscale("log")
         ax.set_xlabel("sampling steps (UNet evaluations)")

@@ -14,11 +14,12 @@ import tempfile
 from pathlib import Path
 
 from cdm.errors import UserError, cli
+from cdm.files import check_replaceable, mark_export, replace_folder
 
 UPLOAD_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.png", "*.py"]
-NEVER_UPLOAD = ["*.pkl", "*.pickle", "*.bin", "*.pt", "*.pth", "*.ckpt", "checkpoints/*", "**/checkpoints/*",
+NEVER_UPLOAD = [".cdm-export.json", "*.pkl", "*.pickle", "*.bin", "*.pt", "*.pth", "*.ckpt", "checkpoints/*", "**/checkpoints/*",
                 "logs/*", "**/.tmp-*"]  # fmt: skip
-STAGE_FILES = ("*.json", "*.py", "*/*.json", "*/*.safetensors")
+STAGE_FILES = ("*.json", "*/*.json", "*/*.safetensors")  # pipeline files: the installed ones
 
 
 def find_stage_folder(path: Path) -> Path:
@@ -65,6 +66,21 @@ def copy_stage(src: Path, dst: Path, half: bool = False) -> None:
                 shutil.copyfile(f, target)
 
 
+def write_sampler(pipe, settings, folder: Path) -> None:
+    """Store the stage's sampling scheduler as its `scheduler/`, so plain diffusers samples as cdm does."""
+    from cdm.models import sampling_scheduler
+
+    try:
+        scheduler = sampling_scheduler(settings.scheduler, pipe.scheduler.config, settings.steps)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    scheduler.save_pretrained(folder / "scheduler")
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def apply_overrides(names: list[str], settings: list, overrides: list[str]) -> None:
     """`STAGE.KEY=VALUE` edits of the per-stage sampling defaults, typed like StageSettings."""
     from cdm.cascade import StageSettings
@@ -89,10 +105,11 @@ def assemble(inputs: list[Path], out: Path, results: list[dict], repo: str, lice
     """Build the folder under a temporary name and move it into place only when complete."""
     from cdm.cards import make_card
     from cdm.cascade import Cascade, write_cascade_json
-    from cdm.stage_io import load_stage, save_stage
+    from cdm.stage_io import load_stage, write_pipeline_file
 
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists: pass --overwrite or choose another --out")
+    check_replaceable(out, inputs)
     if grid is not None and not grid.is_file():
         raise UserError(f"--samples {grid}: no such image")
     folders = [find_stage_folder(p) for p in inputs]
@@ -115,13 +132,11 @@ def assemble(inputs: list[Path], out: Path, results: list[dict], repo: str, lice
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        if single:
-            copy_stage(folders[0], tmp, half)
-            if not (tmp / "model_index.json").is_file():
-                save_stage(pipes[0], tmp)
-        else:
-            for name, folder in zip(names, folders):
-                copy_stage(folder, tmp / name, half)
+        targets = [tmp] if single else [tmp / name for name in names]
+        for folder, target, pipe, s in zip(folders, targets, pipes, settings):
+            copy_stage(folder, target, half)
+            write_pipeline_file(pipe, target)
+            write_sampler(pipe, s, target)
             label_set = (
                 "imagenet"
                 if any("imagenet" in str((i or {}).get("data", {})).lower() for i in infos)
@@ -136,9 +151,8 @@ def assemble(inputs: list[Path], out: Path, results: list[dict], repo: str, lice
                 image.convert("RGB").save(tmp / "samples.png", optimize=True)
         card = make_card(names, pipes, settings, infos, results, repo, license, has_samples=grid is not None)
         card.save(tmp / "README.md")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        mark_export(tmp, {"written_by": "cdm-export", "inputs": [str(p) for p in inputs]})
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from cdm.errors import OneLineParser, UserError, cli
+from cdm.files import check_new, write_file
 from cdm.images import save_grid, to_pil
 
 DEMO_CASCADE = Path(__file__).resolve().parent / "demo_cascade"
@@ -96,27 +97,23 @@ def main(argv: list[str] | None = None) -> None:
                           cascade.settings[: args.stages], cascade.root)  # fmt: skip
     settings = cascade.with_overrides(steps=args.steps, guidance_scale=args.guidance, aug_level=args.aug_level,
                                       aug_mode=args.aug_mode, scheduler=args.scheduler)  # fmt: skip
-    for s in settings:
-        from cdm.models import sampling_scheduler
-
-        sampling_scheduler(s.scheduler, cascade.base.scheduler.config)  # unknown names fail before compute
     ids = [i for c in args.classes for i in cascade.class_ids([c]) for _ in range(args.num_images)]
     seeds = [args.seed + i for i in range(len(ids))]
     files = planned_files(cascade, ids, seeds, args.out, args.save_intermediates)
     grid_path = args.out / "grid.png"
-    existing = [p for group in files.values() for p in group if p.exists()] + [grid_path] * grid_path.exists()
-    if existing and not args.overwrite:
-        raise UserError(f"{existing[0]} already exists: pass --overwrite or choose another --out")
+    check_new([p for group in files.values() for p in group] + [grid_path], args.overwrite)
 
     cascade.to(args.device).optimize(bf16=args.bf16, channels_last=not args.no_channels_last)
     args.out.mkdir(parents=True, exist_ok=True)
 
     def on_stage_end(k, name, images):
         for path, img in zip(files.get(k, []), images):
-            to_pil(img).save(path)
+            write_file(path, to_pil(img).save, args.overwrite)
 
     result = cascade(ids, seeds, settings, on_stage_end=on_stage_end, progress=not args.quiet)
-    save_grid(list(result.images[-1]), grid_path, ncols=min(len(ids), 8))
+    write_file(
+        grid_path, lambda tmp: save_grid(list(result.images[-1]), tmp, ncols=min(len(ids), 8)), args.overwrite
+    )
     labels = cascade.base.labels
     names = ", ".join(dict.fromkeys(f"{c} ({labels.get(c, c)})" for c in ids))
     print(f"{len(ids)} image(s) of class {names} from {cascade.root}")

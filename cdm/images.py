@@ -60,14 +60,20 @@ def comparison_figure(rows: list[dict[str, torch.Tensor]], zoom: int = 4, pad: i
         top, left = (h - ch) // 2, (w - cw) // 2
         crops = []
         for title, x in row.items():
-            crop = to_pil(x[:, top : top + ch, left : left + cw]).resize((cw * zoom, ch * zoom), PIL.Image.NEAREST)
+            crop = to_pil(x[:, top : top + ch, left : left + cw]).resize(
+                (cw * zoom, ch * zoom), PIL.Image.NEAREST
+            )
             crops.append(labelled(crop, f"{title}, centre x{zoom}"))
         for line in (full, crops):
-            strip = PIL.Image.new("RGB", (sum(i.width for i in line) + pad * (len(line) - 1), line[0].height), "white")
+            strip = PIL.Image.new(
+                "RGB", (sum(i.width for i in line) + pad * (len(line) - 1), line[0].height), "white"
+            )
             for k, image in enumerate(line):
                 strip.paste(image, (k * (image.width + pad), 0))
             strips.append(strip)
-    figure = PIL.Image.new("RGB", (max(s.width for s in strips), sum(s.height + pad for s in strips)), "white")
+    figure = PIL.Image.new(
+        "RGB", (max(s.width for s in strips), sum(s.height + pad for s in strips)), "white"
+    )
     y = 0
     for strip in strips:
         figure.paste(strip, (0, y))

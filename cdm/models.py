@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 
 import diffusers
@@ -67,11 +68,14 @@ def build_noise_scheduler(stage: StageConfig) -> DDPMScheduler:
     )
 
 
-def sampling_scheduler(name: str, config):
-    """Any diffusers scheduler by class name, built from another scheduler's config."""
-    cls = getattr(diffusers, name, None)
-    if cls is None or not hasattr(cls, "from_config") or not name.endswith("Scheduler"):
+def sampling_scheduler(name: str, config, steps: int = 4):
+    """Any diffusers scheduler by class name, built from another scheduler's config and tried at `steps`."""
+    cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
+    if cls is None or not inspect.isclass(cls):
         raise ValueError(f"scheduler {name!r} is not a diffusers scheduler class (e.g. DDIMScheduler)")
+    missing = [b for b in getattr(cls, "_backends", []) if not importlib.util.find_spec(b)]
+    if missing:  # diffusers exports a placeholder that raises when used
+        raise ValueError(f"scheduler {name!r} needs {', '.join(missing)}: pip install {' '.join(missing)}")
     extra, params = {}, inspect.signature(cls.__init__).parameters
     if "thresholding" in params and config.get("clip_sample", True):
         extra["thresholding"] = True  # Imagen's dynamic thresholding keeps pixel-space x_0 in [-1, 1]
@@ -79,7 +83,28 @@ def sampling_scheduler(name: str, config):
         extra["timestep_spacing"] = "trailing"  # start from the last training step: one step gives E[x_0]
     if config.get("beta_schedule") == "squaredcos_cap_v2" and "lambda_min_clipped" in params:
         extra["lambda_min_clipped"] = -5.1  # the cosine schedule's last steps are unstable without it
-    return cls.from_config(config, **extra)
+    try:
+        probe_scheduler(cls.from_config(config, **extra), steps)
+        return cls.from_config(config, **extra)
+    except Exception as err:  # any scheduler class may be named; each fails in its own way
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ValueError(
+            f"scheduler {name!r} does not work at {steps} steps with this stage's DDPM noise schedule and "
+            f"{config.get('prediction_type')} model ({type(err).__name__}: {reason})"
+        ) from None
+
+
+def probe_scheduler(scheduler, steps: int = 4) -> None:
+    """Run the whole sampling API once on a 4x4 zero image: what a pipeline calls, in that order."""
+    scheduler.set_timesteps(steps)
+    x = torch.zeros(1, 3, 4, 4) * scheduler.init_noise_sigma
+    accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
+    for t in scheduler.timesteps:
+        pred = torch.zeros_like(scheduler.scale_model_input(x, t))
+        kwargs = {"generator": torch.Generator().manual_seed(0)} if accepts_generator else {}
+        x = scheduler.step(pred, t, x, **kwargs).prev_sample
+    if not torch.isfinite(x).all():
+        raise ValueError("non-finite samples")
 
 
 def build_pipeline(

@@ -28,13 +28,20 @@ def save_stage(pipe, folder: str | Path) -> Path:
     """`save_pretrained` (safetensors) plus the pipeline source, so the folder is Hub-loadable."""
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
+    write_pipeline_file(pipe, folder)
+    return folder
+
+
+def write_pipeline_file(pipe, folder: Path) -> None:
+    """Put the installed pipeline file beside the weights and name it in model_index.json's `_class_name`."""
     source = Path(inspect.getfile(type(pipe)))
+    for stray in folder.glob("*.py"):  # only cdm's own pipeline file travels with the weights
+        stray.unlink()
     shutil.copyfile(source, folder / source.name)
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text())
     index["_class_name"] = [source.stem, type(pipe).__name__]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return folder
 
 
 def read_model_index(folder: str | Path) -> dict:
@@ -68,39 +75,30 @@ def load_stage(folder: str | Path, torch_dtype=torch.float32):
             f"{folder}: pipeline class {name!r} is not a cdm stage: expected one of {sorted(PIPELINES)}"
         )
     params = inspect.signature(cls.__init__).parameters
-    kwargs = {}
+    components = {}
     for key, value in index.items():
-        if key.startswith("_") or key not in params:
-            continue
-        if isinstance(value, list) and len(value) == 2 and value[0] == "diffusers":
-            kwargs[key] = _load_component(folder, key, value[1], torch_dtype)
-        else:
-            kwargs[key] = value
-    missing = [
-        p for p in params if p != "self" and params[p].default is inspect.Parameter.empty and p not in kwargs
-    ]
+        if not key.startswith("_") and key in params and isinstance(value, list) and len(value) == 2:
+            components[key] = _check_component(folder, key, value)
+    missing = [p for p in params if p != "self" and params[p].default is inspect.Parameter.empty
+               and p not in index]  # fmt: skip
     if missing:
         raise UserError(f"{folder}/model_index.json lacks components {missing} for {name}")
     try:
-        return cls(**kwargs)
-    except ValueError as err:
-        raise UserError(f"{folder}: {err}") from None
+        return cls.from_pretrained(folder, torch_dtype=torch_dtype)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{folder}: the stage could not be loaded ({first[:200]})") from None
 
 
-def _load_component(folder: Path, key: str, class_name: str, torch_dtype):
-    cls = getattr(diffusers, class_name, None)
+def _check_component(folder: Path, key: str, entry: list) -> str:
+    """A component must be a stock diffusers class; a model's folder must hold safetensors weights."""
+    library, class_name = entry
+    cls = getattr(diffusers, class_name, None) if library == "diffusers" else None
     if cls is None or not (class_name.endswith("Scheduler") or class_name.endswith("Model")):
         raise UserError(f"{folder}/{key}: {class_name!r} is not a diffusers model or scheduler class")
     sub = folder / key
     if not sub.is_dir():
         raise UserError(f"{folder}: component folder {key}/ is missing")
-    if class_name.endswith("Scheduler"):
-        return cls.from_pretrained(folder, subfolder=key)
-    weights = list(sub.glob("*.safetensors"))
-    if not weights:
+    if class_name.endswith("Model") and not list(sub.glob("*.safetensors")):
         raise UserError(f"{sub}: no .safetensors weights found (cdm never loads pickled weights)")
-    try:
-        return cls.from_pretrained(folder, subfolder=key, use_safetensors=True, torch_dtype=torch_dtype)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{sub}: the weights could not be loaded ({first[:200]})") from None
+    return class_name

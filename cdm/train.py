@@ -102,6 +102,36 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     return run_dir, path
 
 
+def lock_run(run_dir: Path):
+    """An exclusive lock on the run folder (fcntl.flock); a second writer stops with the holder's PID."""
+    import fcntl
+    import os
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held for the life of the run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UserError(
+            f"train.output_dir={run_dir} is in use by another cdm-train (PID {holder}): "
+            "wait for it to finish or choose another train.output_dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def finished(checkpoint: Path, max_steps: int, run_dir: Path) -> bool:
+    """The checkpoint is the run's last step and the export exists: resuming would only rewrite records."""
+    step = json.loads((checkpoint / "trainer.json").read_text()).get("step", 0)
+    return step >= max_steps and (run_dir / "export" / "model_index.json").is_file()
+
+
 def stage_model_fn(unet, cfg, batch, noising, num_classes, generator):
     """The stage's conditioning, closed over a `model_fn(x_t, t)` for the loss, and the target x_0."""
     stage = cfg.stage
@@ -178,7 +208,7 @@ def train(cfg: DictConfig) -> Path:
     from cdm.stage_io import save_stage
 
     t, stage = cfg.train, cfg.stage
-    run_dir, resume_from = resolve_run_dir(cfg)
+    run_dir = Path(cfg.train.output_dir)
     try:
         accelerator = accelerate.Accelerator(
             mixed_precision=t.mixed_precision.value
@@ -194,6 +224,14 @@ def train(cfg: DictConfig) -> Path:
         value = getattr(t.mixed_precision, "value", t.mixed_precision)
         raise UserError(f"train.mixed_precision={value}: {_one_line(err)}") from None
     main = accelerator.is_main_process
+    _lock = lock_run(run_dir) if main else None  # one writer per run folder, held until this process ends
+    run_dir, resume_from = resolve_run_dir(cfg)
+    if resume_from is not None and finished(resume_from, t.max_steps, run_dir):
+        if main:
+            print(
+                f"{run_dir} is finished ({t.max_steps} steps, exported to {run_dir / 'export'}): nothing to do"
+            )
+        return run_dir
     set_seed(t.seed)
 
     # Data

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from cdm.errors import OneLineParser, UserError, cli
+from cdm.files import check_new, write_file
 from cdm.images import to_pil
 
 PHOTO_STAGE = Path(__file__).parent / "photo_sr4x"  # the shipped 4x photo SR stage
@@ -26,13 +27,26 @@ PHOTO_STAGE = Path(__file__).parent / "photo_sr4x"  # the shipped 4x photo SR st
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="cdm-upscale", description="Super-resolve images with one SR stage.")
     p.add_argument("inputs", nargs="*", type=Path, metavar="IN", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--model", default=str(PHOTO_STAGE),
-                   help="SR stage folder, cascade folder or Hub repo id (default: the shipped 4x photo stage)")
-    p.add_argument("--compare", type=Path, default=None, metavar="PNG",
-                   help="treat the inputs as originals: downsample them by the stage's scale, upscale, and "
-                   "write a figure of low-res | bicubic | model | original with zoomed crops")
-    p.add_argument("--held-out", type=int, default=0, metavar="N",
-                   help="add the first N held-out photos of the offline photo set as inputs (with --compare)")
+    p.add_argument(
+        "--model",
+        default=str(PHOTO_STAGE),
+        help="SR stage folder, cascade folder or Hub repo id (default: the shipped 4x photo stage)",
+    )
+    p.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="treat the inputs as originals: downsample them by the stage's scale, upscale, and "
+        "write a figure of low-res | bicubic | model | original with zoomed crops",
+    )
+    p.add_argument(
+        "--held-out",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add the first N held-out photos of the offline photo set as inputs (with --compare)",
+    )
     p.add_argument("--stage", default=None, help="which SR stage of a cascade (default: the first)")
     p.add_argument("--out", type=Path, default=Path("upscaled"), help="output folder (default upscaled/)")
     p.add_argument("--tile", type=int, default=None,
@@ -107,7 +121,9 @@ def held_out_photos(n: int) -> list[tuple[str, PIL.Image.Image]]:
     from cdm.config import DataConfig, DataSource, ResizeMode
     from cdm.data import decode_image, open_dataset
 
-    ds, _, _ = open_dataset(DataConfig(source=DataSource.photos, resize=ResizeMode.none, label_column=None), "test")
+    ds, _, _ = open_dataset(
+        DataConfig(source=DataSource.photos, resize=ResizeMode.none, label_column=None), "test"
+    )
     if n > len(ds):
         raise UserError(f"--held-out={n}: the photo set holds out {len(ds)} photos")
     return [(Path(ds[i]["image"]["path"]).stem, decode_image(ds[i]["image"])) for i in range(n)]
@@ -128,26 +144,32 @@ def compare(pipe, images, names, args, tile: int, overlap: int, steps: int, size
     from cdm.images import comparison_figure
     from cdm.metrics import psnr
 
-    if args.compare.exists() and not args.overwrite:
-        raise UserError(f"{args.compare} already exists: pass --overwrite or choose another path")
+    check_new([args.compare], args.overwrite)
     f, rows = pipe.scale_factor, []
     for name, image in zip(names, images):
         original = centre_crop(image_to_tensor(image), size, f * 4)
         lr = downsample(original, f).clamp(-1, 1)
         start = time.perf_counter()
-        model = image_to_tensor(upscale(pipe, to_pil(lr[0]), tile, overlap, steps, args.noise_level, args.seed))
+        model = image_to_tensor(
+            upscale(pipe, to_pil(lr[0]), tile, overlap, steps, args.noise_level, args.seed)
+        )
         seconds = time.perf_counter() - start
         bicubic = F.interpolate(lr, scale_factor=f, mode="bicubic", align_corners=False).clamp(-1, 1)
         nearest = F.interpolate(lr, scale_factor=f, mode="nearest")
         scores = [psnr(x * 0.5 + 0.5, original * 0.5 + 0.5).item() for x in (bicubic, model)]
-        print(f"{name} {lr.shape[-1]}x{lr.shape[-2]} -> {original.shape[-1]}x{original.shape[-2]}: PSNR bicubic "
-              f"{scores[0]:.2f} dB, model {scores[1]:.2f} dB ({steps} steps, {seconds:.1f}s)")
-        rows.append({f"low-res {lr.shape[-1]}x{lr.shape[-2]} (nearest)": nearest[0],
-                     f"bicubic {scores[0]:.2f} dB": bicubic[0],
-                     f"cdm, {steps} step{'s' * (steps > 1)}: {scores[1]:.2f} dB": model[0],
-                     "original": original[0]})
-    args.compare.parent.mkdir(parents=True, exist_ok=True)
-    comparison_figure(rows).save(args.compare)
+        print(
+            f"{name} {lr.shape[-1]}x{lr.shape[-2]} -> {original.shape[-1]}x{original.shape[-2]}: PSNR bicubic "
+            f"{scores[0]:.2f} dB, model {scores[1]:.2f} dB ({steps} steps, {seconds:.1f}s)"
+        )
+        rows.append(
+            {
+                f"low-res {lr.shape[-1]}x{lr.shape[-2]} (nearest)": nearest[0],
+                f"bicubic {scores[0]:.2f} dB": bicubic[0],
+                f"cdm, {steps} step{'s' * (steps > 1)}: {scores[1]:.2f} dB": model[0],
+                "original": original[0],
+            }
+        )
+    write_file(args.compare, comparison_figure(rows).save, args.overwrite)
     print(f"wrote {args.compare}")
 
 
@@ -170,7 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.held_out < 0:
         raise UserError(f"--held-out={args.held_out}: expected an integer >= 0")
     if args.held_out and args.compare is None:
-        raise UserError("--held-out needs --compare FIGURE.png: held-out photos are originals to compare with")
+        raise UserError(
+            "--held-out needs --compare FIGURE.png: held-out photos are originals to compare with"
+        )
     images = [read_image(p) for p in args.inputs]  # every input is checked before anything is written
     names = [p.stem for p in args.inputs]
     if args.held_out:
@@ -180,20 +204,18 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("no input image: pass image files (or --compare FIGURE.png --held-out N)")
     from cdm.models import sampling_scheduler
 
-    pipe.scheduler = sampling_scheduler(settings.scheduler, pipe.scheduler.config)
+    pipe.scheduler = sampling_scheduler(settings.scheduler, pipe.scheduler.config, steps)
     pipe.to(args.device)
     if args.compare is not None:
         compare(pipe, images, names, args, tile, overlap, steps)
         return
     outputs = [args.out / f"{p.stem}-x{pipe.scale_factor}.png" for p in args.inputs]
-    existing = [o for o in outputs if o.exists()]
-    if existing and not args.overwrite:
-        raise UserError(f"{existing[0]} already exists: pass --overwrite or choose another --out")
+    check_new(outputs, args.overwrite)
     args.out.mkdir(parents=True, exist_ok=True)
     for path, image, target in zip(args.inputs, images, outputs):
         start = time.perf_counter()
         result = upscale(pipe, image, tile, overlap, steps, args.noise_level, args.seed)
-        result.save(target)
+        write_file(target, result.save, args.overwrite)
         print(f"{path} {image.width}x{image.height} -> {target} {result.width}x{result.height} "
               f"({time.perf_counter() - start:.1f}s)")  # fmt: skip
 

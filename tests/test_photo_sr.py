@@ -21,7 +21,11 @@ def textured(size=64, seed=0) -> torch.Tensor:
     """A (1, 3, size, size) image in [-1, 1] with detail at every scale (smoothed noise at three scales)."""
     g = torch.Generator().manual_seed(seed)
     x = sum(
-        F.interpolate(torch.rand(1, 3, max(1, size // k), max(1, size // k), generator=g), size=(size, size), mode="bicubic")
+        F.interpolate(
+            torch.rand(1, 3, max(1, size // k), max(1, size // k), generator=g),
+            size=(size, size),
+            mode="bicubic",
+        )
         for k in (1, 4, 16)
     )
     return (x / 3 * 2 - 1).clamp(-1, 1)
@@ -144,7 +148,9 @@ def test_random_scaled_crop_shrinks_the_content_within_the_range():
     image = PIL.Image.fromarray(np.stack([stripes] * 3, -1))
     periods = []
     for seed in range(12):
-        crop = np.asarray(random_scaled_crop(image, 64, 0.5, torch.Generator().manual_seed(seed)), dtype=float)
+        crop = np.asarray(
+            random_scaled_crop(image, 64, 0.5, torch.Generator().manual_seed(seed)), dtype=float
+        )
         row = crop[32, :, 0] - crop[32, :, 0].mean()
         crossings = np.sum(np.diff(np.sign(row)) != 0)
         periods.append(2 * 64 / max(crossings, 1))
@@ -188,8 +194,12 @@ def test_shipped_photo_stage_beats_bicubic_on_a_held_out_photo(cache_env):
 
 def test_upscale_compare_writes_the_figure_and_reports_psnr(tmp_path, cache_env):
     stage_dir = save_stage(build_pipeline(residual_stage(), TINY, 0), tmp_path / "st")
-    (stage_dir / "cdm_stage.json").write_text(json.dumps({"stage": {"sample": {"scheduler": "DDIMScheduler", "steps": 1}}}))
-    PIL.Image.fromarray(((textured(48)[0].permute(1, 2, 0) + 1) * 127.5).byte().numpy()).save(tmp_path / "a.png")
+    (stage_dir / "cdm_stage.json").write_text(
+        json.dumps({"stage": {"sample": {"scheduler": "DDIMScheduler", "steps": 1}}})
+    )
+    PIL.Image.fromarray(((textured(48)[0].permute(1, 2, 0) + 1) * 127.5).byte().numpy()).save(
+        tmp_path / "a.png"
+    )
     res = run_cli(["cdm-upscale", str(tmp_path / "a.png"), "--model", str(stage_dir), "--compare",
                    str(tmp_path / "fig.png"), "--held-out", "1"], tmp_path, cache_env)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]

@@ -167,3 +167,34 @@ def test_two_process_data_parallel_run_keeps_ranks_identical(tmp_path, cache_env
     assert info["images_per_step"] == 4
     a, b = info["rank_weight_checksums"]
     assert a == b
+
+
+def test_a_second_writer_on_one_run_folder_is_refused_with_the_holders_pid(tmp_path, cache_env):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **cache_env}
+    exe = str(Path(sys.executable).parent / "cdm-train")
+    first = subprocess.Popen([exe, *train_args("base64", out, 100000)[1:]], env=env, cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for _ in range(600):  # wait until the first run holds the lock and has written its config
+            if (out / "config.yaml").is_file() or first.poll() is not None:
+                break
+            import time
+
+            time.sleep(0.2)
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        second = run_cli(train_args("base64", out, 3, "train.seed=1"), tmp_path, cache_env)
+        assert second.returncode == 2 and f"PID {first.pid}" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, cache_env):
+    out = tmp_path / "run"
+    assert run_cli(train_args("base64", out, 2), tmp_path, cache_env).returncode == 0
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    res = run_cli(train_args("base64", out, 2, "train.resume=latest"), tmp_path, cache_env)
+    assert res.returncode == 0 and "finished" in res.stdout
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == files
