@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cdm.config import DataConfig, DataSource, ResizeMode, StageConfig, StageKind
+from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
 
 DEFAULT_RESIZE = {"digits": ResizeMode.crisp, "photos": ResizeMode.none, "imagefolder": ResizeMode.resize}
@@ -70,7 +71,7 @@ SR_METRICS = ("psnr", "ssim", "consistency", "hf_ratio")
 KID_PATCH, KID_PATCHES_PER_IMAGE = 64, 64
 
 
-def sr_outputs(pipe, images: list[torch.Tensor], steps: int, noise_level: int, seed: int, tile=None):
+def sr_outputs(pipe, images: list[torch.Tensor], steps: int, noise_level: int, seed: int, tile=None, eta=0.0):
     """The stage's output and bicubic upsampling for the downsampled `images` (the SR3 degradation)."""
     from cdm.degradations import downsample
 
@@ -78,7 +79,7 @@ def sr_outputs(pipe, images: list[torch.Tensor], steps: int, noise_level: int, s
     outs = {"model": [], "bicubic": [], "lr": []}
     for i, target in enumerate(tqdm(images, desc=f"sr eval, {steps} steps", unit="img", leave=False)):
         lr = downsample(target, pipe.scale_factor).clamp(-1, 1)
-        out = pipe(lr.to(pipe.device), noise_level=noise_level, num_inference_steps=steps, output_type="pt",
+        out = pipe(lr.to(pipe.device), noise_level=noise_level, num_inference_steps=steps, output_type="pt", eta=eta,
                    generator=[torch.Generator().manual_seed(seed + i)], allow_any_size=True,
                    tile_size=tile).images.float().cpu()  # fmt: skip
         outs["model"].append(out)
@@ -204,7 +205,7 @@ def cmd_sr(args) -> None:
     for name in schedulers:
         for steps in steps_list:
             pipe.scheduler = sampling_scheduler(name, base_config, steps)
-            outs = sr_outputs(pipe, images, steps, args.noise_level, args.seed, args.tile)
+            outs = sr_outputs(pipe, images, steps, args.noise_level, args.seed, args.tile, args.eta)
             if bicubic is None:
                 bicubic = score_sr(outs["bicubic"], images, outs["lr"], kid)
             row = {"scheduler": name, "steps": steps, **score_sr(outs["model"], images, outs["lr"], kid)}
@@ -220,7 +221,7 @@ def cmd_sr(args) -> None:
                     "split": args.split, "num_images": len(images), "crop": size or None,
                     "pixels": sum(x.shape[-1] * x.shape[-2] for x in images),
                     "kid_patches": sum(len(patch_grid(x, KID_PATCH, KID_PATCHES_PER_IMAGE)) for x in images) if kid else 0},
-        "settings": {"steps": sweep[0]["steps"], "noise_level": args.noise_level,
+        "settings": {"steps": sweep[0]["steps"], "noise_level": args.noise_level, "eta": args.eta,
                      "scheduler": sweep[0]["scheduler"]},
         "metrics": {"model": first, "bicubic": bicubic},
         "sweep": sweep if len(sweep) > 1 else [],
@@ -404,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--out", type=Path, required=True, help="folder for results")
     common.add_argument("--overwrite", action="store_true")
     common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:N or mps")
 
     sr = sub.add_parser("sr", parents=[common], help="PSNR, SSIM, consistency of an SR stage vs bicubic")
     sr.add_argument("--stage", default=None, help="SR stage of a cascade (default: the first)")
@@ -416,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sampling steps, or a comma-separated list to sweep (default: the stage's setting)")  # fmt: skip
     sr.add_argument("--scheduler", type=lambda t: t.split(","), default=None,
                     help="diffusers scheduler class(es), comma-separated (default: the stage's setting)")  # fmt: skip
+    sr.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; 1: ancestral noise)")
     sr.add_argument("--no-kid", action="store_true", help="skip patch KID (needs: pip install 'cdm[fid]')")
     sr.add_argument("--noise-level", type=int, default=0)
     sr.add_argument("--tile", type=int, default=None, help="tile size in output pixels, to bound memory")
@@ -447,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.device = resolve_device(args.device)
     if getattr(args, "num_per_class", 1) < 1:
         raise UserError(f"--num-per-class={args.num_per_class}: expected an integer >= 1")
     {"sr": cmd_sr, "gen": cmd_gen, "sweep-aug": cmd_sweep}[args.command](args)

@@ -10,8 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
+from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
 from cdm.files import check_new, write_file
 from cdm.images import save_grid, to_pil
@@ -57,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, default=None, help="run only the first N stages")
     p.add_argument("--save-intermediates", action="store_true", help="also save every stage's images")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:N or mps")
     p.add_argument(
         "--bf16", action="store_true", help="bf16 autocast for the UNets (about 1.6x faster on CPU)"
     )
@@ -84,6 +83,7 @@ def planned_files(cascade, ids, seeds, out: Path, intermediates: bool) -> dict[i
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.device = resolve_device(args.device)
     from cdm.cascade import Cascade
 
     if args.num_images < 1:

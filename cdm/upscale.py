@@ -17,6 +17,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
 from cdm.files import check_new, write_file
 from cdm.images import to_pil
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-level", type=int, default=0, help="augmentation level s of the input (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:N or mps")
     return p
 
 
@@ -88,12 +89,30 @@ def read_image(path: Path) -> PIL.Image.Image:
     """Open an image file; RGBA is composited on white, grey and palette images become RGB."""
     from cdm.data import decode_image
 
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: expected an image file")
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        return decode_image({"path": str(path)})
+        image = decode_image({"path": str(path)})
+    except PIL.Image.DecompressionBombError:
+        raise UserError(f"{path}: the image header claims more pixels than PIL allows (a decompression bomb?)") from None
     except (OSError, PIL.UnidentifiedImageError, SyntaxError, ValueError):
         raise UserError(f"{path}: not a readable image (corrupt, or not an image format)") from None
+    return image
+
+
+MAX_OUTPUT_PIXELS = 8192 * 8192  # the output and the sample are held whole in memory: about 0.8 GB each
+
+
+def check_size(path, image: PIL.Image.Image, scale: int) -> None:
+    """Refuse inputs whose output would not fit in memory (the tiles bound the UNet's memory, not the image's)."""
+    if image.width * image.height * scale * scale > MAX_OUTPUT_PIXELS:
+        side = int((MAX_OUTPUT_PIXELS / scale**2) ** 0.5)
+        raise UserError(
+            f"{path}: {image.width}x{image.height} is too large to upscale {scale}x: expected at most "
+            f"{side * side} input pixels (e.g. {side}x{side}); crop or split the image first"
+        )
 
 
 def upscale(pipe, image: PIL.Image.Image, tile: int, overlap: int, steps: int, noise_level: int, seed: int):
@@ -176,6 +195,7 @@ def compare(pipe, images, names, args, tile: int, overlap: int, steps: int, size
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.device = resolve_device(args.device)
     pipe, settings = load_sr_stage(args.model, args.stage)
     tile = args.tile or pipe.config.low_res_size
     overlap = tile // 4 if args.overlap is None else args.overlap
@@ -196,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
             "--held-out needs --compare FIGURE.png: held-out photos are originals to compare with"
         )
     images = [read_image(p) for p in args.inputs]  # every input is checked before anything is written
+    for path, image in zip(args.inputs, images):
+        check_size(path, image, pipe.scale_factor)
     names = [p.stem for p in args.inputs]
     if args.held_out:
         held = held_out_photos(args.held_out)

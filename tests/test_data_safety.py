@@ -146,3 +146,41 @@ def test_a_pickled_shard_is_refused_before_anything_is_unpickled(tmp_path, plant
     assert res.returncode == 2, res.stderr[-2000:]
     assert "evil.bin" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not witness.exists() and not (tmp_path / "s").exists()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (no image data): a decompression bomb's calling card."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+@pytest.mark.parametrize("case", ["folder", "bomb", "too-large"])
+def test_upscale_bad_images_get_one_line(tmp_path, case):
+    stage = save_stage(build_pipeline(sr_stage(8, 32), TINY, 0), tmp_path / "st")
+    target = tmp_path / "in.png"
+    if case == "folder":
+        target.mkdir()
+    elif case == "bomb":
+        target.write_bytes(png_header_only(100_000, 100_000))
+    else:
+        PIL.Image.new("RGB", (2100, 2100)).save(target)
+    res = run_cli(["cdm-upscale", str(target), "--model", str(stage), "--out", str(tmp_path / "o")], tmp_path)
+    assert res.returncode == 2 and str(target) in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert {"folder": "is a folder", "bomb": "decompression bomb", "too-large": "too large"}[case] in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("device", ["tpu9", "cuda:7"])
+def test_an_unavailable_device_is_one_line(tmp_path, device):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.fail("this check needs a machine with fewer than 8 GPUs")
+    res = run_cli(["cdm-generate", "--class", "0", "--device", device, "--out", str(tmp_path / "s")], tmp_path)
+    assert res.returncode == 2 and f"--device {device}" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
