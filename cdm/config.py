@@ -115,6 +115,11 @@ class DataConfig:
     random_rot90: bool = False
     # For the offline photos set: how many images are held out for evaluation.
     holdout: int = 3
+    # data=hub: local or remote data files (a path, a glob, or a list) for a builder such as
+    # parquet, csv or imagefolder named by data.name.
+    data_files: list[str] | None = None
+    # Integer labels without class names: the class count (0 infers it from the data).
+    num_classes: int = 0
 
 
 @dataclass
@@ -244,5 +249,12 @@ def validate(cfg) -> None:
         raise ValueError(
             "data.path is missing: data=imagefolder needs data.path=DIR (one sub-folder per class)"
         )
+    if cfg.data.source == DataSource.hub and cfg.data.path:
+        raise ValueError(
+            f"data.path={cfg.data.path} is not read by data=hub: use data=imagefolder data.path=DIR, or "
+            "data.name=imagefolder data.data_files=GLOB"
+        )
+    if cfg.data.num_classes < 0:
+        raise ValueError(f"data.num_classes={cfg.data.num_classes}: expected 0 (infer) or a positive count")
     if cfg.data.source == DataSource.hub and not cfg.data.name:
         raise ValueError("data.name is missing: data=hub needs data.name=OWNER/DATASET")

@@ -162,8 +162,13 @@ def open_dataset(data: DataConfig, split: str | None = None):
                 split="train",
                 streaming=data.streaming,
             )
+        elif is_saved_dataset(data.name):
+            ds = load_saved(data.name, split, data.streaming)
         else:
-            ds = datasets.load_dataset(data.name, data.config_name, split=split, streaming=data.streaming)
+            files = list(data.data_files) if data.data_files else None
+            ds = datasets.load_dataset(
+                data.name, data.config_name, data_files=files, split=split, streaming=data.streaming
+            )
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, ConnectionError) as err:
         raise UserError(
             f"data: could not open {data.name or root} ({str(err).splitlines()[0][:200]})"
@@ -189,9 +194,47 @@ def open_dataset(data: DataConfig, split: str | None = None):
         names = getattr(features[label_col], "names", None)
         if names:
             id2label = dict(enumerate(names))
+        else:  # integer labels without names (a Value column, not a ClassLabel)
+            id2label = {i: str(i) for i in range(count_classes(ds, label_col, data))}
     if root is not None and (root / "labels.json").is_file():
         id2label = {int(k): v for k, v in json.loads((root / "labels.json").read_text()).items()}
     return ds, label_col, id2label
+
+
+def is_saved_dataset(name: str | None) -> bool:
+    """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    root = Path(name) if name else None
+    return bool(
+        root and root.is_dir() and ((root / "state.json").is_file() or (root / "dataset_dict.json").is_file())
+    )
+
+
+def load_saved(name: str, split: str, streaming: bool):
+    """`load_from_disk` for a saved Dataset (any split name reads it) or a saved DatasetDict (the split)."""
+    import datasets
+
+    saved = datasets.load_from_disk(name)
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise UserError(f"data.split={split}: {name} holds the splits {sorted(saved)}")
+        saved = saved[split]
+    return saved.to_iterable_dataset() if streaming else saved
+
+
+def count_classes(ds, label_col: str, data: DataConfig) -> int:
+    """The class count of integer labels: data.num_classes, else max + 1 over the whole (map-style) set."""
+    if data.num_classes:
+        return data.num_classes
+    if not hasattr(ds, "__len__"):
+        raise UserError(
+            f"data.label_column={label_col!r} holds integers without class names: pass data.num_classes=N "
+            "for a streamed dataset"
+        )
+    values = ds.select_columns([label_col])[label_col] if len(ds) else []
+    bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+    if bad:
+        raise UserError(f"data.label_column={label_col!r} has the label {bad[0]!r}: expected integers >= 0")
+    return max(values, default=0) + 1
 
 
 def decode_image(record) -> PIL.Image.Image:

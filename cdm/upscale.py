@@ -96,7 +96,9 @@ def read_image(path: Path) -> PIL.Image.Image:
     try:
         image = decode_image({"path": str(path)})
     except PIL.Image.DecompressionBombError:
-        raise UserError(f"{path}: the image header claims more pixels than PIL allows (a decompression bomb?)") from None
+        raise UserError(
+            f"{path}: the image header claims more pixels than PIL allows (a decompression bomb?)"
+        ) from None
     except (OSError, PIL.UnidentifiedImageError, SyntaxError, ValueError):
         raise UserError(f"{path}: not a readable image (corrupt, or not an image format)") from None
     return image

@@ -171,7 +171,9 @@ def test_upscale_bad_images_get_one_line(tmp_path, case):
     res = run_cli(["cdm-upscale", str(target), "--model", str(stage), "--out", str(tmp_path / "o")], tmp_path)
     assert res.returncode == 2 and str(target) in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
-    assert {"folder": "is a folder", "bomb": "decompression bomb", "too-large": "too large"}[case] in res.stderr
+    assert {"folder": "is a folder", "bomb": "decompression bomb", "too-large": "too large"}[
+        case
+    ] in res.stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -181,6 +183,8 @@ def test_an_unavailable_device_is_one_line(tmp_path, device):
 
     if device.startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.fail("this check needs a machine with fewer than 8 GPUs")
-    res = run_cli(["cdm-generate", "--class", "0", "--device", device, "--out", str(tmp_path / "s")], tmp_path)
+    res = run_cli(
+        ["cdm-generate", "--class", "0", "--device", device, "--out", str(tmp_path / "s")], tmp_path
+    )
     assert res.returncode == 2 and f"--device {device}" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()

@@ -2,6 +2,7 @@
 shipped photo stage and its comparison figure."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -218,3 +219,18 @@ def test_upscale_without_model_uses_the_shipped_photo_stage(tmp_path):
     assert (PHOTO_STAGE / "model_index.json").is_file() and (PHOTO_STAGE / "README.md").is_file()
     weights = sum(f.stat().st_size for f in PHOTO_STAGE.rglob("*.safetensors"))
     assert weights <= 15e6
+
+
+def test_shipped_photo_stage_card_and_pipeline_copy():
+    import cdm_pipelines.pipeline_sr3 as installed
+    import yaml
+
+    assert (PHOTO_STAGE / "pipeline_sr3.py").read_text() == Path(installed.__file__).read_text()
+    card = (PHOTO_STAGE / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "image-to-image"
+    names = {r["metrics"][0]["type"] for r in meta["model-index"][0]["results"]} | {
+        m["type"] for r in meta["model-index"][0]["results"] for m in r["metrics"]
+    }
+    assert {"psnr", "hf_ratio", "patch_kid"} <= names
+    assert "| bicubic upsampling |" in card

@@ -12,9 +12,13 @@ folder's. Once loaded::
 
 from __future__ import annotations
 
+import inspect
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import diffusers
 import numpy as np
 import PIL.Image
 import torch
@@ -43,14 +47,68 @@ def cfg_combine(model_output: torch.Tensor, guidance_scale: float) -> torch.Tens
     return uncond + guidance_scale * (cond - uncond)
 
 
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
 def to_output_type(sample: torch.Tensor, output_type: str):
-    """Map a [-1, 1] tensor batch to "pt" (unchanged), "np" (B, H, W, C in [0, 1]) or "pil"."""
-    if output_type == "pt":
+    """Map a [-1, 1] tensor batch to "pt"/"latent" (unchanged), "np" (B, H, W, C in [0, 1]) or "pil"."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type={output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}")
+    if output_type in ("pt", "latent"):
         return sample
     array = (sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
     if output_type == "np":
         return array
     return [PIL.Image.fromarray((a * 255).round().astype("uint8")) for a in array]
+
+
+def step_kwargs(scheduler, generator, eta: float | None = None) -> dict:
+    """The optional arguments that this scheduler's `step` accepts (diffusers' prepare_extra_step_kwargs)."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs = {"generator": generator} if "generator" in params else {}
+    if eta is not None and "eta" in params:
+        kwargs["eta"] = eta
+    return kwargs
+
+
+def check_weight_files(folder: Path) -> None:
+    """Weights load from safetensors only: no pickle-based files, and shard indexes name only .safetensors."""
+    pickled = sorted(
+        p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+    )
+    if pickled:
+        raise ValueError(
+            f"{folder}: {pickled[0]} is a pickle-based weights file; only .safetensors files are loaded"
+        )
+    for index in folder.glob("*.index.json"):
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        odd = sorted(s for s in shards if not str(s).endswith(".safetensors") or "/" in s or "\\" in s)
+        if odd:
+            raise ValueError(f"{index}: shard {odd[0]!r} is not a .safetensors file beside it")
+
+
+def load_components(cls, folder: Path, torch_dtype=None) -> dict:
+    """`__init__` arguments from a pipeline folder: stock diffusers models (safetensors only) and schedulers."""
+    index = json.loads((folder / "model_index.json").read_text())
+    params = inspect.signature(cls.__init__).parameters
+    init = {}
+    for key, value in index.items():
+        if key.startswith("_") or key not in params:
+            continue
+        if not (isinstance(value, list) and len(value) == 2):
+            init[key] = value
+            continue
+        library, name = value
+        component = getattr(diffusers, name, None) if library == "diffusers" else None
+        if component is None or not name.endswith(("Model", "Scheduler")):
+            raise ValueError(
+                f"{folder}/model_index.json: {key} is {value}, not a diffusers model or scheduler"
+            )
+        if name.endswith("Model"):
+            check_weight_files(folder / key)
+        kwargs = {} if name.endswith("Scheduler") else {"use_safetensors": True, "torch_dtype": torch_dtype}
+        init[key] = component.from_pretrained(folder, subfolder=key, **kwargs)
+    return init
 
 
 class CDMBasePipeline(DiffusionPipeline):
@@ -67,6 +125,7 @@ class CDMBasePipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(self, unet: UNet2DModel, scheduler, id2label: dict | None = None):
         super().__init__()
@@ -86,6 +145,45 @@ class CDMBasePipeline(DiffusionPipeline):
     @property
     def num_classes(self) -> int:
         return self.unet.config.num_class_embeds - 1
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a saved stage (a folder or a Hub repo id) with this installed class.
+
+        Components are stock diffusers classes and weights load from safetensors only; the folder's
+        own copy of this file is never run, so no `trust_remote_code` is needed. Keyword arguments
+        `torch_dtype` and `revision` are understood; any other replaces the stored component or setting.
+        """
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(
+                snapshot_download(
+                    str(pretrained_model_name_or_path),
+                    revision=kwargs.pop("revision", None),
+                    allow_patterns=["*.json", "*.safetensors"],
+                )
+            )
+        init = load_components(cls, folder, kwargs.pop("torch_dtype", None))
+        return cls(**{**init, **kwargs})
+
+    @property
+    def components(self) -> dict:
+        """The modules and the stored settings, so that `type(pipe)(**pipe.components)` rebuilds this pipeline."""
+        return {**super().components, **{k: self.config[k] for k in ("id2label",)}}
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
 
     @property
     def null_class_id(self) -> int:
@@ -116,7 +214,14 @@ class CDMBasePipeline(DiffusionPipeline):
             out.append(idx)
         return out
 
-    def check_inputs(self, class_ids, guidance_scale, num_inference_steps, generator, truncate_alphabar):
+    def check_inputs(
+        self, class_ids, guidance_scale, num_inference_steps, generator, truncate_alphabar, tensor_inputs
+    ):
+        bad = [k for k in tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs has {bad}: expected names from {self._callback_tensor_inputs}"
+            )
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps}: expected an integer >= 1")
         if guidance_scale < 1:
@@ -132,11 +237,12 @@ class CDMBasePipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)
+        device = self._execution_device
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}: expected {shape}")
-        return latents.to(self.device) * self.scheduler.init_noise_sigma
+        return latents.to(device) * self.scheduler.init_noise_sigma
 
     def alphabar_at(self, t) -> float:
         return float(self.scheduler.alphas_cumprod[int(round(float(t)))])
@@ -147,12 +253,15 @@ class CDMBasePipeline(DiffusionPipeline):
         class_labels: int | str | list[int | str],
         guidance_scale: float = 1.0,
         num_inference_steps: int = 50,
+        num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         truncate_alphabar: float | None = None,
+        eta: float = 0.0,
     ):
         r"""Generate one image per class label.
 
@@ -160,42 +269,71 @@ class CDMBasePipeline(DiffusionPipeline):
             class_labels: a class id, a label name, or a list of either; one image each.
             guidance_scale: classifier-free guidance weight w; 1 runs only the conditional pass.
             num_inference_steps: reverse-process steps.
+            num_images_per_prompt: images per class label; the batch is each label repeated this often.
             generator: a `torch.Generator`, or a list with one per image for per-image seeds.
             latents: optional initial noise of shape (B, C, H, W).
-            output_type: "pil", "np" (values in [0, 1]) or "pt" (values in [-1, 1], for the next stage).
+            output_type: "pil", "np" (values in [0, 1]), "pt" (values in [-1, 1], for the next stage)
+                or "latent" (the final sample, unclipped).
             return_dict: return a `CDMBasePipelineOutput` rather than a tuple.
-            callback_on_step_end: called as `fn(pipe, i, t, {"latents": x})` after each step; may
-                return a dict with replacement "latents".
+            callback_on_step_end: called as `fn(pipe, i, t, callback_kwargs)` after each step, with
+                the tensors named in `callback_on_step_end_tensor_inputs`; may return replacements.
+                Setting `pipe._interrupt = True` inside it stops the loop.
+            callback_on_step_end_tensor_inputs: tensor names passed to the callback (default ["latents"]).
             truncate_alphabar: CDM's truncated conditioning augmentation. Stop the reverse process at
                 the first timestep whose alphabar is >= this value, and return the noisy z_s as a
                 variance-preserving tensor (not clipped) with its alphabar in the output.
+            eta: DDIM's eta, for schedulers whose `step` takes it (0 is deterministic DDIM).
+
+        Examples:
+
+        ```py
+        >>> from cdm_pipelines import CDMBasePipeline
+        >>> pipe = CDMBasePipeline.from_pretrained("cdm/demo_cascade/base64")
+        >>> images = pipe(class_labels=["seven", 3], num_images_per_prompt=2, guidance_scale=4.0).images
+        >>> len(images)
+        4
+        ```
         """
         # 1. Check inputs
-        class_ids = self.get_label_ids(class_labels)
-        self.check_inputs(class_ids, guidance_scale, num_inference_steps, generator, truncate_alphabar)
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt}: expected an integer >= 1")
+        class_ids = [c for c in self.get_label_ids(class_labels) for _ in range(num_images_per_prompt)]
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        self.check_inputs(
+            class_ids, guidance_scale, num_inference_steps, generator, truncate_alphabar, tensor_inputs
+        )
+        to_output_type(torch.zeros(0, 3, 1, 1), output_type)  # an unknown output_type fails before work
+        self._guidance_scale, self._interrupt = guidance_scale, False
         do_cfg = guidance_scale > 1.0
+        device = self._execution_device
 
         # 2. Class labels: one batch of [cond; null] when guiding, so the UNet runs once per step
-        labels = torch.tensor(class_ids, device=self.device)
+        labels = torch.tensor(class_ids, device=device)
         if do_cfg:
             labels = torch.cat([labels, torch.full_like(labels, self.null_class_id)])
 
         # 3. Timesteps and initial noise
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
         latents = self.prepare_latents(len(class_ids), generator, latents)
+        extra = step_kwargs(self.scheduler, generator, eta)
         alphabar = None
 
         # 4. Denoising loop
         for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:
+                break
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             model_output = self.unet(model_input, t, class_labels=labels).sample
             if do_cfg:
                 model_output = cfg_combine(model_output, guidance_scale)
-            latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
+            latents = self.scheduler.step(model_output, t, latents, **extra).prev_sample
             if callback_on_step_end is not None:
-                latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
+                available = {"latents": latents}
+                outputs = callback_on_step_end(self, i, t, {k: available[k] for k in tensor_inputs}) or {}
+                latents = outputs.get("latents", latents)
             # 5. Truncation: hand over z_s once the next timestep is at or below level s
             if truncate_alphabar is not None and i + 1 < len(timesteps):
                 t_next = timesteps[i + 1]
@@ -207,9 +345,9 @@ class CDMBasePipeline(DiffusionPipeline):
                     break
 
         # 6. Post-process
-        if alphabar is None:
+        if alphabar is None and output_type != "latent":
             latents = latents.clamp(-1, 1)
-        elif output_type != "pt":
+        elif output_type not in ("pt", "latent"):
             raise ValueError(f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'pt'")
         images = to_output_type(latents, output_type)
         self.maybe_free_model_hooks()
