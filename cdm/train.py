@@ -7,6 +7,7 @@ accelerate launch --num_processes 8 -m cdm.train stage=base64 data=imagenet
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,6 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
 def lock_run(run_dir: Path):
     """An exclusive lock on the run folder (fcntl.flock); a second writer stops with the holder's PID."""
     import fcntl
-    import os
 
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held for the life of the run
@@ -450,11 +450,65 @@ def main(argv: list[str] | None = None) -> None:
     cfg = compose_config(overrides)
     schema = OmegaConf.structured(TrainRunConfig)
     cfg = OmegaConf.merge(schema, cfg)
+    notes = apply_launcher_settings(cfg, {o.split("=")[0].lstrip("+~") for o in overrides})
     validate(cfg)
+    refuse_sharded_launch()
     if show:
         print(OmegaConf.to_yaml(cfg))
         return
+    for note in notes:
+        print(note, file=sys.stderr)
     train(cfg)
+
+
+# accelerate launch passes its settings (flags or a config file) to the process as these variables
+LAUNCHER_SETTINGS = {
+    "train.mixed_precision": "ACCELERATE_MIXED_PRECISION",
+    "train.grad_accum": "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+}
+
+
+def apply_launcher_settings(cfg, explicit: set[str]) -> list[str]:
+    """Precedence: a train.* override on the command line, else accelerate launch's setting, else the config.
+
+    accelerate passes its precision (flag or config file) to every launched process; it passes
+    --gradient_accumulation_steps only to DeepSpeed runs, so elsewhere train.grad_accum sets it.
+
+    Returns the lines to log: the resolved values, and a warning where an override beats the launcher.
+    """
+    notes = []
+    for key, var in LAUNCHER_SETTINGS.items():
+        launched = os.environ.get(var)
+        section, name = key.split(".")
+        current = getattr(cfg[section][name], "value", cfg[section][name])
+        # accelerate always sets a precision, "no" when none was chosen: that one is not a choice
+        if (
+            launched is None
+            or str(launched) == str(current)
+            or (name == "mixed_precision" and launched == "no")
+        ):
+            continue
+        if key in explicit:
+            notes.append(f"warning: {key}={current} (command line) overrides accelerate launch's {launched}")
+            continue
+        try:
+            cfg[section][name] = int(launched) if name == "grad_accum" else launched
+        except Exception as err:  # OmegaConf validation of the launcher's value
+            raise UserError(f"{var}={launched} (from accelerate launch): {_one_line(err)}") from None
+        notes.append(f"{key}={launched} (from accelerate launch)")
+    mp = getattr(cfg.train.mixed_precision, "value", cfg.train.mixed_precision)
+    notes.append(f"resolved: train.mixed_precision={mp}, train.grad_accum={cfg.train.grad_accum}")
+    return notes
+
+
+def refuse_sharded_launch() -> None:
+    """DeepSpeed and FSDP shard the model and optimizer, which the EMA and checkpoint code does not handle."""
+    for var, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if os.environ.get(var, "false").lower() in ("1", "true", "yes"):
+            raise UserError(
+                f"{name} is not supported by cdm-train (EMA and checkpoints need whole weights on every rank): "
+                "launch with plain data parallelism (accelerate launch --multi_gpu)"
+            )
 
 
 if __name__ == "__main__":

@@ -198,3 +198,41 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, cache_env):
     res = run_cli(train_args("base64", out, 2, "train.resume=latest"), tmp_path, cache_env)
     assert res.returncode == 0 and "finished" in res.stdout
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == files
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["launcher", "override-wins"])
+def test_accelerate_launch_settings_apply_unless_overridden_on_the_command_line(tmp_path, explicit):
+    import yaml
+
+    env = {"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}
+    extra = ["train.mixed_precision=no"] if explicit else []
+    res = run_cli(["cdm-train", "--cfg", "stage=base64", *extra], tmp_path, env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    train = yaml.safe_load(res.stdout)["train"]
+    assert train["grad_accum"] == 4
+    assert train["mixed_precision"] == ("no" if explicit else "bf16")
+
+
+def test_deepspeed_and_fsdp_launches_are_refused_in_one_line(tmp_path):
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        res = run_cli(["cdm-train", "stage=base64"], tmp_path, {var: "true"})
+        assert res.returncode == 2 and "not supported" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_two_process_run_takes_precision_and_accumulation_from_accelerate(tmp_path, cache_env):
+    """A 2-process CPU launch from an accelerate config file (bf16) with accumulation 2 from the launcher."""
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    config = tmp_path / "accelerate.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\n"
+                      "num_machines: 1\nmachine_rank: 0\nmixed_precision: bf16\nuse_cpu: true\n")  # fmt: skip
+    args = train_args("base64", tmp_path / "run", 2)[1:]
+    env = {**cache_env, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2", "MASTER_PORT": "29535"}
+    res = run_cli([launcher, "launch", "--config_file", str(config), "-m", "cdm.train", *args], tmp_path, env,
+                  timeout=240)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert (resolved["mixed_precision"], resolved["grad_accum"]) == ("bf16", 2)
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["images_per_step"] == 2 * 2 * 2
