@@ -85,6 +85,47 @@ def resolve_model(model: str | Path, revision: str | None = None) -> Path:
     raise UserError(f"model {model}: no such folder (expected a cascade folder or a Hub repo id)")
 
 
+def check_settings(name: str, pipe, s: StageSettings) -> None:
+    """Range checks of one stage's sampling settings, for reading and for writing cascade.json."""
+    if s.steps < 1:
+        raise UserError(f"steps={s.steps} for stage {name}: expected an integer >= 1")
+    if s.guidance_scale < 1:
+        raise UserError(
+            f"guidance_scale={s.guidance_scale} for stage {name}: expected >= 1 (1 disables guidance)"
+        )
+    if s.max_batch < 1:
+        raise UserError(f"max_batch={s.max_batch} for stage {name}: expected an integer >= 1")
+    if s.aug_mode not in AUG_MODES:
+        raise UserError(f"aug_mode={s.aug_mode!r} for stage {name}: expected one of {', '.join(AUG_MODES)}")
+    if isinstance(pipe, SR3Pipeline) and not 0 <= s.aug_level <= pipe.max_noise_level:
+        raise UserError(f"aug_level={s.aug_level} for stage {name}: expected 0..{pipe.max_noise_level}")
+
+
+def parse_stage_entry(spec_path: Path, k: int, entry) -> tuple[str, Path, StageSettings]:
+    """One `stages` entry of cascade.json: a name, a folder inside the cascade, typed sampling settings."""
+    where = f"{spec_path}: stages[{k}]"
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+        raise UserError(f'{where} is {json.dumps(entry)[:80]}: expected an object with a "name" string')
+    rel = entry.get("path", entry["name"])
+    root = spec_path.parent.resolve()
+    folder = (root / str(rel)).resolve()
+    if not isinstance(rel, str) or Path(rel).is_absolute() or root not in folder.parents:
+        raise UserError(f"{where}: path {rel!r} is outside the cascade folder: expected a sub-folder name")
+    sampling = entry.get("sampling", {})
+    if not isinstance(sampling, dict):
+        raise UserError(f"{where}: sampling is {json.dumps(sampling)[:80]}: expected an object")
+    fields = StageSettings.__dataclass_fields__
+    values = {}
+    for key, value in sampling.items():
+        if key not in fields:
+            continue
+        kind = type(getattr(StageSettings(), key))
+        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+            raise UserError(f"{where}: sampling.{key}={json.dumps(value)}: expected a {kind.__name__}")
+        values[key] = kind(value)
+    return entry["name"], folder, StageSettings(**values)
+
+
 class Cascade:
     """An ordered list of stages: a base generator, then SR stages whose input size matches."""
 
@@ -120,13 +161,11 @@ class Cascade:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise UserError(f"{spec_path} is not a valid cascade description ({err})") from None
         names, pipes, settings = [], [], []
-        for entry in stages:
-            names.append(entry["name"])
-            pipes.append(load_stage(root / entry.get("path", entry["name"]), torch_dtype=torch_dtype))
-            known = StageSettings.__dataclass_fields__
-            settings.append(
-                StageSettings(**{k: v for k, v in entry.get("sampling", {}).items() if k in known})
-            )
+        for k, entry in enumerate(stages if isinstance(stages, list) else [stages]):
+            name, folder, sampling = parse_stage_entry(spec_path, k, entry)
+            names.append(name)
+            pipes.append(load_stage(folder, torch_dtype=torch_dtype))
+            settings.append(sampling)
         if spec.get("label_set") == "imagenet" and not pipes[0].labels:
             pipes[0].register_to_config(id2label=imagenet_labels())
         return cls(names, pipes, settings, root)
@@ -198,14 +237,7 @@ class Cascade:
             for s, v in zip(out, values):
                 setattr(s, key, v)
         for name, pipe, s in zip(self.names, self.pipes, out):
-            if s.steps < 1:
-                raise UserError(f"steps={s.steps} for stage {name}: expected an integer >= 1")
-            if s.aug_mode not in AUG_MODES:
-                raise UserError(f"aug_mode={s.aug_mode!r}: expected one of {', '.join(AUG_MODES)}")
-            if isinstance(pipe, SR3Pipeline) and not 0 <= s.aug_level <= pipe.max_noise_level:
-                raise UserError(
-                    f"aug_level={s.aug_level} for stage {name}: expected 0..{pipe.max_noise_level}"
-                )
+            check_settings(name, pipe, s)
         for k in range(len(out)):
             self.check_sampler(k, out[k], out[k + 1] if k + 1 < len(out) else None)
         return out

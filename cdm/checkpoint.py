@@ -78,18 +78,64 @@ def list_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.name.startswith(PREFIX) and (p / "trainer.json").is_file()]
+    found = [
+        p
+        for p in folder.iterdir()
+        if p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and (p / "trainer.json").is_file()
+    ]  # other names (checkpoint-0000004.bak, a copy) are not checkpoints
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
+class CorruptCheckpoint(Exception):
+    """A checkpoint file that cannot be read (truncated, not safetensors, not JSON)."""
+
+
 def load_checkpoint(path: Path, model, ema, optimizer, lr_scheduler) -> dict:
-    """Restore the states saved by `save_checkpoint`; returns trainer.json."""
-    trainer = json.loads((path / "trainer.json").read_text())
-    model.load_state_dict(load_file(path / "model.safetensors"))
-    shadow = load_file(path / "ema.safetensors")
-    ema.load_state_dict({**trainer["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
-    optimizer.load_state_dict(
-        optimizer_from_flat(load_file(path / "optimizer.safetensors"), trainer["optimizer"])
+    """Restore the states saved by `save_checkpoint`; returns trainer.json.
+
+    Raises CorruptCheckpoint naming the unreadable file, and UserError when the tensors do not fit the
+    model (a checkpoint of another model configuration).
+    """
+    from safetensors import SafetensorError
+
+    from cdm.errors import UserError
+
+    def read(name):
+        try:
+            return json.loads((path / name).read_text()) if name.endswith(".json") else load_file(path / name)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CorruptCheckpoint(f"{path / name} ({str(err).splitlines()[0][:120]})") from None
+
+    trainer = read("trainer.json")
+    model_state, shadow, optim = (
+        read("model.safetensors"),
+        read("ema.safetensors"),
+        read("optimizer.safetensors"),
     )
-    lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+    try:
+        model.load_state_dict(model_state)
+        ema.load_state_dict({**trainer["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+        optimizer.load_state_dict(optimizer_from_flat(optim, trainer["optimizer"]))
+        lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise UserError(
+            f"{path} was made with a different model configuration than this run's "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:100]}): resume with the run's own settings"
+        ) from None
     return trainer
+
+
+def load_latest(candidates: list[Path], model, ema, optimizer, lr_scheduler) -> dict:
+    """Load the newest readable checkpoint of `candidates` (oldest first), saying which ones were skipped."""
+    import sys
+
+    from cdm.errors import UserError
+
+    for path in reversed(candidates):
+        try:
+            return load_checkpoint(path, model, ema, optimizer, lr_scheduler)
+        except CorruptCheckpoint as err:
+            if len(candidates) == 1:
+                raise UserError(f"checkpoint file {err} is unreadable") from None
+            print(f"warning: checkpoint file {err} is unreadable; trying the one before", file=sys.stderr)
+    raise UserError(f"no readable checkpoint among {', '.join(p.name for p in candidates)}: start a new run")

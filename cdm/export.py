@@ -104,7 +104,7 @@ def assemble(inputs: list[Path], out: Path, results: list[dict], repo: str, lice
              grid: Path | None, overwrite: bool, half: bool = False, overrides: list[str] = ()) -> Path:  # fmt: skip
     """Build the folder under a temporary name and move it into place only when complete."""
     from cdm.cards import make_card
-    from cdm.cascade import Cascade, write_cascade_json
+    from cdm.cascade import Cascade, check_settings, write_cascade_json
     from cdm.stage_io import load_stage, write_pipeline_file
 
     if out.exists() and not overwrite:
@@ -124,11 +124,13 @@ def assemble(inputs: list[Path], out: Path, results: list[dict], repo: str, lice
         if name.endswith("1024") or s.max_batch > 8:
             s.max_batch = 1  # whole 1024 px images, one at a time, keep memory bounded
     apply_overrides(names, settings, list(overrides))
+    for name, pipe, s in zip(names, pipes, settings):  # the checks cdm-generate applies when reading
+        check_settings(name, pipe, s)
     licenses = {(i or {}).get("train", {}).get("license") for i in infos} - {None}
     license = license or (licenses.pop() if len(licenses) == 1 else "apache-2.0")
     single = len(pipes) == 1
     if not single:
-        Cascade(names, pipes, settings)  # checks the chain: sizes and class spaces
+        Cascade(names, pipes, settings).with_overrides()  # the chain, the samplers, truncation
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:

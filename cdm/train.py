@@ -128,7 +128,10 @@ def lock_run(run_dir: Path):
 
 def finished(checkpoint: Path, max_steps: int, run_dir: Path) -> bool:
     """The checkpoint is the run's last step and the export exists: resuming would only rewrite records."""
-    step = json.loads((checkpoint / "trainer.json").read_text()).get("step", 0)
+    try:
+        step = json.loads((checkpoint / "trainer.json").read_text()).get("step", 0)
+    except (OSError, ValueError):
+        return False  # unreadable: the loader falls back to an earlier checkpoint and says so
     return step >= max_steps and (run_dir / "export" / "model_index.json").is_file()
 
 
@@ -187,14 +190,14 @@ def save_samples(cfg, pipe, fixed, path: Path, num_classes: int) -> None:
     save_grid(rows, path, ncols=3)
 
 
-def train(cfg: DictConfig) -> Path:
+def train(cfg: DictConfig, notes: list[str] = ()) -> Path:
     import accelerate
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from cdm.checkpoint import load_checkpoint, save_checkpoint
+    from cdm.checkpoint import list_checkpoints, load_latest, save_checkpoint
     from cdm.data import (
         IndexStream,
         StageDataset,
@@ -261,7 +264,8 @@ def train(cfg: DictConfig) -> Path:
     )  # fmt: skip
     step = 0
     if resume_from is not None:
-        step = load_checkpoint(resume_from, unet, ema, optimizer, lr_scheduler)["step"]
+        candidates = list_checkpoints(run_dir / "checkpoints") if t.resume == "latest" else [resume_from]
+        step = load_latest(candidates, unet, ema, optimizer, lr_scheduler)["step"]
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     ema.to(accelerator.device)
 
@@ -295,6 +299,9 @@ def train(cfg: DictConfig) -> Path:
     if fixed["images"] is not None:
         fixed["images"] = fixed["images"][: t.num_samples]
 
+    if main:  # every check has passed: log how the launcher's settings were resolved
+        for note in notes:
+            print(note, file=sys.stderr)
     skipped = {"corrupt": 0, "small": 0}
     bar = tqdm(total=t.max_steps, initial=step, disable=not main, desc=f"train {stage.name}", unit="step")
     start_time, start_step, loss_value, side_seconds = time.time(), step, float("nan"), 0.0
@@ -449,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"unknown option {bad[0]}: cdm-train takes KEY=VALUE overrides (see --help)")
     cfg = compose_config(overrides)
     schema = OmegaConf.structured(TrainRunConfig)
+    check_known_keys(cfg, schema)
     cfg = OmegaConf.merge(schema, cfg)
     notes = apply_launcher_settings(cfg, {o.split("=")[0].lstrip("+~") for o in overrides})
     validate(cfg)
@@ -456,9 +464,19 @@ def main(argv: list[str] | None = None) -> None:
     if show:
         print(OmegaConf.to_yaml(cfg))
         return
-    for note in notes:
-        print(note, file=sys.stderr)
-    train(cfg)
+    train(cfg, notes)
+
+
+def check_known_keys(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> None:
+    """Every composed key must exist in the schema: `+train.max_stepz=5` fails instead of being ignored."""
+    known = list(schema.keys())  # `in` on a DictConfig is False for a key whose value is missing (???)
+    for key in cfg.keys():
+        if key not in known:
+            close = [k for k in known if str(k)[:3] == str(key)[:3]]
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise UserError(f"{prefix}{key}: not a cdm-train setting{hint}; `cdm-train --cfg` lists them")
+        if OmegaConf.is_dict(cfg._get_node(key)) and OmegaConf.is_dict(schema._get_node(key)):
+            check_known_keys(cfg[key], schema[key], f"{prefix}{key}.")
 
 
 # accelerate launch passes its settings (flags or a config file) to the process as these variables

@@ -236,3 +236,37 @@ def test_two_process_run_takes_precision_and_accumulation_from_accelerate(tmp_pa
     assert (resolved["mixed_precision"], resolved["grad_accum"]) == ("bf16", 2)
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["images_per_step"] == 2 * 2 * 2
+
+
+def test_resume_skips_a_truncated_latest_checkpoint_and_says_so(tmp_path, cache_env):
+    out = tmp_path / "run"
+    args = train_args("base64", out, 5, "train.checkpoint_every=2", "train.keep_checkpoints=3")
+    assert run_cli([*args, "train.stop_after=4"], tmp_path, cache_env).returncode == 0
+    latest = out / "checkpoints" / "checkpoint-0000004" / "model.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])
+    (out / "checkpoints" / "checkpoint-0000004.bak").mkdir()  # not a checkpoint name: ignored
+    res = run_cli([*args, "train.resume=latest"], tmp_path, cache_env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "checkpoint-0000004/model.safetensors" in res.stderr and "trying the one before" in res.stderr
+    assert json.loads((out / "run_info.json").read_text())["steps"] == 5
+
+
+def test_resume_with_another_model_config_is_one_line(tmp_path, cache_env):
+    out = tmp_path / "run"
+    assert (
+        run_cli(
+            train_args("base64", out, 4, "train.stop_after=2"), tmp_path, cache_env
+        ).returncode
+        == 0
+    )
+    res = run_cli(train_args("base64", out, 4, "train.resume=latest", "unet.block_out_channels=[8,16]",
+                             "unet.norm_num_groups=8"), tmp_path, cache_env)  # fmt: skip
+    assert res.returncode == 2 and "different model configuration" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("key", ["+train.max_stepz=5", "+foo=1"])
+def test_unknown_keys_are_refused_even_with_plus(tmp_path, key):
+    res = run_cli(["cdm-train", "stage=base64", key], tmp_path)
+    assert res.returncode == 2 and key.lstrip("+").split("=")[0] in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
