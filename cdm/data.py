@@ -169,6 +169,12 @@ def open_dataset(data: DataConfig, split: str | None = None):
             ds = datasets.load_dataset(
                 data.name, data.config_name, data_files=files, split=split, streaming=data.streaming
             )
+    except ValueError as err:
+        if "corresponds to no data" in str(err) or "no data" in str(err).lower():
+            raise UserError(
+                f"data: {data.path or data.name} holds no images (PNG, JPEG, ...) for split {split}"
+            ) from None
+        raise
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, ConnectionError) as err:
         raise UserError(
             f"data: could not open {data.name or root} ({str(err).splitlines()[0][:200]})"
@@ -187,8 +193,10 @@ def open_dataset(data: DataConfig, split: str | None = None):
     id2label = {0: "image"}
     label_col = data.label_column if data.label_column in features else None
     if data.label_column and label_col is None and data.source in (DataSource.imagefolder, DataSource.hub):
+        one_class = " (a folder with one class has no label column: pass data.label_column=null)"
         raise UserError(
             f"data.label_column={data.label_column!r} is not a column: expected one of {list(features)}"
+            + (one_class if data.source == DataSource.imagefolder else "")
         )
     if label_col is not None:
         names = getattr(features[label_col], "names", None)
@@ -247,7 +255,19 @@ def decode_image(record) -> PIL.Image.Image:
         rgba = image.convert("RGBA")
         background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = PIL.Image.alpha_composite(background, rgba)
+    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer or float grey
+        image = PIL.Image.fromarray(to_8bit(np.asarray(image), image.mode))
     return image.convert("RGB")
+
+
+def to_8bit(array: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a high-bit-depth grey image to 0..255: 16-bit by 65535, float by 1 (or its peak if above 1)."""
+    array = array.astype(np.float64)
+    if mode == "F":
+        peak = 1.0 if array.max(initial=0) <= 1.0 else array.max()
+    else:
+        peak = 65535.0 if array.max(initial=0) <= 65535 else array.max()
+    return (np.clip(array / peak, 0, 1) * 255).round().astype(np.uint8)
 
 
 def to_tensor(image: PIL.Image.Image) -> torch.Tensor:

@@ -160,6 +160,9 @@ def write_results(out: Path, name: str, result: dict, markdown: str) -> None:
 
 
 def check_out(out: Path, names: list[str], overwrite: bool) -> None:
+    from cdm.files import check_out_dir
+
+    check_out_dir(out)
     existing = [out / n for n in names if (out / n).exists()]
     if existing and not overwrite:
         raise UserError(f"{existing[0]} already exists: pass --overwrite or choose another --out")
@@ -452,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
     args.device = resolve_device(args.device)
     if getattr(args, "num_per_class", 1) < 1:
         raise UserError(f"--num-per-class={args.num_per_class}: expected an integer >= 1")
+    if getattr(args, "batch", 1) < 1:
+        raise UserError(f"--batch={args.batch}: expected an integer >= 1")
     {"sr": cmd_sr, "gen": cmd_gen, "sweep-aug": cmd_sweep}[args.command](args)
 
 

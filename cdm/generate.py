@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
-from cdm.files import check_new, write_file
+from cdm.files import check_new, check_out_dir, write_file
 from cdm.images import save_grid, to_pil
 
 DEMO_CASCADE = Path(__file__).resolve().parent / "demo_cascade"
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     ids = [i for c in args.classes for i in cascade.class_ids([c]) for _ in range(args.num_images)]
     seeds = [args.seed + i for i in range(len(ids))]
     files = planned_files(cascade, ids, seeds, args.out, args.save_intermediates)
+    check_out_dir(args.out)
     grid_path = args.out / "grid.png"
     check_new([p for group in files.values() for p in group] + [grid_path], args.overwrite)
 

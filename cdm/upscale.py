@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
-from cdm.files import check_new, write_file
+from cdm.files import check_new, check_out_dir, write_file
 from cdm.images import to_pil
 
 PHOTO_STAGE = Path(__file__).parent / "photo_sr4x"  # the shipped 4x photo SR stage
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare is not None:
         compare(pipe, images, names, args, tile, overlap, steps)
         return
+    check_out_dir(args.out)
     outputs = [args.out / f"{p.stem}-x{pipe.scale_factor}.png" for p in args.inputs]
     check_new(outputs, args.overwrite)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -188,3 +188,41 @@ def test_an_unavailable_device_is_one_line(tmp_path, device):
     )
     assert res.returncode == 2 and f"--device {device}" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_high_bit_depth_grey_images_are_scaled_not_clipped(tmp_path, mode):
+    from cdm.data import decode_image
+
+    if mode == "I;16":
+        image = PIL.Image.fromarray(np.full((4, 4), 32768, np.uint16))
+        path = tmp_path / "grey16.png"
+    else:
+        image = PIL.Image.fromarray(np.full((4, 4), 0.5, np.float32), mode="F")
+        path = tmp_path / "float.tiff"
+    image.save(path)
+    decoded = np.asarray(decode_image({"path": str(path)}))
+    assert decoded.shape == (4, 4, 3) and abs(int(decoded[0, 0, 0]) - 128) <= 1
+
+
+@pytest.mark.parametrize(
+    "cmd, needle",
+    [
+        (["cdm-generate", "--class", "0", "--out", "FILE", "--overwrite"], "is a file"),
+        (["cdm-generate", "--class", "0", "--guidance", "-1", "--out", "NEW"], "guidance_scale=-1.0"),
+        (["cdm-eval", "gen", "--model", "CASCADE", "--batch", "0", "--out", "NEW"], "--batch=0"),
+        (["cdm-eval", "sr", "--model", "CASCADE", "--num-images", "0", "--out", "NEW"], "--num-images=0"),
+        (["cdm-upscale", "IMG", "--model", "CASCADE", "--steps", "0", "--out", "NEW"], "--steps=0"),
+    ],
+)
+def test_small_bad_values_get_clear_words_and_write_nothing(tmp_path, cmd, needle):
+    root = make_cascade(tmp_path / "c", sizes=(8, 32))
+    (tmp_path / "FILE").write_text("mine")
+    PIL.Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(tmp_path / "img.png")
+    subs = {"FILE": str(tmp_path / "FILE"), "NEW": str(tmp_path / "new"), "CASCADE": str(root),
+            "IMG": str(tmp_path / "img.png")}  # fmt: skip
+    before = tree_hashes(tmp_path)
+    res = run_cli([subs.get(a, a) for a in cmd], tmp_path)
+    assert res.returncode == 2 and needle in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert tree_hashes(tmp_path) == before and not (tmp_path / "new").exists()

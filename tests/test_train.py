@@ -253,12 +253,7 @@ def test_resume_skips_a_truncated_latest_checkpoint_and_says_so(tmp_path, cache_
 
 def test_resume_with_another_model_config_is_one_line(tmp_path, cache_env):
     out = tmp_path / "run"
-    assert (
-        run_cli(
-            train_args("base64", out, 4, "train.stop_after=2"), tmp_path, cache_env
-        ).returncode
-        == 0
-    )
+    assert run_cli(train_args("base64", out, 4, "train.stop_after=2"), tmp_path, cache_env).returncode == 0
     res = run_cli(train_args("base64", out, 4, "train.resume=latest", "unet.block_out_channels=[8,16]",
                              "unet.norm_num_groups=8"), tmp_path, cache_env)  # fmt: skip
     assert res.returncode == 2 and "different model configuration" in res.stderr
