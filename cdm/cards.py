@@ -233,7 +233,18 @@ def make_card(
     body = [title, "", "## Stages", "", stage_rows(names, pipes, infos), ""]
     if has_samples:
         body += ["## Samples", "", "![samples](samples.png)", ""]
-    if "sr" in kinds:
+    sr_infos = [(i or {}).get("stage", {}) for i, k in zip(infos, kinds) if k == "sr"]
+    if any(st.get("residual") for st in sr_infos):
+        body += ["## Fidelity or detail: the number of steps", "",
+                 "The SR stages diffuse the residual over the bicubic upsample (SRDiff-style) and sampling starts "
+                 "at the last training timestep. One step returns E[x0 | low-res], the regression estimate with "
+                 "the highest PSNR; more steps sample detail from the posterior at a lower PSNR. The results "
+                 "below give both ends.", ""]  # fmt: skip
+    if sr_infos and all(st.get("aug_max_level", 1) == 0 for st in sr_infos):
+        body += ["## Training inputs", "",
+                 "Trained on clean, anti-aliased bicubic downsamples (no conditioning augmentation): this is a "
+                 "standalone upscaler for real images rather than a stage after a generator.", ""]  # fmt: skip
+    elif "sr" in kinds:
         body += ["## Conditioning augmentation", "",
                  "Each SR stage is trained on low-res inputs noised to a random level s and told s; at sampling the "
                  "input is noised to a fixed level (non-truncated) or handed over noisy from the previous stage "
