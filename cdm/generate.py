@@ -10,12 +10,17 @@ import re
 import sys
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
+
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
 from cdm.files import check_new, check_out_dir, write_file
 from cdm.images import save_grid, to_pil
 
 DEMO_CASCADE = Path(__file__).resolve().parent / "demo_cascade"
+CHUNK = 16  # images taken through the whole cascade at a time
+GRID_MAX = 64  # the grid shows at most this many final images
 
 
 def _csv(kind):
@@ -104,23 +109,48 @@ def main(argv: list[str] | None = None) -> None:
     grid_path = args.out / "grid.png"
     check_new([p for group in files.values() for p in group] + [grid_path], args.overwrite)
 
-    cascade.to(args.device).optimize(bf16=args.bf16, channels_last=not args.no_channels_last)
+    state = PartialState()  # one process, unless started by accelerate launch
+    device = state.device if state.num_processes > 1 else args.device
+    cascade.to(device).optimize(bf16=args.bf16, channels_last=not args.no_channels_last)
     args.out.mkdir(parents=True, exist_ok=True)
+    with state.split_between_processes(list(range(len(ids)))) as mine:
+        mine = list(mine)
+    seconds = [0.0] * len(cascade.pipes)
+    for lo in range(0, len(mine), CHUNK):  # memory stays flat for any number of images
+        part = mine[lo : lo + CHUNK]
 
-    def on_stage_end(k, name, images):
-        for path, img in zip(files.get(k, []), images):
-            write_file(path, to_pil(img).save, args.overwrite)
+        def on_stage_end(k, name, images, part=part):
+            for pos, img in zip(part, images):
+                if k in files:
+                    write_file(files[k][pos], to_pil(img).save, args.overwrite)
 
-    result = cascade(ids, seeds, settings, on_stage_end=on_stage_end, progress=not args.quiet)
-    write_file(
-        grid_path, lambda tmp: save_grid(list(result.images[-1]), tmp, ncols=min(len(ids), 8)), args.overwrite
-    )
+        result = cascade([ids[p] for p in part], [seeds[p] for p in part], settings,
+                         on_stage_end=on_stage_end, progress=not args.quiet)  # fmt: skip
+        seconds = [a + b for a, b in zip(seconds, result.seconds)]
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return
+    final = files[len(cascade.pipes) - 1][:GRID_MAX]
+    write_file(grid_path, lambda tmp: save_grid([read_png(p) for p in final], tmp, ncols=min(len(final), 8)),
+               args.overwrite)  # fmt: skip
     labels = cascade.base.labels
     names = ", ".join(dict.fromkeys(f"{c} ({labels.get(c, c)})" for c in ids))
+    share = f" ({len(mine)} on this process of {state.num_processes})" if state.num_processes > 1 else ""
     print(f"{len(ids)} image(s) of class {names} from {cascade.root}")
-    for name, res, sec in zip(result.stage_names, cascade.resolutions, result.seconds):
-        print(f"  {name:<12} {res:>5}px  {sec:7.1f}s  ({sec / len(ids):.1f}s per image)")
+    for name, res, sec in zip(cascade.names, cascade.resolutions, seconds):
+        print(f"  {name:<12} {res:>5}px  {sec:7.1f}s  ({sec / max(len(mine), 1):.1f}s per image){share}")
     print(f"wrote {sum(len(v) for v in files.values())} PNGs and {grid_path} to {args.out}/")
+
+
+def read_png(path: Path) -> torch.Tensor:
+    """A written image back as a (3, H, W) tensor in [-1, 1], for the grid."""
+    import numpy as np
+    import PIL.Image
+
+    with PIL.Image.open(path) as image:
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(
+            2, 0, 1
+        )
 
 
 if __name__ == "__main__":

@@ -209,3 +209,35 @@ def test_demo_cascade_loads_and_its_pipeline_copies_match_the_package():
     assert len(copies) == 3
     for copy in copies:
         assert copy.read_text() == (package / copy.name).read_text(), copy
+
+
+@pytest.mark.slow
+def test_two_process_generation_writes_the_same_files_as_one_process(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = make_cascade(tmp_path / "c", sizes=(8, 32))
+    common = ["--model", str(root), "--class", "0", "--class", "2", "--num-images", "3", "--quiet",
+              "--save-intermediates"]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "MASTER_PORT": "29536"}
+    one = run_cli(
+        [sys.executable, "-m", "cdm.generate", *common, "--out", str(tmp_path / "one")], tmp_path, env
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    try:
+        two = run_cli([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                       "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cdm.generate", *common,
+                       "--out", str(tmp_path / "two")], tmp_path, env, timeout=240)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("the two-process generation did not finish in 240 s")
+    assert two.returncode == 0, two.stderr[-2000:]
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(files) == 13
+    for name in files:
+        a = np.asarray(PIL.Image.open(tmp_path / "one" / name), dtype=int)
+        b = np.asarray(PIL.Image.open(tmp_path / "two" / name), dtype=int)
+        assert np.abs(a - b).max() == 0, name
+    assert two.stdout.count("wrote 12 PNGs") == 1  # the main process alone reports
