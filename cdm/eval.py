@@ -25,11 +25,13 @@ from cdm.errors import OneLineParser, UserError, cli
 DEFAULT_RESIZE = {"digits": ResizeMode.crisp, "photos": ResizeMode.none, "imagefolder": ResizeMode.resize}
 
 
-def data_config(source: str, path: str | None) -> DataConfig:
+def data_config(source: str, path: str | None, sr: bool = False) -> DataConfig:
+    """The held-out data: for SR, any folder of images at native resolution (no labels needed)."""
     if source == "imagefolder" and not path:
         raise UserError("--data imagefolder needs --data-path DIR")
-    label = None if source == "photos" else "label"
-    return DataConfig(source=DataSource(source), path=path, resize=DEFAULT_RESIZE[source], label_column=label)
+    label = None if source == "photos" or sr else "label"
+    resize = ResizeMode.none if sr and source == "imagefolder" else DEFAULT_RESIZE[source]
+    return DataConfig(source=DataSource(source), path=path, resize=resize, label_column=label)
 
 
 def real_images(data: DataConfig, split: str, size: int, limit: int | None, seed: int = 0):
@@ -181,7 +183,7 @@ def cmd_sr(args) -> None:
     if args.num_images is not None and args.num_images < 1:
         raise UserError(f"--num-images={args.num_images}: expected an integer >= 1")
     pipe, settings = load_sr_stage(args.model, args.stage)
-    data = data_config(args.data, args.data_path)
+    data = data_config(args.data, args.data_path, sr=True)
     size = pipe.unet.config.sample_size if args.crop is None else args.crop
     mult = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     if size % pipe.scale_factor or size % mult:

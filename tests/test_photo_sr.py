@@ -234,3 +234,26 @@ def test_shipped_photo_stage_card_and_pipeline_copy():
     }
     assert {"psnr", "hf_ratio", "patch_kid"} <= names
     assert "| bicubic upsampling |" in card
+
+
+def test_eval_sr_on_a_flat_folder_of_photos_reports_every_metric_and_a_sweep(tmp_path, cache_env):
+    stage_dir = save_stage(build_pipeline(residual_stage(), TINY, 0), tmp_path / "st")
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    for i, size in enumerate((64, 72)):
+        PIL.Image.fromarray(((textured(size, seed=i)[0].permute(1, 2, 0) + 1) * 127.5).byte().numpy()).save(
+            flat / f"{i}.png"
+        )
+    res = run_cli(["cdm-eval", "sr", "--model", str(stage_dir), "--data", "imagefolder", "--data-path", str(flat),
+                   "--crop", "0", "--steps", "1,2", "--scheduler", "DDIMScheduler", "--out", str(tmp_path / "ev")],
+                  tmp_path, cache_env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert result["dataset"]["num_images"] == 2 and result["dataset"]["crop"] is None
+    assert result["dataset"]["pixels"] == 64 * 64 + 72 * 72  # whole images at native size
+    for method in ("model", "bicubic"):
+        assert set(result["metrics"][method]) == {"psnr", "ssim", "consistency", "hf_ratio", "patch_kid"}
+    assert result["metrics"]["bicubic"]["hf_ratio"] < 0.2
+    assert [r["steps"] for r in result["sweep"]] == [1, 2]
+    assert (tmp_path / "ev" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| HF ratio | patch KID |" in (tmp_path / "ev" / "results.md").read_text()
