@@ -139,12 +139,9 @@ def assemble(inputs: list[Path], out: Path, results: list[dict], repo: str, lice
             copy_stage(folder, target, half)
             write_pipeline_file(pipe, target)
             write_sampler(pipe, s, target)
-            label_set = (
-                "imagenet"
-                if any("imagenet" in str((i or {}).get("data", {})).lower() for i in infos)
-                else None
-            )
-            write_cascade_json(tmp, names, settings, {"label_set": label_set} if label_set else None)
+        if not single:
+            imagenet = any("imagenet" in str((i or {}).get("data", {})).lower() for i in infos)
+            write_cascade_json(tmp, names, settings, {"label_set": "imagenet"} if imagenet else None)
         if grid is not None:  # a card image, not an archive: at most 2048 px on a side
             import PIL.Image
 
