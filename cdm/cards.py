@@ -183,7 +183,7 @@ out = cascade([{label_example}], seeds=[0])
         cls="SR3Pipeline",
         prepare='import PIL.Image\nlow_res = PIL.Image.open("photo.png").convert("RGB")\n',
         call_args=f"image=low_res, noise_level={s.aug_level}, num_inference_steps={s.steps}, "
-        f"tile_size={pipes[0].unet.config.sample_size}",
+        f"tile_size={pipes[0].unet.config.sample_size}, tile_overlap={pipes[0].unet.config.sample_size // 4}",
     )
     return f"### With cdm\n\n{cdm}\n\n### With plain diffusers\n\n{plain}"
 

@@ -109,8 +109,10 @@ def score_sr(
     if kid:
         from cdm.fid import patch_kid
 
+        size = min(KID_PATCH, *(min(x.shape[-2:]) for x in images))  # small images: patches of their size
+
         def patches(xs):
-            return torch.cat([patch_grid(x, KID_PATCH, KID_PATCHES_PER_IMAGE) for x in xs])
+            return torch.cat([patch_grid(x, size, KID_PATCHES_PER_IMAGE) for x in xs])
 
         result["patch_kid"] = patch_kid(patches(preds), patches(images))
     return result
@@ -225,7 +227,7 @@ def cmd_sr(args) -> None:
         "dataset": {"name": data.source.value if data.source != DataSource.imagefolder else str(data.path),
                     "split": args.split, "num_images": len(images), "crop": size or None,
                     "pixels": sum(x.shape[-1] * x.shape[-2] for x in images),
-                    "kid_patches": sum(len(patch_grid(x, KID_PATCH, KID_PATCHES_PER_IMAGE)) for x in images) if kid else 0},
+                    "kid_patches": sum(len(patch_grid(x, min(KID_PATCH, *(min(y.shape[-2:]) for y in images)), KID_PATCHES_PER_IMAGE)) for x in images) if kid else 0},
         "settings": {"steps": sweep[0]["steps"], "noise_level": args.noise_level, "eta": args.eta,
                      "scheduler": sweep[0]["scheduler"]},
         "metrics": {"model": first, "bicubic": bicubic},

@@ -6,6 +6,7 @@ cdm-generate --class 207 --model user/cascade --num-images 4 --seed 0 --out samp
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     grid_path = args.out / "grid.png"
     check_new([p for group in files.values() for p in group] + [grid_path], args.overwrite)
 
-    state = PartialState()  # one process, unless started by accelerate launch
+    # one process, unless started by accelerate launch (which marks CPU-only launches in the environment)
+    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
     device = state.device if state.num_processes > 1 else args.device
     cascade.to(device).optimize(bf16=args.bf16, channels_last=not args.no_channels_last)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ def build_noise_scheduler(stage: StageConfig) -> DDPMScheduler:
         beta_schedule=stage.beta_schedule,
         prediction_type=PredictionType(stage.prediction_type).value,
         clip_sample=not stage.residual,
-        timestep_spacing="trailing",
+        timestep_spacing="leading" if stage.prediction_type == PredictionType.epsilon else "trailing",
     )
 
 
@@ -79,8 +79,10 @@ def sampling_scheduler(name: str, config, steps: int = 4):
     extra, params = {}, inspect.signature(cls.__init__).parameters
     if "thresholding" in params and config.get("clip_sample", True):
         extra["thresholding"] = True  # Imagen's dynamic thresholding keeps pixel-space x_0 in [-1, 1]
-    if "timestep_spacing" in params:
-        extra["timestep_spacing"] = "trailing"  # start from the last training step: one step gives E[x_0]
+    if "timestep_spacing" in params and config.get("prediction_type") != "epsilon":
+        # start from the last training step, where one step of a v model gives E[x_0]; an epsilon model's
+        # x_0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) is ill-conditioned there, so it keeps its spacing
+        extra["timestep_spacing"] = "trailing"
     if config.get("beta_schedule") == "squaredcos_cap_v2" and "lambda_min_clipped" in params:
         extra["lambda_min_clipped"] = -5.1  # the cosine schedule's last steps are unstable without it
     try:

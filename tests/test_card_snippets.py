@@ -38,6 +38,7 @@ def run_block(code: str, repos: dict, tmp_path, name: str):
     plain = "cdm" not in code.replace("cdm_pipelines", "").replace("trust_remote_code", "")
     site = tmp_path / f"site-{name}"
     site.mkdir()
+    repos = {**repos, **{path: path for path in repos.values()}}  # the id is replaced by the path below
     (site / "sitecustomize.py").write_text(SITE.format(repos=repos, block_cdm=plain))
     for repo, path in repos.items():  # from_pretrained("user/x") reads the local folder
         code = code.replace(f'"{repo}"', repr(path))

@@ -68,7 +68,7 @@ def test_patch_grid_covers_the_image_corners_and_skips_small_images():
 
 
 def test_one_trailing_step_starts_at_the_last_training_timestep():
-    pipe = build_pipeline(sr_stage(8, 32), TINY, 0)
+    pipe = build_pipeline(v_stage(), TINY, 0)
     for name in ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler"):
         scheduler = sampling_scheduler(name, pipe.scheduler.config)
         scheduler.set_timesteps(1)
