@@ -225,10 +225,11 @@ def test_two_process_run_takes_precision_and_accumulation_from_accelerate(tmp_pa
     """A 2-process CPU launch from an accelerate config file (bf16) with accumulation 2 from the launcher."""
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     config = tmp_path / "accelerate.yaml"
-    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\n"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
                       "num_machines: 1\nmachine_rank: 0\nmixed_precision: bf16\nuse_cpu: true\n")  # fmt: skip
     args = train_args("base64", tmp_path / "run", 2)[1:]
-    env = {**cache_env, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2", "MASTER_PORT": "29535"}
+    env = {**cache_env, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2", "MASTER_PORT": "29535",
+           "ACCELERATE_USE_CPU": "1"}  # fmt: skip
     res = run_cli([launcher, "launch", "--config_file", str(config), "-m", "cdm.train", *args], tmp_path, env,
                   timeout=240)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
