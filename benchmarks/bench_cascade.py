@@ -11,8 +11,12 @@ import time
 
 import torch
 
-CONFIGS = [("fp32", False, False), ("fp32+channels_last", False, True), ("bf16", True, False),
-           ("bf16+channels_last", True, True)]  # fmt: skip
+CONFIGS = [
+    ("fp32", False, False),
+    ("fp32+channels_last", False, True),
+    ("bf16", True, False),
+    ("bf16+channels_last", True, True),
+]
 
 
 def run_one(bf16: bool, channels_last: bool) -> dict:
@@ -51,14 +55,26 @@ def main():
     baseline = None
     for name, bf16, cl in CONFIGS:
         args = [str(int(bf16)), str(int(cl))]
-        res = json.loads(subprocess.run([sys.executable, __file__, "time", *args], capture_output=True,
-                                        text=True, check=True).stdout.strip().splitlines()[-1])  # fmt: skip
-        mem = json.loads(subprocess.run([sys.executable, __file__, "mem", *args], capture_output=True,
-                                        text=True, check=True).stdout.strip().splitlines()[-1])  # fmt: skip
+        res = json.loads(
+            subprocess.run(
+                [sys.executable, __file__, "time", *args], capture_output=True, text=True, check=True
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        mem = json.loads(
+            subprocess.run(
+                [sys.executable, __file__, "mem", *args], capture_output=True, text=True, check=True
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         baseline = baseline or res["total"]
         stages = "  ".join(f"{k} {v:5.1f}s" for k, v in res["stages"].items())
-        print(f"{name:<19} {stages}  total {res['total']:5.1f}s (ratio {res['total'] / baseline:.2f} vs fp32; "
-              f"goal <= 60 s)  1024-stage peak RSS {mem['peak_rss_gib']:.2f} GiB (goal <= 3)")  # fmt: skip
+        print(
+            f"{name:<19} {stages}  total {res['total']:5.1f}s (ratio {res['total'] / baseline:.2f} vs fp32; "
+            f"goal <= 60 s)  1024-stage peak RSS {mem['peak_rss_gib']:.2f} GiB (goal <= 3)"
+        )
 
 
 if __name__ == "__main__":

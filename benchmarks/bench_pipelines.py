@@ -9,8 +9,15 @@ from common import header, timeit
 from cdm.config import SamplingConfig, StageConfig, StageKind, UNetConfig
 from cdm.models import build_pipeline
 
-SMALL = UNetConfig(name="small", block_out_channels=[32, 64, 128, 128], layers_per_block=1,
-                   attention_resolutions=[16, 8], attention_head_dim=32, norm_num_groups=16, level_embed_dim=64)  # fmt: skip
+SMALL = UNetConfig(
+    name="small",
+    block_out_channels=[32, 64, 128, 128],
+    layers_per_block=1,
+    attention_resolutions=[16, 8],
+    attention_head_dim=32,
+    norm_num_groups=16,
+    level_embed_dim=64,
+)
 STEPS = 10
 
 
@@ -48,18 +55,42 @@ def main():
     base = build_pipeline(
         StageConfig(name="base64", kind=StageKind.base, resolution=64, sample=sample), SMALL, 10
     )
-    sr = build_pipeline(StageConfig(name="sr64to256", kind=StageKind.sr, resolution=256, low_res=64,
-                                    class_conditional=False, sample=sample), SMALL, 0)  # fmt: skip
+    sr = build_pipeline(
+        StageConfig(
+            name="sr64to256",
+            kind=StageKind.sr,
+            resolution=256,
+            low_res=64,
+            class_conditional=False,
+            sample=sample,
+        ),
+        SMALL,
+        0,
+    )
     for p in (base, sr):
         p.set_progress_bar_config(disable=True)
     lr = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
     header(f"pipeline __call__ vs bare loop, small preset, batch 1, {STEPS} DDIM steps")
     rows = [
-        ("base64", lambda: base([3], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
-                                output_type="pt"), lambda: bare_base(base, 0)),
-        ("sr64to256", lambda: sr(lr, noise_level=100, num_inference_steps=STEPS,
-                                 generator=torch.Generator().manual_seed(0), output_type="pt"), lambda: bare_sr(sr, lr, 0)),
-    ]  # fmt: skip
+        (
+            "base64",
+            lambda: base(
+                [3], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="pt"
+            ),
+            lambda: bare_base(base, 0),
+        ),
+        (
+            "sr64to256",
+            lambda: sr(
+                lr,
+                noise_level=100,
+                num_inference_steps=STEPS,
+                generator=torch.Generator().manual_seed(0),
+                output_type="pt",
+            ),
+            lambda: bare_sr(sr, lr, 0),
+        ),
+    ]
     for name, pipe_fn, bare_fn in rows:
         t_pipe, t_bare = timeit(pipe_fn), timeit(bare_fn)
         print(

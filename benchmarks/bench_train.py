@@ -22,10 +22,20 @@ BATCH, STEPS = 8, 12
 
 
 def cdm_images_per_second(precision: str, out: Path) -> float:
-    overrides = ["stage=base64", "unet=small", "data=digits", f"train.batch_size={BATCH}",
-                 f"train.max_steps={STEPS}", f"train.mixed_precision={precision}", "train.tracker=none",
-                 "train.sample_every=100000", "train.checkpoint_every=100000", "train.num_samples=1",
-                 "stage.sample.steps=1", f"train.output_dir={out}"]  # fmt: skip
+    overrides = [
+        "stage=base64",
+        "unet=small",
+        "data=digits",
+        f"train.batch_size={BATCH}",
+        f"train.max_steps={STEPS}",
+        f"train.mixed_precision={precision}",
+        "train.tracker=none",
+        "train.sample_every=100000",
+        "train.checkpoint_every=100000",
+        "train.num_samples=1",
+        "stage.sample.steps=1",
+        f"train.output_dir={out}",
+    ]
     cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), compose_config(overrides))
     validate(cfg)
     AcceleratorState._reset_state(reset_partial_state=True)  # each run picks its own precision
@@ -97,10 +107,14 @@ def main():
         bare, per_step = bare_images_per_second(precision)
         peak = matmul_peak(dtype)
         mfu = flops / per_step / peak
-        print(f"precision={precision:<4} cdm-train {ours:6.1f} img/s  bare accelerate {bare:6.1f} img/s  "
-              f"ratio {ours / bare:.3f} (goal >= 1.0)")  # fmt: skip
-        print(f"               model FLOPs/step {flops / 1e9:.1f} G, achieved {flops / per_step / 1e9:.1f} GFLOP/s, "
-              f"matmul peak {peak / 1e9:.1f} GFLOP/s ({dtype}), MFU {mfu:.1%} (goal >= 70%)")  # fmt: skip
+        print(
+            f"precision={precision:<4} cdm-train {ours:6.1f} img/s  bare accelerate {bare:6.1f} img/s  "
+            f"ratio {ours / bare:.3f} (goal >= 1.0)"
+        )
+        print(
+            f"               model FLOPs/step {flops / 1e9:.1f} G, achieved {flops / per_step / 1e9:.1f} GFLOP/s, "
+            f"matmul peak {peak / 1e9:.1f} GFLOP/s ({dtype}), MFU {mfu:.1%} (goal >= 70%)"
+        )
 
 
 if __name__ == "__main__":

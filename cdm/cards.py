@@ -14,9 +14,16 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from cdm.models import count_parameters
 
 BASE_TAGS = ["diffusers", "cascaded-diffusion", "cdm", "pixel-diffusion"]
-METRIC_NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "consistency": "SR3 consistency (MSE)",
-                "hf_ratio": "HF ratio", "patch_kid": "patch KID",
-                "class_agreement": "class agreement", "fid": "FID", "kid": "KID"}  # fmt: skip
+METRIC_NAMES = {
+    "psnr": "PSNR (dB)",
+    "ssim": "SSIM",
+    "consistency": "SR3 consistency (MSE)",
+    "hf_ratio": "HF ratio",
+    "patch_kid": "patch KID",
+    "class_agreement": "class agreement",
+    "fid": "FID",
+    "kid": "KID",
+}
 
 
 def stage_kind(pipe) -> str:
@@ -56,18 +63,28 @@ def eval_results(results: list[dict], model_name: str) -> list[EvalResult]:
         for key, value in metrics.items():
             if value is None:
                 continue
-            out.append(EvalResult(
-                task_type=task, task_name=task_name, dataset_type=res["dataset"]["name"],
-                dataset_name=res["dataset"]["name"], dataset_split=res["dataset"].get("split"),
-                metric_type=key, metric_name=f"{METRIC_NAMES.get(key, key)} ({res.get('stage', model_name)})",
-                metric_value=float(f"{float(value):.5g}"),
-            ))  # fmt: skip
+            out.append(
+                EvalResult(
+                    task_type=task,
+                    task_name=task_name,
+                    dataset_type=res["dataset"]["name"],
+                    dataset_name=res["dataset"]["name"],
+                    dataset_split=res["dataset"].get("split"),
+                    metric_type=key,
+                    metric_name=f"{METRIC_NAMES.get(key, key)} ({res.get('stage', model_name)})",
+                    metric_value=float(f"{float(value):.5g}"),
+                )
+            )
     return out
 
 
-SR_COLUMNS = {"psnr": ("PSNR (dB)", "{:.2f}"), "ssim": ("SSIM", "{:.4f}"),
-              "consistency": ("consistency (MSE)", "{:.2e}"), "hf_ratio": ("HF ratio", "{:.2f}"),
-              "patch_kid": ("patch KID", "{:.4f}")}  # fmt: skip
+SR_COLUMNS = {
+    "psnr": ("PSNR (dB)", "{:.2f}"),
+    "ssim": ("SSIM", "{:.4f}"),
+    "consistency": ("consistency (MSE)", "{:.2e}"),
+    "hf_ratio": ("HF ratio", "{:.2f}"),
+    "patch_kid": ("patch KID", "{:.4f}"),
+}
 
 
 def sr_table(res: dict) -> list[str]:
@@ -77,8 +94,11 @@ def sr_table(res: dict) -> list[str]:
     head = ["| method | " + " | ".join(SR_COLUMNS[c][0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     where = res["dataset"]
     crop = f", {where['crop']} px crops" if where.get("crop") else ", whole images"
-    lines = [f"**{res['stage']}** on {where['name']} ({where.get('split', '')}, {where['num_images']} images{crop}), "
-             f"{settings.get('scheduler', '')} {settings['steps']} steps, noise level {settings['noise_level']}:", ""]  # fmt: skip
+    lines = [
+        f"**{res['stage']}** on {where['name']} ({where.get('split', '')}, {where['num_images']} images{crop}), "
+        f"{settings.get('scheduler', '')} {settings['steps']} steps, noise level {settings['noise_level']}:",
+        "",
+    ]
     if where.get("kid_patches"):
         lines[0] = lines[0][:-1] + f"; patch KID over {where['kid_patches']} patches of 64 px per method:"
     lines += head
@@ -88,8 +108,10 @@ def sr_table(res: dict) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(SR_COLUMNS[c][1].format(m[c]) for c in cols) + " |")
     if res.get("sweep"):
         lines += ["", "Sampling steps against quality (one UNet evaluation per step):", ""]
-        lines += ["| scheduler | steps | " + " | ".join(SR_COLUMNS[c][0] for c in cols) + " |",
-                  "|---|---" + "|---" * len(cols) + "|"]  # fmt: skip
+        lines += [
+            "| scheduler | steps | " + " | ".join(SR_COLUMNS[c][0] for c in cols) + " |",
+            "|---|---" + "|---" * len(cols) + "|",
+        ]
         for row in res["sweep"]:
             values = " | ".join(SR_COLUMNS[c][1].format(row[c]) for c in cols)
             lines.append(f"| {row['scheduler']} | {row['steps']} | {values} |")
@@ -106,8 +128,12 @@ def results_table(results: list[dict]) -> str:
         if res["kind"] == "sr":
             lines += sr_table(res)
         else:
-            lines += [f"**{res.get('stage', 'generation')}**, {res['num_samples']} samples:", "",
-                      "| metric | value |", "|---|---|"]  # fmt: skip
+            lines += [
+                f"**{res.get('stage', 'generation')}**, {res['num_samples']} samples:",
+                "",
+                "| metric | value |",
+                "|---|---|",
+            ]
             for key, value in res["metrics"].items():
                 if value is not None:
                     lines.append(f"| {METRIC_NAMES.get(key, key)} | {value:.4f} |")
@@ -127,14 +153,18 @@ def stage_rows(names, pipes, infos) -> str:
         inp = f"{pipe.config.low_res_size} px" if stage_kind(pipe) == "sr" else "noise + class"
         run = (info or {}).get("run", {})
         steps = run.get("steps", "n/a")
-        rows.append(f"| {name} | {stage_kind(pipe)} | {inp} | {out} px | {count_parameters(pipe.unet) / 1e6:.2f} M "
-                    f"| {steps} | {dataset_id(info)} |")  # fmt: skip
+        rows.append(
+            f"| {name} | {stage_kind(pipe)} | {inp} | {out} px | {count_parameters(pipe.unet) / 1e6:.2f} M "
+            f"| {steps} | {dataset_id(info)} |"
+        )
     return "\n".join(rows)
 
 
 def augmentation_rows(names, pipes, infos, settings) -> str:
-    rows = ["| stage | training: s ~ U{0..max} | training blur (p, sigma) | sampling level s | sampling mode |",
-            "|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| stage | training: s ~ U{0..max} | training blur (p, sigma) | sampling level s | sampling mode |",
+        "|---|---|---|---|---|",
+    ]
     for name, pipe, info, s in zip(names, pipes, infos, settings):
         if stage_kind(pipe) != "sr":
             continue
@@ -216,14 +246,20 @@ def make_card(
     datasets = sorted({hub_dataset_id(i) for i in infos if i} - {None, "imagefolder"}) or None
     model_name = repo.split("/")[-1]
     data = ModelCardData(
-        library_name="diffusers", license=license, tags=tags, pipeline_tag=pipeline_tag,
-        datasets=datasets, model_name=model_name,
+        library_name="diffusers",
+        license=license,
+        tags=tags,
+        pipeline_tag=pipeline_tag,
+        datasets=datasets,
+        model_name=model_name,
         eval_results=eval_results(results, model_name) or None,
-    )  # fmt: skip
+    )
     labels = pipes[0].config.get("id2label") or {}
     label_example = "207" if len(labels) == 1000 else (next(iter(labels), "0"))
-    resolutions = " → ".join([str(pipes[0].config.get("low_res_size", ""))] * (kinds[0] == "sr")
-                             + [str(p.unet.config.sample_size) for p in pipes])  # fmt: skip
+    resolutions = " → ".join(
+        [str(pipes[0].config.get("low_res_size", ""))] * (kinds[0] == "sr")
+        + [str(p.unet.config.sample_size) for p in pipes]
+    )
     title = f"# {model_name}\n\nA {'cascaded diffusion model' if cascade else ('super-resolution stage' if kinds[0] == 'sr' else 'class-conditional base stage')}"
     title += f" ({resolutions} px) built with cdm on diffusers, after"
     title += " Cascaded Diffusion Models (Ho et al., 2021) and SR3 (Saharia et al., 2021)."
@@ -235,20 +271,34 @@ def make_card(
         body += ["## Samples", "", "![samples](samples.png)", ""]
     sr_infos = [(i or {}).get("stage", {}) for i, k in zip(infos, kinds) if k == "sr"]
     if any(st.get("residual") for st in sr_infos):
-        body += ["## Fidelity or detail: the number of steps", "",
-                 "The SR stages diffuse the residual over the bicubic upsample (SRDiff-style) and sampling starts "
-                 "at the last training timestep. One step returns E[x0 | low-res], the regression estimate with "
-                 "the highest PSNR; more steps sample detail from the posterior at a lower PSNR. The results "
-                 "below give both ends.", ""]  # fmt: skip
+        body += [
+            "## Fidelity or detail: the number of steps",
+            "",
+            "The SR stages diffuse the residual over the bicubic upsample (SRDiff-style) and sampling starts "
+            "at the last training timestep. One step returns E[x0 | low-res], the regression estimate with "
+            "the highest PSNR; more steps sample detail from the posterior at a lower PSNR. The results "
+            "below give both ends.",
+            "",
+        ]
     if sr_infos and all(st.get("aug_max_level", 1) == 0 for st in sr_infos):
-        body += ["## Training inputs", "",
-                 "Trained on clean, anti-aliased bicubic downsamples (no conditioning augmentation): this is a "
-                 "standalone upscaler for real images rather than a stage after a generator.", ""]  # fmt: skip
+        body += [
+            "## Training inputs",
+            "",
+            "Trained on clean, anti-aliased bicubic downsamples (no conditioning augmentation): this is a "
+            "standalone upscaler for real images rather than a stage after a generator.",
+            "",
+        ]
     elif "sr" in kinds:
-        body += ["## Conditioning augmentation", "",
-                 "Each SR stage is trained on low-res inputs noised to a random level s and told s; at sampling the "
-                 "input is noised to a fixed level (non-truncated) or handed over noisy from the previous stage "
-                 "(truncated).", "", augmentation_rows(names, pipes, infos, settings), ""]  # fmt: skip
+        body += [
+            "## Conditioning augmentation",
+            "",
+            "Each SR stage is trained on low-res inputs noised to a random level s and told s; at sampling the "
+            "input is noised to a fixed level (non-truncated) or handed over noisy from the previous stage "
+            "(truncated).",
+            "",
+            augmentation_rows(names, pipes, infos, settings),
+            "",
+        ]
     body += ["## Results", ""]
     body += [results_table(results)] if results else ["No evaluation has been run for this model yet.", ""]
     body += ["## Usage", "", usage(repo, names, pipes, settings, cascade, label_example), ""]
@@ -260,16 +310,30 @@ def make_card(
         run = info.get("run", {})
         seconds = run.get("seconds_total")
         took = f", {seconds / 60:.1f} min on {run.get('world_size', 1)} process(es)" if seconds else ""
-        body += [f"- **{name}**: {run.get('steps', 'n/a')} steps at {run.get('images_per_step', 'n/a')} images "
-                 f"per step on {dataset_id(info)}{took}, final loss {run.get('final_loss', float('nan')):.4f}.", ""]  # fmt: skip
+        body += [
+            f"- **{name}**: {run.get('steps', 'n/a')} steps at {run.get('images_per_step', 'n/a')} images "
+            f"per step on {dataset_id(info)}{took}, final loss {run.get('final_loss', float('nan')):.4f}.",
+            "",
+        ]
         config = {k: info[k] for k in ("stage", "unet", "train") if k in info}
-        body += ["<details><summary>config</summary>", "", "```json", json.dumps(config, indent=1), "```", "",
-                 "</details>", ""]  # fmt: skip
-    body += ["## Limitations", "",
-             "- Trained only on the data listed above; it knows nothing outside those classes and image statistics.",
-             "- Small-sample metrics are noisy, and FID from few samples is biased upward; sample counts are listed.",
-             "- Pixel-space sampling at 1024 px is slow on CPUs; SR stages can be run in tiles (`cdm-upscale`).",
-             ""]  # fmt: skip
+        body += [
+            "<details><summary>config</summary>",
+            "",
+            "```json",
+            json.dumps(config, indent=1),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
+    body += [
+        "## Limitations",
+        "",
+        "- Trained only on the data listed above; it knows nothing outside those classes and image statistics.",
+        "- Small-sample metrics are noisy, and FID from few samples is biased upward; sample counts are listed.",
+        "- Pixel-space sampling at 1024 px is slow on CPUs; SR stages can be run in tiles (`cdm-upscale`).",
+        "",
+    ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
 
 

@@ -77,11 +77,18 @@ def resolve_model(model: str | Path, revision: str | None = None) -> Path:
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
         try:
-            return Path(snapshot_download(str(model), revision=revision,
-                                          allow_patterns=["*.json", "*.safetensors", "*.md", "*.png", "*.py"]))  # fmt: skip
+            return Path(
+                snapshot_download(
+                    str(model),
+                    revision=revision,
+                    allow_patterns=["*.json", "*.safetensors", "*.md", "*.png", "*.py"],
+                )
+            )
         except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-            raise UserError(f"model {model}: not a local folder, and the Hub repo could not be fetched "
-                            f"({str(err).splitlines()[0][:160]})") from None  # fmt: skip
+            raise UserError(
+                f"model {model}: not a local folder, and the Hub repo could not be fetched "
+                f"({str(err).splitlines()[0][:160]})"
+            ) from None
     raise UserError(f"model {model}: no such folder (expected a cascade folder or a Hub repo id)")
 
 
@@ -299,10 +306,18 @@ class Cascade:
             for lo in range(0, len(ids), s.max_batch):
                 hi = min(lo + s.max_batch, len(ids))
                 gens = [torch.Generator().manual_seed(stage_seed(seed, k)) for seed in seeds[lo:hi]]
-                common = {"num_inference_steps": s.steps, "guidance_scale": s.guidance_scale, "generator": gens,
-                          "output_type": "pt", "truncate_alphabar": truncate}  # fmt: skip
-                autocast = torch.autocast(pipe.device.type, dtype=self.autocast_dtype or torch.float32,
-                                          enabled=self.autocast_dtype is not None)  # fmt: skip
+                common = {
+                    "num_inference_steps": s.steps,
+                    "guidance_scale": s.guidance_scale,
+                    "generator": gens,
+                    "output_type": "pt",
+                    "truncate_alphabar": truncate,
+                }
+                autocast = torch.autocast(
+                    pipe.device.type,
+                    dtype=self.autocast_dtype or torch.float32,
+                    enabled=self.autocast_dtype is not None,
+                )
                 if k == 0:
                     with autocast:
                         out = pipe(ids[lo:hi], **common)
@@ -313,8 +328,13 @@ class Cascade:
                     )
                     labels = ids[lo:hi] if pipe.num_classes else None
                     with autocast:
-                        out = pipe(x[lo:hi].to(pipe.device), class_labels=labels, noise_level=level,
-                                   low_res_is_augmented=handed_over, **common)  # fmt: skip
+                        out = pipe(
+                            x[lo:hi].to(pipe.device),
+                            class_labels=labels,
+                            noise_level=level,
+                            low_res_is_augmented=handed_over,
+                            **common,
+                        )
                 chunks.append(out.images.float().cpu())
                 alphabars.append(out.alphabar)
             x, alphabar = torch.cat(chunks), alphabars[0]
@@ -329,7 +349,10 @@ def write_cascade_json(
     root: Path, names: list[str], settings: list[StageSettings], extra: dict | None = None
 ):
     """cascade.json: stage order, each stage's folder and sampling defaults."""
-    spec = {"format": "cdm-cascade", "version": 1,
-            "stages": [{"name": n, "path": n, "sampling": asdict(s)} for n, s in zip(names, settings)],
-            **(extra or {})}  # fmt: skip
+    spec = {
+        "format": "cdm-cascade",
+        "version": 1,
+        "stages": [{"name": n, "path": n, "sampling": asdict(s)} for n, s in zip(names, settings)],
+        **(extra or {}),
+    }
     (Path(root) / CASCADE_FILE).write_text(json.dumps(spec, indent=2) + "\n")

@@ -51,8 +51,10 @@ def save_checkpoint(
         {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors"
     )
     ema_state = ema.state_dict()
-    save_file({f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
-              tmp / "ema.safetensors")  # fmt: skip
+    save_file(
+        {f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
+        tmp / "ema.safetensors",
+    )
     tensors, meta = optimizer_to_flat(optimizer.state_dict())
     save_file(tensors, tmp / "optimizer.safetensors")
     trainer = {

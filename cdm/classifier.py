@@ -24,10 +24,16 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes: int):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        )  # fmt: skip
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(128 * 4 * 4, num_classes))
 
     def forward(self, x):
@@ -91,8 +97,13 @@ def get_classifier(data: DataConfig, resolution: int = 64):
         model.load_state_dict(load_file(weights))
         return model.eval(), meta
     model, accuracy, n_test = train_classifier(data, resolution)
-    meta = {"num_classes": model.head[-1].out_features, "held_out_accuracy": accuracy, "held_out_images": n_test,
-            "data": data.source.value, "resolution": resolution}  # fmt: skip
+    meta = {
+        "num_classes": model.head[-1].out_features,
+        "held_out_accuracy": accuracy,
+        "held_out_images": n_test,
+        "data": data.source.value,
+        "resolution": resolution,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), weights)
     record.write_text(json.dumps(meta, indent=1))

@@ -200,6 +200,14 @@ def validate(cfg) -> None:
         raise ValueError(f"stage.blur_prob={s.blur_prob}: expected a value in [0, 1]")
     if len(s.blur_sigma) != 2 or not 0 < s.blur_sigma[0] <= s.blur_sigma[1]:
         raise ValueError(f"stage.blur_sigma={list(s.blur_sigma)}: expected [low, high] with 0 < low <= high")
+    validate_stage(cfg)
+    validate_sizes(cfg)
+    validate_data(cfg)
+
+
+def validate_stage(cfg) -> None:
+    """Stage rules: residual scale, augmentation levels and modes, SR sizes and crops."""
+    s = cfg.stage
     if not s.residual_scale > 0:
         raise ValueError(f"stage.residual_scale={s.residual_scale}: expected a value > 0")
     if not 0 < cfg.data.min_scale <= 1:
@@ -233,6 +241,11 @@ def validate(cfg) -> None:
                 f"stage.crop_size={s.crop_size}: expected a multiple of the scale {scale} "
                 f"and at most stage.resolution={s.resolution}"
             )
+
+
+def validate_sizes(cfg) -> None:
+    """The UNet's downsampling and group norm must fit the training size and the channels."""
+    s = cfg.stage
     levels = 2 ** (len(cfg.unet.block_out_channels) - 1)
     train_size = s.crop_size or s.resolution
     if train_size % levels:
@@ -249,6 +262,10 @@ def validate(cfg) -> None:
         raise ValueError(
             "data.path is missing: data=imagefolder needs data.path=DIR (one sub-folder per class)"
         )
+
+
+def validate_data(cfg) -> None:
+    """Data-source rules that a type cannot express."""
     if cfg.data.source == DataSource.hub and cfg.data.path:
         raise ValueError(
             f"data.path={cfg.data.path} is not read by data=hub: use data=imagefolder data.path=DIR, or "

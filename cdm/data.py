@@ -31,12 +31,24 @@ DIGITS_HELD_OUT_PER_CLASS = 50
 # stereo pair contributes one view. Grey photos (textures, the moon, coins) become grey RGB. The last
 # `data.holdout` entries are the test split.
 PHOTO_SOURCES = [
-    "skimage:astronaut", "skimage:coffee", "skimage:chelsea", "skimage:rocket",
-    "skimage-file:motorcycle_left.png", "skimage:camera", "skimage:moon", "skimage:coins",
-    "skimage:grass", "skimage:gravel", "skimage:brick", "skimage:hubble_deep_field",
-    "skimage:retina", "skimage:immunohistochemistry",
-    "sklearn:china.jpg", "sklearn:flower.jpg", "matplotlib:grace_hopper.jpg",
-]  # fmt: skip
+    "skimage:astronaut",
+    "skimage:coffee",
+    "skimage:chelsea",
+    "skimage:rocket",
+    "skimage-file:motorcycle_left.png",
+    "skimage:camera",
+    "skimage:moon",
+    "skimage:coins",
+    "skimage:grass",
+    "skimage:gravel",
+    "skimage:brick",
+    "skimage:hubble_deep_field",
+    "skimage:retina",
+    "skimage:immunohistochemistry",
+    "sklearn:china.jpg",
+    "sklearn:flower.jpg",
+    "matplotlib:grace_hopper.jpg",
+]
 PHOTOS_VERSION = 2  # bump when PHOTO_SOURCES changes, so cached sets are rebuilt
 
 
@@ -116,8 +128,9 @@ def build_photos(root: Path, holdout: int) -> Path:
             try:
                 image = _load_photo(spec).convert("RGB")
             except ImportError:
-                raise UserError("data=photos needs scikit-image, scikit-learn and matplotlib: "
-                                "pip install 'cdm[demo]'") from None  # fmt: skip
+                raise UserError(
+                    "data=photos needs scikit-image, scikit-learn and matplotlib: pip install 'cdm[demo]'"
+                ) from None
             split = "test" if i >= len(PHOTO_SOURCES) - holdout else "train"
             folder = tmp / split / "photo"
             folder.mkdir(parents=True, exist_ok=True)

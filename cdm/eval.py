@@ -81,15 +81,31 @@ def sr_outputs(pipe, images: list[torch.Tensor], steps: int, noise_level: int, s
     outs = {"model": [], "bicubic": [], "lr": []}
     for i, target in enumerate(tqdm(images, desc=f"sr eval, {steps} steps", unit="img", leave=False)):
         lr = downsample(target, pipe.scale_factor).clamp(-1, 1)
-        out = pipe(lr.to(pipe.device), noise_level=noise_level, num_inference_steps=steps, output_type="pt", eta=eta,
-                   generator=[torch.Generator().manual_seed(seed + i)], allow_any_size=True,
-                   tile_size=tile).images.float().cpu()  # fmt: skip
+        out = (
+            pipe(
+                lr.to(pipe.device),
+                noise_level=noise_level,
+                num_inference_steps=steps,
+                output_type="pt",
+                eta=eta,
+                generator=[torch.Generator().manual_seed(seed + i)],
+                allow_any_size=True,
+                tile_size=tile,
+            )
+            .images.float()
+            .cpu()
+        )
         outs["model"].append(out)
         outs["bicubic"].append(
             F.interpolate(lr, size=target.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
         )
         outs["lr"].append(lr)
     return outs
+
+
+def kid_patch_size(images: list[torch.Tensor]) -> int:
+    """Patch KID's patch side: 64 px, or the smallest image's side when images are smaller."""
+    return min(KID_PATCH, *(min(x.shape[-2:]) for x in images))
 
 
 def score_sr(
@@ -109,7 +125,7 @@ def score_sr(
     if kid:
         from cdm.fid import patch_kid
 
-        size = min(KID_PATCH, *(min(x.shape[-2:]) for x in images))  # small images: patches of their size
+        size = kid_patch_size(images)
 
         def patches(xs):
             return torch.cat([patch_grid(x, size, KID_PATCHES_PER_IMAGE) for x in xs])
@@ -202,8 +218,9 @@ def cmd_sr(args) -> None:
             sampling_scheduler(name, pipe.scheduler.config, steps)
     start = time.perf_counter()
     if size == 0:  # whole images, each cropped to a multiple of the scale and the UNet's stride
-        images = whole_images(data, args.split, pipe.scale_factor * mult // math.gcd(pipe.scale_factor, mult),
-                              args.num_images)  # fmt: skip
+        images = whole_images(
+            data, args.split, pipe.scale_factor * mult // math.gcd(pipe.scale_factor, mult), args.num_images
+        )
     else:
         images = list(real_images(data, args.split, size, args.num_images)[0].split(1))
     pipe.to(args.device)
@@ -217,23 +234,39 @@ def cmd_sr(args) -> None:
                 bicubic = score_sr(outs["bicubic"], images, outs["lr"], kid)
             row = {"scheduler": name, "steps": steps, **score_sr(outs["model"], images, outs["lr"], kid)}
             sweep.append(row)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  file=sys.stderr)  # fmt: skip
+            print(
+                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                file=sys.stderr,
+            )
     model_path = Path(str(args.model).rstrip("/"))
     stage_name = args.stage or (model_path.parent.name if model_path.name == "export" else model_path.name)
     first = {k: v for k, v in sweep[0].items() if k not in ("scheduler", "steps")}
     result = {
-        "kind": "sr", "stage": stage_name, "model": str(args.model),
-        "dataset": {"name": data.source.value if data.source != DataSource.imagefolder else str(data.path),
-                    "split": args.split, "num_images": len(images), "crop": size or None,
-                    "pixels": sum(x.shape[-1] * x.shape[-2] for x in images),
-                    "kid_patches": sum(len(patch_grid(x, min(KID_PATCH, *(min(y.shape[-2:]) for y in images)), KID_PATCHES_PER_IMAGE)) for x in images) if kid else 0},
-        "settings": {"steps": sweep[0]["steps"], "noise_level": args.noise_level, "eta": args.eta,
-                     "scheduler": sweep[0]["scheduler"]},
+        "kind": "sr",
+        "stage": stage_name,
+        "model": str(args.model),
+        "dataset": {
+            "name": data.source.value if data.source != DataSource.imagefolder else str(data.path),
+            "split": args.split,
+            "num_images": len(images),
+            "crop": size or None,
+            "pixels": sum(x.shape[-1] * x.shape[-2] for x in images),
+            "kid_patches": sum(
+                len(patch_grid(x, kid_patch_size(images), KID_PATCHES_PER_IMAGE)) for x in images
+            )
+            if kid
+            else 0,
+        },
+        "settings": {
+            "steps": sweep[0]["steps"],
+            "noise_level": args.noise_level,
+            "eta": args.eta,
+            "scheduler": sweep[0]["scheduler"],
+        },
         "metrics": {"model": first, "bicubic": bicubic},
         "sweep": sweep if len(sweep) > 1 else [],
         "seconds": round(time.perf_counter() - start, 2),
-    }  # fmt: skip
+    }
     table = results_table([result])
     write_results(args.out, "results", result, table)
     if len(sweep) > 1:
@@ -295,9 +328,11 @@ def cmd_gen(args) -> None:
     metrics, notes = {}, []
     agreement, meta = class_agreement(images, ids, data, cascade.resolutions[0])
     metrics["class_agreement"] = agreement
-    notes.append(f"Class agreement: a {meta['num_classes']}-class CNN trained on real {meta['data']} "
-                 f"({meta['held_out_accuracy']:.1%} accuracy on {meta['held_out_images']} held-out images) "
-                 f"agrees with the requested class on {agreement:.1%} of {len(ids)} samples.")  # fmt: skip
+    notes.append(
+        f"Class agreement: a {meta['num_classes']}-class CNN trained on real {meta['data']} "
+        f"({meta['held_out_accuracy']:.1%} accuracy on {meta['held_out_images']} held-out images) "
+        f"agrees with the requested class on {agreement:.1%} of {len(ids)} samples."
+    )
     floor = None
     if args.fid:
         size = cascade.resolutions[n - 1]
@@ -307,16 +342,24 @@ def cmd_gen(args) -> None:
         other = "train" if args.reference_split != "train" else "test"
         real, _ = real_images(data, other, size, len(ids))
         floor = {"split": other, "num_images": len(real), **fid_kid(real, reference)}
-        notes.append(f"FID/KID against {len(reference)} real {args.reference_split} images at {size} px. "
-                     f"Small-sample FID is biased upward: {len(real)} real {other} images score "
-                     f"FID {floor['fid']:.1f} and KID {floor['kid']:.4f} against the same reference.")  # fmt: skip
+        notes.append(
+            f"FID/KID against {len(reference)} real {args.reference_split} images at {size} px. "
+            f"Small-sample FID is biased upward: {len(real)} real {other} images score "
+            f"FID {floor['fid']:.1f} and KID {floor['kid']:.4f} against the same reference."
+        )
     result = {
-        "kind": "generation", "stage": cascade.names[n - 1], "model": str(args.model),
+        "kind": "generation",
+        "stage": cascade.names[n - 1],
+        "model": str(args.model),
         "dataset": {"name": data.source.value, "split": "test", "num_images": len(ids)},
-        "num_samples": len(ids), "settings": [vars(s) for s in settings[:n]], "metrics": metrics,
-        "classifier": meta, "real_data_floor": floor, "notes": " ".join(notes),
+        "num_samples": len(ids),
+        "settings": [vars(s) for s in settings[:n]],
+        "metrics": metrics,
+        "classifier": meta,
+        "real_data_floor": floor,
+        "notes": " ".join(notes),
         "seconds": round(time.perf_counter() - start, 2),
-    }  # fmt: skip
+    }
     from cdm.cards import results_table
     from cdm.images import save_grid
 
@@ -363,8 +406,14 @@ def cmd_sweep(args) -> None:
     table = [f"| aug_mode | s | {args.metric} |", "|---|---|---|"]
     table += [f"| {r['aug_mode']} | {r['aug_level']} | {r[args.metric]:.4f} |" for r in rows]
     table.append(f"\nBest: {best['aug_mode']} s={best['aug_level']} ({len(ids)} samples per point).")
-    result = {"stage": args.stage, "metric": args.metric, "num_samples": len(ids), "rows": rows, "best": best,
-              "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+    result = {
+        "stage": args.stage,
+        "metric": args.metric,
+        "num_samples": len(ids),
+        "rows": rows,
+        "best": best,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
     write_results(args.out, "sweep", result, "\n".join(table))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for mode in modes:
@@ -418,19 +467,33 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--stage", default=None, help="SR stage of a cascade (default: the first)")
     sr.add_argument("--split", default="test")
     sr.add_argument("--num-images", type=int, default=None, help="at most this many images (default: all)")
-    sr.add_argument("--crop", type=int, default=None,
-                    help="high-res crop size (default: the stage's output size; 0: whole images)")  # fmt: skip
-    sr.add_argument("--steps", type=_levels, default=None,
-                    help="sampling steps, or a comma-separated list to sweep (default: the stage's setting)")  # fmt: skip
-    sr.add_argument("--scheduler", type=lambda t: t.split(","), default=None,
-                    help="diffusers scheduler class(es), comma-separated (default: the stage's setting)")  # fmt: skip
+    sr.add_argument(
+        "--crop",
+        type=int,
+        default=None,
+        help="high-res crop size (default: the stage's output size; 0: whole images)",
+    )
+    sr.add_argument(
+        "--steps",
+        type=_levels,
+        default=None,
+        help="sampling steps, or a comma-separated list to sweep (default: the stage's setting)",
+    )
+    sr.add_argument(
+        "--scheduler",
+        type=lambda t: t.split(","),
+        default=None,
+        help="diffusers scheduler class(es), comma-separated (default: the stage's setting)",
+    )
     sr.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; 1: ancestral noise)")
     sr.add_argument("--no-kid", action="store_true", help="skip patch KID (needs: pip install 'cdm[fid]')")
     sr.add_argument("--noise-level", type=int, default=0)
     sr.add_argument("--tile", type=int, default=None, help="tile size in output pixels, to bound memory")
 
-    for name, help_text in (("gen", "class agreement, optional FID/KID, of generated samples"),
-                            ("sweep-aug", "sweep an SR stage's augmentation level and mode")):  # fmt: skip
+    for name, help_text in (
+        ("gen", "class agreement, optional FID/KID, of generated samples"),
+        ("sweep-aug", "sweep an SR stage's augmentation level and mode"),
+    ):
         g = sub.add_parser(name, parents=[common], help=help_text)
         g.add_argument("--num-per-class", type=int, default=20)
         g.add_argument("--classes", default=None, help="comma-separated ids or names (default: all)")

@@ -17,8 +17,19 @@ from cdm.errors import UserError, cli
 from cdm.files import check_replaceable, mark_export, replace_folder
 
 UPLOAD_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.png", "*.py"]
-NEVER_UPLOAD = [".cdm-export.json", "*.pkl", "*.pickle", "*.bin", "*.pt", "*.pth", "*.ckpt", "checkpoints/*", "**/checkpoints/*",
-                "logs/*", "**/.tmp-*"]  # fmt: skip
+NEVER_UPLOAD = [
+    ".cdm-export.json",
+    "*.pkl",
+    "*.pickle",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "checkpoints/*",
+    "**/checkpoints/*",
+    "logs/*",
+    "**/.tmp-*",
+]
 STAGE_FILES = ("*.json", "*/*.json", "*/*.safetensors")  # pipeline files: the installed ones
 
 
@@ -100,8 +111,17 @@ def apply_overrides(names: list[str], settings: list, overrides: list[str]) -> N
             raise UserError(f"--set {item}: {value!r} is not a valid {kind.__name__}") from None
 
 
-def assemble(inputs: list[Path], out: Path, results: list[dict], repo: str, license: str | None,
-             grid: Path | None, overwrite: bool, half: bool = False, overrides: list[str] = ()) -> Path:  # fmt: skip
+def assemble(
+    inputs: list[Path],
+    out: Path,
+    results: list[dict],
+    repo: str,
+    license: str | None,
+    grid: Path | None,
+    overwrite: bool,
+    half: bool = False,
+    overrides: list[str] = (),
+) -> Path:
     """Build the folder under a temporary name and move it into place only when complete."""
     from cdm.cards import make_card
     from cdm.cascade import Cascade, check_settings, write_cascade_json
@@ -115,8 +135,10 @@ def assemble(inputs: list[Path], out: Path, results: list[dict], repo: str, lice
     folders = [find_stage_folder(p) for p in inputs]
     infos = [stage_info(f) for f in folders]
     pipes = [load_stage(f) for f in folders]
-    names = [(i or {}).get("stage", {}).get("name") or f.parent.name if f.name == "export" else f.name
-             for f, i in zip(folders, infos)]  # fmt: skip
+    names = [
+        (i or {}).get("stage", {}).get("name") or f.parent.name if f.name == "export" else f.name
+        for f, i in zip(folders, infos)
+    ]
     if len(set(names)) != len(names):
         raise UserError(f"stage names repeat: {names}")
     settings = [stage_settings(i) for i in infos]
@@ -164,9 +186,14 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False, token: str | 
 
         api = HfApi(token=token)
     api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                             allow_patterns=UPLOAD_PATTERNS, ignore_patterns=NEVER_UPLOAD,
-                             commit_message="Upload cascade with cdm")  # fmt: skip
+    info = api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        allow_patterns=UPLOAD_PATTERNS,
+        ignore_patterns=NEVER_UPLOAD,
+        commit_message="Upload cascade with cdm",
+    )
     return str(getattr(info, "commit_url", info))
 
 
@@ -174,13 +201,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cdm-export", description="Assemble a cascade or stage folder with a card."
     )
-    p.add_argument("inputs", nargs="+", type=Path, metavar="STAGE_RUN_OR_FOLDER",
-                   help="training runs or stage folders in cascade order; or one assembled folder to push")  # fmt: skip
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="STAGE_RUN_OR_FOLDER",
+        help="training runs or stage folders in cascade order; or one assembled folder to push",
+    )
     p.add_argument(
         "--out", type=Path, default=None, help="folder to write (required unless pushing a folder)"
     )
-    p.add_argument("--eval", dest="evals", type=Path, action="append", default=[],
-                   help="cdm-eval results.json to put in the card (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--eval",
+        dest="evals",
+        type=Path,
+        action="append",
+        default=[],
+        help="cdm-eval results.json to put in the card (repeatable)",
+    )
     p.add_argument("--samples", type=Path, default=None, help="a sample grid image to show in the card")
     p.add_argument(
         "--license", default=None, help="license id for the card (default: from the training config)"
@@ -188,8 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
     p.add_argument("--private", action="store_true")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in token)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                   help="change a stage's sampling default in cascade.json, e.g. base64.steps=50")  # fmt: skip
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="change a stage's sampling default in cascade.json, e.g. base64.steps=50",
+    )
     p.add_argument(
         "--half", action="store_true", help="store weights as fp16 (half the size; loaded as fp32)"
     )
@@ -213,8 +257,17 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if args.out is None:
             raise UserError("--out is required to assemble a cascade or stage folder")
-        folder = assemble(args.inputs, args.out, load_results(args.evals), repo, args.license, args.samples,
-                          args.overwrite, args.half, args.overrides)  # fmt: skip
+        folder = assemble(
+            args.inputs,
+            args.out,
+            load_results(args.evals),
+            repo,
+            args.license,
+            args.samples,
+            args.overwrite,
+            args.half,
+            args.overrides,
+        )
         print(f"wrote {folder}/ ({', '.join(sorted(p.name for p in folder.iterdir()))})")
     if args.push_to_hub:
         url = push_to_hub(folder, args.push_to_hub, args.private, args.token)

@@ -81,8 +81,10 @@ def planned_files(cascade, ids, seeds, out: Path, intermediates: bool) -> dict[i
     files = {}
     for k, res in enumerate(cascade.resolutions):
         if k == last or intermediates:
-            files[k] = [out / f"{i:03d}-{slug(cascade.base.labels.get(c, str(c)))}-seed{s}-{res}px.png"
-                        for i, (c, s) in enumerate(zip(ids, seeds))]  # fmt: skip
+            files[k] = [
+                out / f"{i:03d}-{slug(cascade.base.labels.get(c, str(c)))}-seed{s}-{res}px.png"
+                for i, (c, s) in enumerate(zip(ids, seeds))
+            ]
     return files
 
 
@@ -99,10 +101,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.stages is not None:
         if not 1 <= args.stages <= len(cascade.pipes):
             raise UserError(f"--stages={args.stages}: expected 1..{len(cascade.pipes)}")
-        cascade = Cascade(cascade.names[: args.stages], cascade.pipes[: args.stages],
-                          cascade.settings[: args.stages], cascade.root)  # fmt: skip
-    settings = cascade.with_overrides(steps=args.steps, guidance_scale=args.guidance, aug_level=args.aug_level,
-                                      aug_mode=args.aug_mode, scheduler=args.scheduler)  # fmt: skip
+        cascade = Cascade(
+            cascade.names[: args.stages],
+            cascade.pipes[: args.stages],
+            cascade.settings[: args.stages],
+            cascade.root,
+        )
+    settings = cascade.with_overrides(
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        aug_level=args.aug_level,
+        aug_mode=args.aug_mode,
+        scheduler=args.scheduler,
+    )
     ids = [i for c in args.classes for i in cascade.class_ids([c]) for _ in range(args.num_images)]
     seeds = [args.seed + i for i in range(len(ids))]
     files = planned_files(cascade, ids, seeds, args.out, args.save_intermediates)
@@ -126,15 +137,23 @@ def main(argv: list[str] | None = None) -> None:
                 if k in files:
                     write_file(files[k][pos], to_pil(img).save, args.overwrite)
 
-        result = cascade([ids[p] for p in part], [seeds[p] for p in part], settings,
-                         on_stage_end=on_stage_end, progress=not args.quiet)  # fmt: skip
+        result = cascade(
+            [ids[p] for p in part],
+            [seeds[p] for p in part],
+            settings,
+            on_stage_end=on_stage_end,
+            progress=not args.quiet,
+        )
         seconds = [a + b for a, b in zip(seconds, result.seconds)]
     state.wait_for_everyone()
     if not state.is_main_process:
         return
     final = files[len(cascade.pipes) - 1][:GRID_MAX]
-    write_file(grid_path, lambda tmp: save_grid([read_png(p) for p in final], tmp, ncols=min(len(final), 8)),
-               args.overwrite)  # fmt: skip
+    write_file(
+        grid_path,
+        lambda tmp: save_grid([read_png(p) for p in final], tmp, ncols=min(len(final), 8)),
+        args.overwrite,
+    )
     labels = cascade.base.labels
     names = ", ".join(dict.fromkeys(f"{c} ({labels.get(c, c)})" for c in ids))
     share = f" ({len(mine)} on this process of {state.num_processes})" if state.num_processes > 1 else ""

@@ -19,8 +19,10 @@ def to_pil(x: torch.Tensor) -> PIL.Image.Image:
 def make_grid(images: list[torch.Tensor], ncols: int, pad: int = 2) -> PIL.Image.Image:
     """Tile images (resized to the largest) into rows of `ncols` with a white border."""
     size = max(max(i.shape[-2:]) for i in images)
-    tiles = [F.interpolate(i[None].float(), size=(size, size), mode="nearest")[0] if i.shape[-1] != size else i
-             for i in images]  # fmt: skip
+    tiles = [
+        F.interpolate(i[None].float(), size=(size, size), mode="nearest")[0] if i.shape[-1] != size else i
+        for i in images
+    ]
     nrows = -(-len(tiles) // ncols)
     grid = np.full((nrows * (size + pad) + pad, ncols * (size + pad) + pad, 3), 255, dtype=np.uint8)
     for k, tile in enumerate(tiles):

@@ -79,8 +79,9 @@ def load_stage(folder: str | Path, torch_dtype=torch.float32):
     for key, value in index.items():
         if not key.startswith("_") and key in params and isinstance(value, list) and len(value) == 2:
             components[key] = _check_component(folder, key, value)
-    missing = [p for p in params if p != "self" and params[p].default is inspect.Parameter.empty
-               and p not in index]  # fmt: skip
+    missing = [
+        p for p in params if p != "self" and params[p].default is inspect.Parameter.empty and p not in index
+    ]
     if missing:
         raise UserError(f"{folder}/model_index.json lacks components {missing} for {name}")
     try:

@@ -37,8 +37,15 @@ def _group_options(group: str) -> list[str]:
 
 def _one_line(err: Exception) -> str:
     """Hydra and OmegaConf errors span lines and chained causes; keep the informative lines."""
-    skip = ("full_key:", "object_type", "reference_type", "Set the environment", "Use --", "Available options",
-            "To append to your config")  # fmt: skip
+    skip = (
+        "full_key:",
+        "object_type",
+        "reference_type",
+        "Set the environment",
+        "Use --",
+        "Available options",
+        "To append to your config",
+    )
     lines = []
     while err is not None:
         lines += [
@@ -253,15 +260,22 @@ def train(cfg: DictConfig, notes: list[str] = ()) -> Path:
     unet = build_unet(stage, cfg.unet, num_classes)
     noising = build_noise_scheduler(stage)
     loss_fn = DiffusionLoss(noising, stage.prediction_type.value)
-    ema = EMAModel(unet.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup,
-                   model_cls=type(unet), model_config=unet.config)  # fmt: skip
+    ema = EMAModel(
+        unet.parameters(),
+        decay=t.ema_decay,
+        use_ema_warmup=t.ema_warmup,
+        model_cls=type(unet),
+        model_config=unet.config,
+    )
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=t.learning_rate, betas=(0.9, t.adam_beta2), weight_decay=t.weight_decay
     )
     lr_scheduler = get_scheduler(
-        "constant_with_warmup", optimizer, num_warmup_steps=t.warmup_steps * accelerator.num_processes,
+        "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=t.warmup_steps * accelerator.num_processes,
         num_training_steps=t.max_steps * accelerator.num_processes,
-    )  # fmt: skip
+    )
     step = 0
     if resume_from is not None:
         candidates = list_checkpoints(run_dir / "checkpoints") if t.resume == "latest" else [resume_from]
@@ -276,8 +290,11 @@ def train(cfg: DictConfig, notes: list[str] = ()) -> Path:
             json.dumps(OmegaConf.to_container(cfg, enum_to_str=True), indent=1)
         )
     if accelerator.log_with:
-        flat = {k: v for k, v in _flatten(OmegaConf.to_container(cfg, enum_to_str=True)).items()
-                if isinstance(v, (int, float, str, bool))}  # fmt: skip
+        flat = {
+            k: v
+            for k, v in _flatten(OmegaConf.to_container(cfg, enum_to_str=True)).items()
+            if isinstance(v, (int, float, str, bool))
+        }
         accelerator.init_trackers("cdm", config=flat)
 
     # Batches: a deterministic stream from the current micro-step
@@ -290,8 +307,14 @@ def train(cfg: DictConfig, notes: list[str] = ()) -> Path:
         )
         fixed = collate(dataset.first_examples(t.num_samples * 4))
     else:
-        sampler = IndexStream(len(dataset), t.batch_size, t.seed, accelerator.process_index,
-                              accelerator.num_processes, start=micro)  # fmt: skip
+        sampler = IndexStream(
+            len(dataset),
+            t.batch_size,
+            t.seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+            start=micro,
+        )
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers
         )
@@ -353,8 +376,16 @@ def train(cfg: DictConfig, notes: list[str] = ()) -> Path:
             accelerator.wait_for_everyone()
             if main:
                 extra = {"skipped": skipped, "world_size": accelerator.num_processes}
-                save_checkpoint(run_dir / "checkpoints", step, accelerator.unwrap_model(unet), ema, optimizer,
-                                lr_scheduler, extra, t.keep_checkpoints)  # fmt: skip
+                save_checkpoint(
+                    run_dir / "checkpoints",
+                    step,
+                    accelerator.unwrap_model(unet),
+                    ema,
+                    optimizer,
+                    lr_scheduler,
+                    extra,
+                    t.keep_checkpoints,
+                )
         side_seconds += time.time() - side_start
     bar.close()
     accelerator.wait_for_everyone()
@@ -367,15 +398,21 @@ def train(cfg: DictConfig, notes: list[str] = ()) -> Path:
     checksums = accelerator.gather(checksum).tolist()
     if main:
         info = {
-            "stage": stage.name, "steps": step, "target_steps": t.max_steps, "final_loss": loss_value,
+            "stage": stage.name,
+            "steps": step,
+            "target_steps": t.max_steps,
+            "final_loss": loss_value,
             "seconds_this_launch": round(elapsed, 2),
             "steps_per_second": round((step - start_step) / max(elapsed - side_seconds, 1e-9), 4),
             "seconds_sampling_and_checkpoints": round(side_seconds, 2),
             "images_per_step": t.batch_size * t.grad_accum * accelerator.num_processes,
-            "world_size": accelerator.num_processes, "rank_weight_checksums": checksums,
+            "world_size": accelerator.num_processes,
+            "rank_weight_checksums": checksums,
             "parameters": count_parameters(accelerator.unwrap_model(unet)),
-            "num_classes": num_classes, "skipped_examples": skipped, "data": _data_name(cfg),
-        }  # fmt: skip
+            "num_classes": num_classes,
+            "skipped_examples": skipped,
+            "data": _data_name(cfg),
+        }
         if step >= t.max_steps:
             pipe = build_pipeline(
                 stage, cfg.unet, num_classes, id2label, unet=_ema_unet(ema, stage, cfg, num_classes)
@@ -389,8 +426,10 @@ def train(cfg: DictConfig, notes: list[str] = ()) -> Path:
         info["seconds_total"] = round(previous.get("seconds_total", 0) + elapsed, 2)
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
         if any(skipped.values()):
-            print(f"skipped {skipped['corrupt']} corrupt images and {skipped['small']} smaller than the crop",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"skipped {skipped['corrupt']} corrupt images and {skipped['small']} smaller than the crop",
+                file=sys.stderr,
+            )
         where = run_dir / "export" if step >= t.max_steps else run_dir / "checkpoints"
         print(f"{stage.name}: {step} steps in {elapsed:.1f}s, loss {loss_value:.4f}; saved to {where}")
     # Drop the DDP wrapper while the process group is still registered: if its reducer held the last

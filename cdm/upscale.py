@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stage", default=None, help="which SR stage of a cascade (default: the first)")
     p.add_argument("--out", type=Path, default=Path("upscaled"), help="output folder (default upscaled/)")
-    p.add_argument("--tile", type=int, default=None,
-                   help="tile size in input pixels (default: the stage's input size)")  # fmt: skip
+    p.add_argument(
+        "--tile", type=int, default=None, help="tile size in input pixels (default: the stage's input size)"
+    )
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in input pixels (default tile/4)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the stage's setting)")
     p.add_argument("--noise-level", type=int, default=0, help="augmentation level s of the input (default 0)")
@@ -131,9 +132,16 @@ def upscale(pipe, image: PIL.Image.Image, tile: int, overlap: int, steps: int, n
     noise = torch.randn(
         (1, 3, x.shape[-2] * f, x.shape[-1] * f), generator=torch.Generator().manual_seed(seed)
     )
-    out = pipe(x.to(pipe.device), noise_level=noise_level, num_inference_steps=steps,
-               generator=torch.Generator().manual_seed(seed), latents=noise, output_type="pt",
-               tile_size=tile * f, tile_overlap=overlap * f).images  # fmt: skip
+    out = pipe(
+        x.to(pipe.device),
+        noise_level=noise_level,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        latents=noise,
+        output_type="pt",
+        tile_size=tile * f,
+        tile_overlap=overlap * f,
+    ).images
     return to_pil(out[0, :, : h * f, : w * f])
 
 
@@ -241,8 +249,10 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         result = upscale(pipe, image, tile, overlap, steps, args.noise_level, args.seed)
         write_file(target, result.save, args.overwrite)
-        print(f"{path} {image.width}x{image.height} -> {target} {result.width}x{result.height} "
-              f"({time.perf_counter() - start:.1f}s)")  # fmt: skip
+        print(
+            f"{path} {image.width}x{image.height} -> {target} {result.width}x{result.height} "
+            f"({time.perf_counter() - start:.1f}s)"
+        )
 
 
 if __name__ == "__main__":

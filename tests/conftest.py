@@ -70,11 +70,24 @@ BIN = Path(sys.executable).parent
 
 def run_cli(cmd: list[str], cwd, env_extra=None, timeout=600):
     """Run a console script of this environment in a subprocess, with no network and tiny threads."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TQDM_DISABLE": "1", **(env_extra or {})}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "2",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        **(env_extra or {}),
+    }
     exe = str(BIN / cmd[0]) if (BIN / cmd[0]).exists() else cmd[0]
-    return subprocess.run([exe, *cmd[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)  # fmt: skip
+    return subprocess.run(
+        [exe, *cmd[1:]],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def make_imagefolder(root: Path, classes=2, per_class=4, size=40, seed=0) -> Path:
@@ -120,7 +133,14 @@ def make_cascade(
     for k in range(1, len(sizes)):
         stage = sr_stage(sizes[k - 1], sizes[k], class_conditional=sr_classes[k - 1], name=names[k])
         save_stage(build_pipeline(stage, TINY, num_classes, labels), root / names[k])
-        settings.append(StageSettings(scheduler="DDIMScheduler", steps=2, aug_level=levels[k - 1],
-                                      aug_mode=modes[k - 1], max_batch=2))  # fmt: skip
+        settings.append(
+            StageSettings(
+                scheduler="DDIMScheduler",
+                steps=2,
+                aug_level=levels[k - 1],
+                aug_mode=modes[k - 1],
+                max_batch=2,
+            )
+        )
     write_cascade_json(root, names, settings, {"label_set": label_set} if label_set else None)
     return root

@@ -43,8 +43,9 @@ def run_block(code: str, repos: dict, tmp_path, name: str):
     for repo, path in repos.items():  # from_pretrained("user/x") reads the local folder
         code = code.replace(f'"{repo}"', repr(path))
     env = {"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"}
-    return plain, subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
-                                 text=True, timeout=300)  # fmt: skip
+    return plain, subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("kind", ["cascade", "sr-stage", "base-stage"])

@@ -76,8 +76,25 @@ def test_imagenet_label_names_resolve(tmp_path):
 
 def test_generate_writes_every_stage_and_a_grid(cascade_dir, tmp_path):
     out = tmp_path / "out"
-    res = run_cli(["cdm-generate", "--class", "1", "--class", "deuce", "--model", str(cascade_dir),
-                   "--num-images", "2", "--seed", "10", "--out", str(out), "--save-intermediates"], tmp_path)  # fmt: skip
+    res = run_cli(
+        [
+            "cdm-generate",
+            "--class",
+            "1",
+            "--class",
+            "deuce",
+            "--model",
+            str(cascade_dir),
+            "--num-images",
+            "2",
+            "--seed",
+            "10",
+            "--out",
+            str(out),
+            "--save-intermediates",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert "grid.png" in files
@@ -155,8 +172,20 @@ def test_upscale_odd_sized_rgba_gives_exactly_4x(cascade_dir, tmp_path):
     rgba = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (29, 37, 4), dtype=np.uint8), "RGBA")
     rgba.save(tmp_path / "odd.png")
     PIL.Image.new("L", (20, 20), 128).save(tmp_path / "grey.png")
-    res = run_cli(["cdm-upscale", str(tmp_path / "odd.png"), str(tmp_path / "grey.png"), "--model",
-                   str(cascade_dir / "sr64to256"), "--out", str(tmp_path / "up"), "--steps", "2"], tmp_path)  # fmt: skip
+    res = run_cli(
+        [
+            "cdm-upscale",
+            str(tmp_path / "odd.png"),
+            str(tmp_path / "grey.png"),
+            "--model",
+            str(cascade_dir / "sr64to256"),
+            "--out",
+            str(tmp_path / "up"),
+            "--steps",
+            "2",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert PIL.Image.open(tmp_path / "up" / "odd-x4.png").size == (148, 116)
     assert PIL.Image.open(tmp_path / "up" / "grey-x4.png").size == (80, 80)
@@ -164,8 +193,17 @@ def test_upscale_odd_sized_rgba_gives_exactly_4x(cascade_dir, tmp_path):
 
 def test_upscale_rejects_a_corrupt_image_without_writing(cascade_dir, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    res = run_cli(["cdm-upscale", str(tmp_path / "bad.png"), "--model", str(cascade_dir),
-                   "--out", str(tmp_path / "up")], tmp_path)  # fmt: skip
+    res = run_cli(
+        [
+            "cdm-upscale",
+            str(tmp_path / "bad.png"),
+            "--model",
+            str(cascade_dir),
+            "--out",
+            str(tmp_path / "up"),
+        ],
+        tmp_path,
+    )
     assert res.returncode == 2 and "not a readable image" in res.stderr
     assert not (tmp_path / "up").exists()
 
@@ -219,8 +257,18 @@ def test_two_process_generation_writes_the_same_files_as_one_process(tmp_path):
     from pathlib import Path
 
     root = make_cascade(tmp_path / "c", sizes=(8, 32))
-    common = ["--model", str(root), "--class", "0", "--class", "2", "--num-images", "3", "--quiet",
-              "--save-intermediates"]  # fmt: skip
+    common = [
+        "--model",
+        str(root),
+        "--class",
+        "0",
+        "--class",
+        "2",
+        "--num-images",
+        "3",
+        "--quiet",
+        "--save-intermediates",
+    ]
     env = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "MASTER_PORT": "29536"}
     one = run_cli(
         [sys.executable, "-m", "cdm.generate", *common, "--out", str(tmp_path / "one")], tmp_path, env
@@ -228,9 +276,29 @@ def test_two_process_generation_writes_the_same_files_as_one_process(tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     try:
-        two = run_cli([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                       "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cdm.generate", *common,
-                       "--out", str(tmp_path / "two")], tmp_path, env, timeout=240)  # fmt: skip
+        two = run_cli(
+            [
+                launcher,
+                "launch",
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                "-m",
+                "cdm.generate",
+                *common,
+                "--out",
+                str(tmp_path / "two"),
+            ],
+            tmp_path,
+            env,
+            timeout=240,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("the two-process generation did not finish in 240 s")
     assert two.returncode == 0, two.stderr[-2000:]

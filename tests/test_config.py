@@ -22,8 +22,10 @@ def compose(*overrides):
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("data", DATA)
 def test_every_stage_and_data_composes_and_instantiates(stage, data, tmp_path, cache_env):
-    extra = {"imagefolder": [f"data.path={make_imagefolder(tmp_path / 'imgs', size=300)}"],
-             "hub": ["data.name=someone/some-images"]}.get(data, [])  # fmt: skip
+    extra = {
+        "imagefolder": [f"data.path={make_imagefolder(tmp_path / 'imgs', size=300)}"],
+        "hub": ["data.name=someone/some-images"],
+    }.get(data, [])
     cfg = compose(f"stage={stage}", f"data={data}", "unet=tiny", *extra)
     assert cfg.stage.name == stage
     num_classes = 1000 if data == "imagenet" else 10
@@ -51,8 +53,12 @@ def test_sr_stages_have_no_attention_above_32():
     cfg = compose("stage=sr64to256", "unet=paper")
     unet = build_unet(cfg.stage, cfg.unet, 0)
     # 256 -> 128 -> 64 -> 32: only the 32x32 level may attend
-    assert [type(b).__name__ for b in unet.down_blocks] == ["DownBlock2D", "DownBlock2D", "DownBlock2D",
-                                                            "AttnDownBlock2D"]  # fmt: skip
+    assert [type(b).__name__ for b in unet.down_blocks] == [
+        "DownBlock2D",
+        "DownBlock2D",
+        "DownBlock2D",
+        "AttnDownBlock2D",
+    ]
     base = build_unet(compose("stage=base64", "unet=paper").stage, cfg.unet, 10)
     assert [type(b).__name__ for b in base.down_blocks][1:] == ["AttnDownBlock2D"] * 3
 
@@ -87,6 +93,10 @@ def test_a_wheel_carries_the_configs_pipelines_and_demo_cascade(tmp_path):
     names = set(zipfile.ZipFile(next(tmp_path.glob("cdm-*.whl"))).namelist())
     conf = {f"cdm/conf/{p.relative_to(root / 'conf')}" for p in (root / "conf").rglob("*.yaml")}
     assert conf and conf <= names
-    assert {"cdm_pipelines/pipeline_sr3.py", "cdm_pipelines/pipeline_cdm_base.py", "cdm/imagenet_classes.json",
-            "cdm/demo_cascade/cascade.json"} <= names  # fmt: skip
+    assert {
+        "cdm_pipelines/pipeline_sr3.py",
+        "cdm_pipelines/pipeline_cdm_base.py",
+        "cdm/imagenet_classes.json",
+        "cdm/demo_cascade/cascade.json",
+    } <= names
     assert any(n.startswith("cdm/demo_cascade/base64/unet/") and n.endswith(".safetensors") for n in names)

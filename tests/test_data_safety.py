@@ -16,8 +16,11 @@ from cdm.stage_io import save_stage
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def fake_run(run: Path) -> Path:
@@ -40,8 +43,12 @@ def test_export_overwrite_never_deletes_inputs_or_foreign_folders(tmp_path, case
     run = fake_run(parent / "runA")
     fake_run(parent / "runB")
     (parent / "notes.txt").write_text("mine")
-    out = {"out-is-the-run": run, "out-holds-the-run": parent, "out-inside-the-run": run / "export" / "x",
-           "foreign-folder": tmp_path / "foreign"}[case]  # fmt: skip
+    out = {
+        "out-is-the-run": run,
+        "out-holds-the-run": parent,
+        "out-inside-the-run": run / "export" / "x",
+        "foreign-folder": tmp_path / "foreign",
+    }[case]
     if case == "foreign-folder":
         out.mkdir()
         (out / "thesis.tex").write_text("years of work")
@@ -88,8 +95,20 @@ def test_upscale_refuses_two_inputs_that_would_share_an_output(tmp_path):
     for sub in ("in", "in2"):
         (tmp_path / sub).mkdir()
         PIL.Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(tmp_path / sub / "a.png")
-    res = run_cli(["cdm-upscale", str(tmp_path / "in" / "a.png"), str(tmp_path / "in2" / "a.png"),
-                   "--model", str(stage), "--out", str(tmp_path / "dup"), "--steps", "1"], tmp_path)  # fmt: skip
+    res = run_cli(
+        [
+            "cdm-upscale",
+            str(tmp_path / "in" / "a.png"),
+            str(tmp_path / "in2" / "a.png"),
+            "--model",
+            str(stage),
+            "--out",
+            str(tmp_path / "dup"),
+            "--steps",
+            "1",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 2 and "same output file" in res.stderr
     assert not (tmp_path / "dup").exists()
 
@@ -221,8 +240,12 @@ def test_small_bad_values_get_clear_words_and_write_nothing(tmp_path, cmd, needl
     root = make_cascade(tmp_path / "c", sizes=(8, 32))
     (tmp_path / "FILE").write_text("mine")
     PIL.Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(tmp_path / "img.png")
-    subs = {"FILE": str(tmp_path / "FILE"), "NEW": str(tmp_path / "new"), "CASCADE": str(root),
-            "IMG": str(tmp_path / "img.png")}  # fmt: skip
+    subs = {
+        "FILE": str(tmp_path / "FILE"),
+        "NEW": str(tmp_path / "new"),
+        "CASCADE": str(root),
+        "IMG": str(tmp_path / "img.png"),
+    }
     before = tree_hashes(tmp_path)
     res = run_cli([subs.get(a, a) for a in cmd], tmp_path)
     assert res.returncode == 2 and needle in res.stderr, res.stderr

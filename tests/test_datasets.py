@@ -52,7 +52,14 @@ def test_data_files_load_local_parquet(tmp_path):
 
 
 def test_data_path_under_hub_is_refused_at_start_up():
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), OmegaConf.create({"stage": {"name": "base64",
-        "kind": "base", "resolution": 16}, "data": {"source": "hub", "name": "x/y", "path": "/somewhere"}}))  # fmt: skip
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(TrainRunConfig),
+        OmegaConf.create(
+            {
+                "stage": {"name": "base64", "kind": "base", "resolution": 16},
+                "data": {"source": "hub", "name": "x/y", "path": "/somewhere"},
+            }
+        ),
+    )
     with pytest.raises(ValueError, match="data.path=/somewhere is not read by data=hub"):
         validate(cfg)

@@ -49,8 +49,24 @@ def test_eval_sr_reports_finite_metrics_for_model_and_bicubic(tmp_path, cache_en
     stage_dir = tmp_path / "sr"
     save_stage(build_pipeline(sr_stage(8, 32), TINY, 0), stage_dir)
     data = _split_imagefolder(tmp_path / "imgs", size=48)
-    res = run_cli(["cdm-eval", "sr", "--model", str(stage_dir), "--data", "imagefolder", "--data-path", str(data),
-                   "--steps", "2", "--out", str(tmp_path / "ev")], tmp_path, cache_env)  # fmt: skip
+    res = run_cli(
+        [
+            "cdm-eval",
+            "sr",
+            "--model",
+            str(stage_dir),
+            "--data",
+            "imagefolder",
+            "--data-path",
+            str(data),
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "ev"),
+        ],
+        tmp_path,
+        cache_env,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert result["dataset"]["num_images"] == 6 and result["dataset"]["crop"] == 32
@@ -63,9 +79,31 @@ def test_eval_sr_reports_finite_metrics_for_model_and_bicubic(tmp_path, cache_en
 def test_sweep_writes_table_plot_and_best_level(tmp_path, cache_env):
     root = make_cascade(tmp_path / "c", sizes=(8, 32))
     data = _split_imagefolder(tmp_path / "imgs", size=16)
-    res = run_cli(["cdm-eval", "sweep-aug", "--model", str(root), "--stage", "sr64to256", "--levels", "0,400",
-                   "--modes", "non-truncated,truncated", "--num-per-class", "1", "--data", "imagefolder",
-                   "--data-path", str(data), "--out", str(tmp_path / "sw"), "--write-best"], tmp_path, cache_env)  # fmt: skip
+    res = run_cli(
+        [
+            "cdm-eval",
+            "sweep-aug",
+            "--model",
+            str(root),
+            "--stage",
+            "sr64to256",
+            "--levels",
+            "0,400",
+            "--modes",
+            "non-truncated,truncated",
+            "--num-per-class",
+            "1",
+            "--data",
+            "imagefolder",
+            "--data-path",
+            str(data),
+            "--out",
+            str(tmp_path / "sw"),
+            "--write-best",
+        ],
+        tmp_path,
+        cache_env,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     sweep = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert len(sweep["rows"]) == 4
@@ -78,9 +116,27 @@ def test_sweep_writes_table_plot_and_best_level(tmp_path, cache_env):
 def test_eval_gen_reports_class_agreement_with_classifier_accuracy(tmp_path, cache_env, fid):
     root = make_cascade(tmp_path / "c", sizes=(8, 32))
     data = _split_imagefolder(tmp_path / "imgs", size=16)
-    res = run_cli(["cdm-eval", "gen", "--model", str(root), "--stages", "1", "--num-per-class", "2",
-                   "--data", "imagefolder", "--data-path", str(data), "--out", str(tmp_path / "g"),
-                   *(["--fid"] if fid else [])], tmp_path, cache_env)  # fmt: skip
+    res = run_cli(
+        [
+            "cdm-eval",
+            "gen",
+            "--model",
+            str(root),
+            "--stages",
+            "1",
+            "--num-per-class",
+            "2",
+            "--data",
+            "imagefolder",
+            "--data-path",
+            str(data),
+            "--out",
+            str(tmp_path / "g"),
+            *(["--fid"] if fid else []),
+        ],
+        tmp_path,
+        cache_env,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "g" / "results.json").read_text())
     assert result["num_samples"] == 6
@@ -139,19 +195,43 @@ def _meta(card_path):
 
 def test_export_cascade_writes_a_card_that_parses_with_every_field(tmp_path, cache_env):
     src = make_cascade(tmp_path / "src", sizes=(8, 32))
-    results = {"kind": "sr", "stage": "sr64to256", "dataset": {"name": "photos", "split": "test", "num_images": 3,
-               "crop": 32}, "settings": {"steps": 2, "noise_level": 0},
-               "metrics": {"model": {"psnr": 21.5, "ssim": 0.61, "consistency": 1e-3},
-                           "bicubic": {"psnr": 23.0, "ssim": 0.7, "consistency": 2e-4}}}  # fmt: skip
+    results = {
+        "kind": "sr",
+        "stage": "sr64to256",
+        "dataset": {"name": "photos", "split": "test", "num_images": 3, "crop": 32},
+        "settings": {"steps": 2, "noise_level": 0},
+        "metrics": {
+            "model": {"psnr": 21.5, "ssim": 0.61, "consistency": 1e-3},
+            "bicubic": {"psnr": 23.0, "ssim": 0.7, "consistency": 2e-4},
+        },
+    }
     (tmp_path / "r.json").write_text(json.dumps(results))
     grid = tmp_path / "grid.png"
     from PIL import Image
 
     Image.new("RGB", (4, 4)).save(grid)
     out = tmp_path / "cascade"
-    res = run_cli(["cdm-export", str(src / "base64"), str(src / "sr64to256"), "--out", str(out), "--eval",
-                   str(tmp_path / "r.json"), "--samples", str(grid), "--license", "mit", "--set", "base64.steps=7",
-                   "--set", "sr64to256.aug_mode=truncated"], tmp_path, cache_env)  # fmt: skip
+    res = run_cli(
+        [
+            "cdm-export",
+            str(src / "base64"),
+            str(src / "sr64to256"),
+            "--out",
+            str(out),
+            "--eval",
+            str(tmp_path / "r.json"),
+            "--samples",
+            str(grid),
+            "--license",
+            "mit",
+            "--set",
+            "base64.steps=7",
+            "--set",
+            "sr64to256.aug_mode=truncated",
+        ],
+        tmp_path,
+        cache_env,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     meta, card = _meta(out / "README.md")
     assert meta["library_name"] == "diffusers" and meta["license"] == "mit"
@@ -165,8 +245,17 @@ def test_export_cascade_writes_a_card_that_parses_with_every_field(tmp_path, cac
     }
     assert evals[0].dataset_name == "photos" and meta["model-index"][0]["results"]
     body = card.text
-    for needle in ("## Stages", "## Samples", "## Conditioning augmentation", "## Results", "## Usage",
-                   "trust_remote_code=True", "## Training", "## Limitations", "| 23.00 |"):  # fmt: skip
+    for needle in (
+        "## Stages",
+        "## Samples",
+        "## Conditioning augmentation",
+        "## Results",
+        "## Usage",
+        "trust_remote_code=True",
+        "## Training",
+        "## Limitations",
+        "| 23.00 |",
+    ):
         assert needle in body, needle
     spec = json.loads((out / "cascade.json").read_text())
     assert [s["name"] for s in spec["stages"]] == ["base64", "sr64to256"]
@@ -260,8 +349,16 @@ def test_export_cli_pushes_with_the_hub_client(tmp_path, monkeypatch):
     api = FakeHfApi()
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api)
     src = make_cascade(tmp_path / "src", sizes=(8, 32))
-    export_main([str(src / "base64"), str(src / "sr64to256"), "--out", str(tmp_path / "c"),
-                 "--push-to-hub", "user/tiny"])  # fmt: skip
+    export_main(
+        [
+            str(src / "base64"),
+            str(src / "sr64to256"),
+            "--out",
+            str(tmp_path / "c"),
+            "--push-to-hub",
+            "user/tiny",
+        ]
+    )
     assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
     meta, _ = _meta(tmp_path / "c" / "README.md")
     assert meta["library_name"] == "diffusers"

@@ -13,7 +13,7 @@ from cdm.degradations import (
     random_blur,
     render_crisp,
     sample_levels,
-)  # fmt: skip
+)
 from cdm.losses import DiffusionLoss
 
 

@@ -86,8 +86,13 @@ def test_residual_stage_with_a_silent_unet_returns_the_bicubic_upsample():
         torch.nn.init.zeros_(pipe.unet.conv_out.bias)  # v = 0: the one-step x_0 estimate is ~0
         pipe.scheduler = sampling_scheduler("DDIMScheduler", pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        out[residual] = pipe(lr, num_inference_steps=1, noise_level=0, output_type="pt",
-                             generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+        out[residual] = pipe(
+            lr,
+            num_inference_steps=1,
+            noise_level=0,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images
     assert (out[True] - bicubic).abs().max() < 1e-2
     assert (out[False] - bicubic).abs().mean() > 0.2  # a whole-image stage has no bicubic to fall back on
 
@@ -107,8 +112,10 @@ def test_residual_training_target_is_the_scaled_residual_over_the_clean_upsample
     from cdm.models import build_noise_scheduler, build_unet
     from cdm.train import stage_model_fn
 
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig),
-                          {"stage": OmegaConf.structured(residual_stage()), "unet": OmegaConf.structured(TINY)})  # fmt: skip
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(TrainRunConfig),
+        {"stage": OmegaConf.structured(residual_stage()), "unet": OmegaConf.structured(TINY)},
+    )
     cfg.stage.aug_max_level = 100
     hr = textured(32)
     noising = build_noise_scheduler(cfg.stage)
@@ -188,8 +195,14 @@ def test_shipped_photo_stage_beats_bicubic_on_the_held_out_photos(cache_env):
         top, left = hr.shape[-2] // 2 - 128, hr.shape[-1] // 2 - 128
         hr = hr[..., top : top + 256, left : left + 256]
         lr = downsample(hr, 4).clamp(-1, 1)
-        out = pipe(lr, num_inference_steps=settings.steps, noise_level=0, output_type="pt", allow_any_size=True,
-                   generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+        out = pipe(
+            lr,
+            num_inference_steps=settings.steps,
+            noise_level=0,
+            output_type="pt",
+            allow_any_size=True,
+            generator=torch.Generator().manual_seed(0),
+        ).images
         bicubic = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
         gains[name] = (
             psnr(out * 0.5 + 0.5, hr * 0.5 + 0.5) - psnr(bicubic * 0.5 + 0.5, hr * 0.5 + 0.5)
@@ -205,15 +218,37 @@ def test_upscale_compare_writes_the_figure_and_reports_psnr(tmp_path, cache_env)
     PIL.Image.fromarray(((textured(48)[0].permute(1, 2, 0) + 1) * 127.5).byte().numpy()).save(
         tmp_path / "a.png"
     )
-    res = run_cli(["cdm-upscale", str(tmp_path / "a.png"), "--model", str(stage_dir), "--compare",
-                   str(tmp_path / "fig.png"), "--held-out", "1"], tmp_path, cache_env)  # fmt: skip
+    res = run_cli(
+        [
+            "cdm-upscale",
+            str(tmp_path / "a.png"),
+            "--model",
+            str(stage_dir),
+            "--compare",
+            str(tmp_path / "fig.png"),
+            "--held-out",
+            "1",
+        ],
+        tmp_path,
+        cache_env,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if "PSNR bicubic" in ln]
     assert len(lines) == 2 and lines[0].startswith("a 12x12 -> 48x48")
     figure = PIL.Image.open(tmp_path / "fig.png")
     assert figure.width > 4 * 48 and figure.height > 4 * 48  # two photos, each full and zoomed, 4 columns
-    again = run_cli(["cdm-upscale", str(tmp_path / "a.png"), "--model", str(stage_dir), "--compare",
-                     str(tmp_path / "fig.png")], tmp_path, cache_env)  # fmt: skip
+    again = run_cli(
+        [
+            "cdm-upscale",
+            str(tmp_path / "a.png"),
+            "--model",
+            str(stage_dir),
+            "--compare",
+            str(tmp_path / "fig.png"),
+        ],
+        tmp_path,
+        cache_env,
+    )
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
@@ -248,9 +283,28 @@ def test_eval_sr_on_a_flat_folder_of_photos_reports_every_metric_and_a_sweep(tmp
         PIL.Image.fromarray(((textured(size, seed=i)[0].permute(1, 2, 0) + 1) * 127.5).byte().numpy()).save(
             flat / f"{i}.png"
         )
-    res = run_cli(["cdm-eval", "sr", "--model", str(stage_dir), "--data", "imagefolder", "--data-path", str(flat),
-                   "--crop", "0", "--steps", "1,2", "--scheduler", "DDIMScheduler", "--out", str(tmp_path / "ev")],
-                  tmp_path, cache_env)  # fmt: skip
+    res = run_cli(
+        [
+            "cdm-eval",
+            "sr",
+            "--model",
+            str(stage_dir),
+            "--data",
+            "imagefolder",
+            "--data-path",
+            str(flat),
+            "--crop",
+            "0",
+            "--steps",
+            "1,2",
+            "--scheduler",
+            "DDIMScheduler",
+            "--out",
+            str(tmp_path / "ev"),
+        ],
+        tmp_path,
+        cache_env,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert result["dataset"]["num_images"] == 2 and result["dataset"]["crop"] is None

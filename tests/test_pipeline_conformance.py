@@ -30,8 +30,13 @@ def sample(pipe, scheduler_name, steps=4):
     pipe.scheduler = sampling_scheduler(scheduler_name, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if isinstance(pipe, SR3Pipeline):
-        return pipe(torch.zeros(1, 3, 8, 8), num_inference_steps=steps, noise_level=10, output_type="np",
-                    generator=gens([0])).images  # fmt: skip
+        return pipe(
+            torch.zeros(1, 3, 8, 8),
+            num_inference_steps=steps,
+            noise_level=10,
+            output_type="np",
+            generator=gens([0]),
+        ).images
     return pipe([1], num_inference_steps=steps, output_type="np", generator=gens([0])).images
 
 
@@ -92,8 +97,13 @@ def test_callbacks_see_every_step_and_can_interrupt(kind, base_pipe):
         return {"latents": kwargs["latents"] * 0}
 
     args = ([0],) if kind == "base" else (torch.zeros(1, 3, 8, 8),)
-    out = pipe(*args, num_inference_steps=4, callback_on_step_end=callback, output_type="latent",
-               callback_on_step_end_tensor_inputs=["latents"])  # fmt: skip
+    out = pipe(
+        *args,
+        num_inference_steps=4,
+        callback_on_step_end=callback,
+        output_type="latent",
+        callback_on_step_end_tensor_inputs=["latents"],
+    )
     assert [s[0] for s in seen] == [0, 1] and all(s[3] == 4 for s in seen)
     assert seen[0][4] == 1.0
     if kind == "base":
@@ -117,8 +127,13 @@ def test_num_images_per_prompt_repeats_each_label_and_each_image(base_pipe):
     torch.testing.assert_close(out.images[3:4], alone, atol=1e-5, rtol=0)
     sr = build_pipeline(sr_stage(8, 32), TINY, 0)
     sr.set_progress_bar_config(disable=True)
-    images = sr([torch.zeros(3, 8, 8), torch.ones(3, 8, 8) * 0.5], num_images_per_prompt=2, num_inference_steps=1,
-                noise_level=0, output_type="pt").images  # fmt: skip
+    images = sr(
+        [torch.zeros(3, 8, 8), torch.ones(3, 8, 8) * 0.5],
+        num_images_per_prompt=2,
+        num_inference_steps=1,
+        noise_level=0,
+        output_type="pt",
+    ).images
     assert images.shape == (4, 3, 32, 32)
 
 

@@ -22,13 +22,26 @@ TINY_STAGE = {
     "sr64to256": ["stage.resolution=32", "stage.low_res=8", "stage.crop_size=16"],
     "sr256to1024": ["stage.resolution=64", "stage.low_res=16", "stage.crop_size=32"],
 }
-FAST = ["unet=tiny", "train.batch_size=2", "train.num_samples=2", "stage.sample.steps=2", "train.tracker=none",
-        "train.warmup_steps=1"]  # fmt: skip
+FAST = [
+    "unet=tiny",
+    "train.batch_size=2",
+    "train.num_samples=2",
+    "stage.sample.steps=2",
+    "train.tracker=none",
+    "train.warmup_steps=1",
+]
 
 
 def train_args(stage, out, steps, *extra):
-    return ["cdm-train", f"stage={stage}", *TINY_STAGE[stage], *FAST, f"train.max_steps={steps}",
-            f"train.output_dir={out}", *extra]  # fmt: skip
+    return [
+        "cdm-train",
+        f"stage={stage}",
+        *TINY_STAGE[stage],
+        *FAST,
+        f"train.max_steps={steps}",
+        f"train.output_dir={out}",
+        *extra,
+    ]
 
 
 def test_training_uses_the_pipeline_augmentation_function_object():
@@ -150,8 +163,22 @@ def test_two_process_data_parallel_run_keeps_ranks_identical(tmp_path, cache_env
     once exposed a shutdown deadlock between gloo's worker threads and the GIL)."""
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     args = train_args("base64", tmp_path / "run", 4)[1:]
-    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cdm.train", *args]  # fmt: skip
+    cmd = [
+        launcher,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "cdm.train",
+        *args,
+    ]
     if one_core:
         cpu = min(os.sched_getaffinity(0))
         pin = f"import os, sys; os.sched_setaffinity(0, {{{cpu}}}); os.execv(sys.argv[1], sys.argv[1:])"
@@ -173,8 +200,14 @@ def test_a_second_writer_on_one_run_folder_is_refused_with_the_holders_pid(tmp_p
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **cache_env}
     exe = str(Path(sys.executable).parent / "cdm-train")
-    first = subprocess.Popen([exe, *train_args("base64", out, 100000)[1:]], env=env, cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen(
+        [exe, *train_args("base64", out, 100000)[1:]],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for _ in range(600):  # wait until the first run holds the lock and has written its config
             if (out / "config.yaml").is_file() or first.poll() is not None:
@@ -225,13 +258,23 @@ def test_two_process_run_takes_precision_and_accumulation_from_accelerate(tmp_pa
     """A 2-process CPU launch from an accelerate config file (bf16) with accumulation 2 from the launcher."""
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     config = tmp_path / "accelerate.yaml"
-    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
-                      "num_machines: 1\nmachine_rank: 0\nmixed_precision: bf16\nuse_cpu: true\n")  # fmt: skip
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
+        "num_machines: 1\nmachine_rank: 0\nmixed_precision: bf16\nuse_cpu: true\n"
+    )
     args = train_args("base64", tmp_path / "run", 2)[1:]
-    env = {**cache_env, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2", "MASTER_PORT": "29535",
-           "ACCELERATE_USE_CPU": "1"}  # fmt: skip
-    res = run_cli([launcher, "launch", "--config_file", str(config), "-m", "cdm.train", *args], tmp_path, env,
-                  timeout=240)  # fmt: skip
+    env = {
+        **cache_env,
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2",
+        "MASTER_PORT": "29535",
+        "ACCELERATE_USE_CPU": "1",
+    }
+    res = run_cli(
+        [launcher, "launch", "--config_file", str(config), "-m", "cdm.train", *args],
+        tmp_path,
+        env,
+        timeout=240,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     resolved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert (resolved["mixed_precision"], resolved["grad_accum"]) == ("bf16", 2)
@@ -255,8 +298,18 @@ def test_resume_skips_a_truncated_latest_checkpoint_and_says_so(tmp_path, cache_
 def test_resume_with_another_model_config_is_one_line(tmp_path, cache_env):
     out = tmp_path / "run"
     assert run_cli(train_args("base64", out, 4, "train.stop_after=2"), tmp_path, cache_env).returncode == 0
-    res = run_cli(train_args("base64", out, 4, "train.resume=latest", "unet.block_out_channels=[8,16]",
-                             "unet.norm_num_groups=8"), tmp_path, cache_env)  # fmt: skip
+    res = run_cli(
+        train_args(
+            "base64",
+            out,
+            4,
+            "train.resume=latest",
+            "unet.block_out_channels=[8,16]",
+            "unet.norm_num_groups=8",
+        ),
+        tmp_path,
+        cache_env,
+    )
     assert res.returncode == 2 and "different model configuration" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
 
