@@ -65,7 +65,8 @@ demo-eval: install
 	$(BIN)/cdm-eval sr --model $(EVAL)/cascade --stage sr256to1024 --data digits --num-images 4 --out $(EVAL)/sr256to1024 --overwrite
 	$(BIN)/cdm-generate --model $(EVAL)/cascade --class 0 --class 1 --class 2 --class 3 --class 4 --class 5 \
 		--class 6 --class 7 --class 8 --class 9 --out $(EVAL)/grid --overwrite --quiet
-	$(BIN)/cdm-export $(DEMO_SOURCES) --out cdm/demo_cascade --half --overwrite --license apache-2.0 $(DEMO_SET) \
+	$(BIN)/cdm-export $(addprefix $(EVAL)/cascade/,base64 sr64to256 sr256to1024) --out $(DEMO) --half --overwrite \
+		--license apache-2.0 $(DEMO_SET) \
 		--eval $(EVAL)/gen/results.json --eval $(EVAL)/sr64to256/results.json \
 		--eval $(EVAL)/sr256to1024/results.json --samples $(EVAL)/grid/grid.png
 
