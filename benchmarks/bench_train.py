@@ -14,9 +14,10 @@ from common import header
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from cdm.cli.train import compose_config
 from cdm.config import TrainRunConfig, validate
 from cdm.models import build_unet
-from cdm.train import compose_config, train
+from cdm.train.loop import train
 
 BATCH, STEPS = 8, 12
 

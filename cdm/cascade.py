@@ -18,30 +18,23 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from cdm_pipelines import CDMBasePipeline, SR3Pipeline
 
-from cdm.config import AUG_MODES
+from cdm.config import AUG_MODES, SamplingConfig
 from cdm.errors import UserError
 from cdm.models import sampling_scheduler
-from cdm.stage_io import load_stage
-
-CASCADE_FILE = "cascade.json"
-
-
-@dataclass
-class StageSettings:
-    """Per-stage sampling defaults, stored in cascade.json and overridable per call."""
-
-    scheduler: str = "DPMSolverMultistepScheduler"
-    steps: int = 25
-    guidance_scale: float = 1.0
-    aug_level: int = 0  # SR stages: conditioning augmentation level s of this stage's input
-    aug_mode: str = "non-truncated"
-    max_batch: int = 8  # images per UNet call; bounds memory at high resolution
+from cdm.stage_io import (
+    CASCADE_FILE,
+    load_stage,
+    parse_stage_entry,
+    resolve_model,
+    stage_info,
+    stage_settings,
+)
 
 
 @dataclass
@@ -67,77 +60,31 @@ def nearest_level(alphabar: float, noising) -> int:
     return int((noising.alphas_cumprod - alphabar).abs().argmin())
 
 
-def resolve_model(model: str | Path, revision: str | None = None) -> Path:
-    """A local folder, or a Hub repo id fetched with snapshot_download (safetensors and JSON only)."""
-    path = Path(model)
-    if path.exists():
-        return path
-    if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-        try:
-            return Path(
-                snapshot_download(
-                    str(model),
-                    revision=revision,
-                    allow_patterns=["*.json", "*.safetensors", "*.md", "*.png", "*.py"],
-                )
-            )
-        except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-            raise UserError(
-                f"model {model}: not a local folder, and the Hub repo could not be fetched "
-                f"({str(err).splitlines()[0][:160]})"
-            ) from None
-    raise UserError(f"model {model}: no such folder (expected a cascade folder or a Hub repo id)")
-
-
-def check_settings(name: str, pipe, s: StageSettings) -> None:
+def check_settings(name: str, pipe, sampling: SamplingConfig) -> None:
     """Range checks of one stage's sampling settings, for reading and for writing cascade.json."""
-    if s.steps < 1:
-        raise UserError(f"steps={s.steps} for stage {name}: expected an integer >= 1")
-    if s.guidance_scale < 1:
+    if sampling.steps < 1:
+        raise UserError(f"steps={sampling.steps} for stage {name}: expected an integer >= 1")
+    if sampling.guidance_scale < 1:
         raise UserError(
-            f"guidance_scale={s.guidance_scale} for stage {name}: expected >= 1 (1 disables guidance)"
+            f"guidance_scale={sampling.guidance_scale} for stage {name}: expected >= 1 (1 disables guidance)"
         )
-    if s.max_batch < 1:
-        raise UserError(f"max_batch={s.max_batch} for stage {name}: expected an integer >= 1")
-    if s.aug_mode not in AUG_MODES:
-        raise UserError(f"aug_mode={s.aug_mode!r} for stage {name}: expected one of {', '.join(AUG_MODES)}")
-    if isinstance(pipe, SR3Pipeline) and not 0 <= s.aug_level <= pipe.max_noise_level:
-        raise UserError(f"aug_level={s.aug_level} for stage {name}: expected 0..{pipe.max_noise_level}")
-
-
-def parse_stage_entry(spec_path: Path, k: int, entry) -> tuple[str, Path, StageSettings]:
-    """One `stages` entry of cascade.json: a name, a folder inside the cascade, typed sampling settings."""
-    where = f"{spec_path}: stages[{k}]"
-    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
-        raise UserError(f'{where} is {json.dumps(entry)[:80]}: expected an object with a "name" string')
-    rel = entry.get("path", entry["name"])
-    root = spec_path.parent.resolve()
-    folder = (root / str(rel)).resolve()
-    if not isinstance(rel, str) or Path(rel).is_absolute() or root not in folder.parents:
-        raise UserError(f"{where}: path {rel!r} is outside the cascade folder: expected a sub-folder name")
-    sampling = entry.get("sampling", {})
-    if not isinstance(sampling, dict):
-        raise UserError(f"{where}: sampling is {json.dumps(sampling)[:80]}: expected an object")
-    fields = StageSettings.__dataclass_fields__
-    values = {}
-    for key, value in sampling.items():
-        if key not in fields:
-            continue
-        kind = type(getattr(StageSettings(), key))
-        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
-            raise UserError(f"{where}: sampling.{key}={json.dumps(value)}: expected a {kind.__name__}")
-        values[key] = kind(value)
-    return entry["name"], folder, StageSettings(**values)
+    if sampling.max_batch < 1:
+        raise UserError(f"max_batch={sampling.max_batch} for stage {name}: expected an integer >= 1")
+    if sampling.aug_mode not in AUG_MODES:
+        raise UserError(
+            f"aug_mode={sampling.aug_mode!r} for stage {name}: expected one of {', '.join(AUG_MODES)}"
+        )
+    if isinstance(pipe, SR3Pipeline) and not 0 <= sampling.aug_level <= pipe.max_noise_level:
+        raise UserError(
+            f"aug_level={sampling.aug_level} for stage {name}: expected 0..{pipe.max_noise_level}"
+        )
 
 
 class Cascade:
     """An ordered list of stages: a base generator, then SR stages whose input size matches."""
 
     def __init__(
-        self, names: list[str], pipes: list, settings: list[StageSettings], root: Path | None = None
+        self, names: list[str], pipes: list, settings: list[SamplingConfig], root: Path | None = None
     ):
         self.names, self.pipes, self.settings, self.root = names, pipes, settings, root
         self.autocast_dtype: torch.dtype | None = None
@@ -157,8 +104,6 @@ class Cascade:
         root = resolve_model(model)
         spec_path = root / CASCADE_FILE
         if not spec_path.is_file() and (root / "model_index.json").is_file():  # a single base stage
-            from cdm.export import stage_info, stage_settings
-
             return cls([root.name], [load_stage(root, torch_dtype)], [stage_settings(stage_info(root))], root)
         if not spec_path.is_file():
             raise UserError(f"{root} is not a cascade folder: expected {CASCADE_FILE} inside it")
@@ -200,9 +145,11 @@ class Cascade:
                     f"class space mismatch: {self.names[k]!r} has {pipe.num_classes} classes, "
                     f"the base stage {self.num_classes}"
                 )
-        for name, s in zip(self.names, self.settings):
-            if s.aug_mode not in AUG_MODES:
-                raise UserError(f"{name}: aug_mode={s.aug_mode!r}: expected one of {', '.join(AUG_MODES)}")
+        for name, sampling in zip(self.names, self.settings):
+            if sampling.aug_mode not in AUG_MODES:
+                raise UserError(
+                    f"{name}: aug_mode={sampling.aug_mode!r}: expected one of {', '.join(AUG_MODES)}"
+                )
 
     @property
     def base(self) -> CDMBasePipeline:
@@ -227,39 +174,42 @@ class Cascade:
         except ValueError as err:
             raise UserError(str(err)) from None
 
-    def with_overrides(self, **per_stage: list | None) -> list[StageSettings]:
+    def with_overrides(self, **per_stage: list | None) -> list[SamplingConfig]:
         """Settings with per-stage overrides: each keyword is a list with one value per stage, or None."""
-        out = [replace(s) for s in self.settings]
+        out = [replace(sampling) for sampling in self.settings]
         for key, values in per_stage.items():
             if values is None:
                 continue
             if len(values) == 1 and key == "guidance_scale":  # one value: the class-conditional stages
-                values = [values[0] if p.num_classes else s.guidance_scale for p, s in zip(self.pipes, out)]
+                values = [
+                    values[0] if p.num_classes else sampling.guidance_scale
+                    for p, sampling in zip(self.pipes, out)
+                ]
             elif len(values) == 1:
                 values = values * len(out)
             if len(values) != len(out):
                 raise UserError(
                     f"{key}: got {len(values)} values for {len(out)} stages ({', '.join(self.names)})"
                 )
-            for s, v in zip(out, values):
-                setattr(s, key, v)
-        for name, pipe, s in zip(self.names, self.pipes, out):
-            check_settings(name, pipe, s)
+            for sampling, v in zip(out, values):
+                setattr(sampling, key, v)
+        for name, pipe, sampling in zip(self.names, self.pipes, out):
+            check_settings(name, pipe, sampling)
         for k in range(len(out)):
             self.check_sampler(k, out[k], out[k + 1] if k + 1 < len(out) else None)
         return out
 
-    def check_sampler(self, k: int, s: StageSettings, nxt: StageSettings | None) -> None:
+    def check_sampler(self, k: int, sampling: SamplingConfig, nxt: SamplingConfig | None) -> None:
         """The scheduler must run at the stage's steps; a truncated handover needs its alphabar too."""
         try:
-            scheduler = sampling_scheduler(s.scheduler, self.pipes[k].scheduler.config, s.steps)
+            scheduler = sampling_scheduler(sampling.scheduler, self.pipes[k].scheduler.config, sampling.steps)
         except ValueError as err:
             raise UserError(f"stage {self.names[k]}: {err}") from None
         if nxt is None or nxt.aug_mode != "truncated" or nxt.aug_level == 0:
             return
         if getattr(scheduler, "alphas_cumprod", None) is None:
             raise UserError(
-                f"scheduler={s.scheduler} for stage {self.names[k]}: truncated conditioning augmentation "
+                f"scheduler={sampling.scheduler} for stage {self.names[k]}: truncated conditioning augmentation "
                 "needs a scheduler with a DDPM noise schedule (alphas_cumprod), e.g. DDIMScheduler"
             )
         if self.pipes[k + 1].config.residual:
@@ -275,7 +225,7 @@ class Cascade:
         self,
         class_labels,
         seeds: list[int],
-        settings: list[StageSettings] | None = None,
+        settings: list[SamplingConfig] | None = None,
         on_stage_end=None,
         progress: bool = True,
     ) -> CascadeOutput:
@@ -294,47 +244,17 @@ class Cascade:
             raise UserError(f"got {len(seeds)} seeds for {len(ids)} images: expected one per image")
         outputs, seconds = [], []
         x, alphabar = None, None
-        for k, (name, pipe, s) in enumerate(zip(self.names, self.pipes, settings)):
+        for k, (name, pipe, sampling) in enumerate(zip(self.names, self.pipes, settings)):
             start = time.perf_counter()
-            pipe.scheduler = sampling_scheduler(s.scheduler, pipe.scheduler.config, s.steps)
+            pipe.scheduler = sampling_scheduler(sampling.scheduler, pipe.scheduler.config, sampling.steps)
             pipe.set_progress_bar_config(disable=not progress, desc=name, leave=False)
-            nxt = settings[k + 1] if k + 1 < len(settings) else None
-            truncate = None
-            if nxt is not None and nxt.aug_mode == "truncated" and nxt.aug_level > 0:
-                truncate = float(self.pipes[k + 1].image_noising_scheduler.alphas_cumprod[nxt.aug_level])
+            truncate = self.truncation_alphabar(k, settings)
             chunks, alphabars = [], []
-            for lo in range(0, len(ids), s.max_batch):
-                hi = min(lo + s.max_batch, len(ids))
+            for lo in range(0, len(ids), sampling.max_batch):
+                hi = min(lo + sampling.max_batch, len(ids))
                 gens = [torch.Generator().manual_seed(stage_seed(seed, k)) for seed in seeds[lo:hi]]
-                common = {
-                    "num_inference_steps": s.steps,
-                    "guidance_scale": s.guidance_scale,
-                    "generator": gens,
-                    "output_type": "pt",
-                    "truncate_alphabar": truncate,
-                }
-                autocast = torch.autocast(
-                    pipe.device.type,
-                    dtype=self.autocast_dtype or torch.float32,
-                    enabled=self.autocast_dtype is not None,
-                )
-                if k == 0:
-                    with autocast:
-                        out = pipe(ids[lo:hi], **common)
-                else:
-                    handed_over = alphabar is not None
-                    level = (
-                        nearest_level(alphabar, pipe.image_noising_scheduler) if handed_over else s.aug_level
-                    )
-                    labels = ids[lo:hi] if pipe.num_classes else None
-                    with autocast:
-                        out = pipe(
-                            x[lo:hi].to(pipe.device),
-                            class_labels=labels,
-                            noise_level=level,
-                            low_res_is_augmented=handed_over,
-                            **common,
-                        )
+                low_res = None if k == 0 else x[lo:hi]
+                out = self.run_stage(k, sampling, ids[lo:hi], low_res, alphabar, gens, truncate)
                 chunks.append(out.images.float().cpu())
                 alphabars.append(out.alphabar)
             x, alphabar = torch.cat(chunks), alphabars[0]
@@ -344,15 +264,42 @@ class Cascade:
                 on_stage_end(k, name, x)
         return CascadeOutput(images=outputs, seconds=seconds, stage_names=list(self.names), class_ids=ids)
 
+    def __getitem__(self, index: slice) -> Cascade:
+        """The first stages, `cascade[:n]`: a shorter cascade sharing the same pipelines."""
+        if not isinstance(index, slice):
+            raise TypeError(f"a Cascade is sliced, e.g. cascade[:2]; got {type(index).__name__}")
+        return Cascade(self.names[index], self.pipes[index], self.settings[index], self.root)
 
-def write_cascade_json(
-    root: Path, names: list[str], settings: list[StageSettings], extra: dict | None = None
-):
-    """cascade.json: stage order, each stage's folder and sampling defaults."""
-    spec = {
-        "format": "cdm-cascade",
-        "version": 1,
-        "stages": [{"name": n, "path": n, "sampling": asdict(s)} for n, s in zip(names, settings)],
-        **(extra or {}),
-    }
-    (Path(root) / CASCADE_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    def truncation_alphabar(self, k: int, settings: list[SamplingConfig]) -> float | None:
+        """Where stage k stops when the next stage takes its input truncated (CDM section 3.2)."""
+        nxt = settings[k + 1] if k + 1 < len(settings) else None
+        if nxt is None or nxt.aug_mode != "truncated" or nxt.aug_level == 0:
+            return None
+        return float(self.pipes[k + 1].image_noising_scheduler.alphas_cumprod[nxt.aug_level])
+
+    def run_stage(self, k: int, sampling: SamplingConfig, ids, low_res, alphabar, gens, truncate):
+        """One chunk through stage k: labels for the base stage; for an SR stage, the previous stage's
+        output, noised to `s.aug_level`, or handed over already noisy at `alphabar` (truncated)."""
+        pipe = self.pipes[k]
+        common = {
+            "num_inference_steps": sampling.steps,
+            "guidance_scale": sampling.guidance_scale,
+            "generator": gens,
+            "output_type": "pt",
+            "truncate_alphabar": truncate,
+        }
+        dtype = self.autocast_dtype
+        with torch.autocast(pipe.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            if low_res is None:
+                return pipe(ids, **common)
+            handed_over = alphabar is not None
+            level = (
+                nearest_level(alphabar, pipe.image_noising_scheduler) if handed_over else sampling.aug_level
+            )
+            return pipe(
+                low_res.to(pipe.device),
+                class_labels=ids if pipe.num_classes else None,
+                noise_level=level,
+                low_res_is_augmented=handed_over,
+                **common,
+            )

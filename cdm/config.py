@@ -65,13 +65,14 @@ class UNetConfig:
 
 @dataclass
 class SamplingConfig:
-    """Per-stage sampling defaults, copied into cascade.json at export."""
+    """Per-stage sampling defaults: set at training (stage.sample), stored in cascade.json, overridable per call."""
 
     scheduler: str = "DPMSolverMultistepScheduler"
     steps: int = 25
     guidance_scale: float = 1.0
-    aug_level: int = 0
+    aug_level: int = 0  # SR stages: conditioning augmentation level of this stage's input
     aug_mode: str = "non-truncated"  # or "truncated" (CDM section 3.2)
+    max_batch: int = 8  # images per UNet call; bounds memory at high resolution
 
 
 @dataclass

@@ -13,13 +13,17 @@ class UserError(ValueError):
 
 
 def cli(fn):
-    """Run a console entry point; bad input exits 2 with one line (CDM_DEBUG=1 shows the traceback)."""
+    """Run a console entry point; bad input exits 2 with one line (CDM_DEBUG=1 shows the traceback).
+
+    Only `UserError` is bad input. Any other exception is a bug (or a fault of the machine) and keeps
+    its traceback: code that passes a user's value on converts the library's ValueError where it calls it.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (UserError, ValueError, FileNotFoundError, FileExistsError) as err:
+        except UserError as err:
             if os.environ.get("CDM_DEBUG"):
                 raise
             message = " ".join(str(err).split()) or type(err).__name__
@@ -37,3 +41,23 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def one_line(err: Exception) -> str:
+    """Hydra and OmegaConf errors span lines and chained causes; keep the informative lines."""
+    skip = (
+        "full_key:",
+        "object_type",
+        "reference_type",
+        "Set the environment",
+        "Use --",
+        "Available options",
+        "To append to your config",
+    )
+    lines = []
+    while err is not None:
+        lines += [
+            ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.strip().startswith(skip)
+        ]
+        err = err.__cause__
+    return ": ".join(dict.fromkeys(lines))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +82,33 @@ def comparison_figure(rows: list[dict[str, torch.Tensor]], zoom: int = 4, pad: i
         figure.paste(strip, (0, y))
         y += strip.height + pad
     return figure
+
+
+def decode_image(record) -> PIL.Image.Image:
+    """Decode an undecoded `datasets` image; RGBA is composited on white and grey becomes RGB."""
+    raw = record.get("bytes") if isinstance(record, dict) else None
+    source = io.BytesIO(raw) if raw else record["path"]
+    image = PIL.Image.open(source)
+    image.load()
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = PIL.Image.alpha_composite(background, rgba)
+    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer or float grey
+        image = PIL.Image.fromarray(to_8bit(np.asarray(image), image.mode))
+    return image.convert("RGB")
+
+
+def to_8bit(array: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a high-bit-depth grey image to 0..255: 16-bit by 65535, float by 1 (or its peak if above 1)."""
+    array = array.astype(np.float64)
+    if mode == "F":
+        peak = 1.0 if array.max(initial=0) <= 1.0 else array.max()
+    else:
+        peak = 65535.0 if array.max(initial=0) <= 65535 else array.max()
+    return (np.clip(array / peak, 0, 1) * 255).round().astype(np.uint8)
+
+
+def to_tensor(image: PIL.Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float tensor in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)

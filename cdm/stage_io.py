@@ -1,4 +1,6 @@
-"""Saving and loading stage folders: safetensors + JSON, never code from the folder.
+"""The folder formats, in one place: stage folders, cdm_stage.json and cascade.json.
+
+Safetensors and JSON only, never code from the folder.
 
 A saved stage is a diffusers pipeline folder plus a copy of its pipeline file, with
 `model_index.json` naming it as `[module, class]`. Plain diffusers can then load it with
@@ -12,14 +14,20 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import diffusers
 import torch
 from cdm_pipelines import CDMBasePipeline, SR3Pipeline
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
+from cdm.config import SamplingConfig
 from cdm.errors import UserError
+from cdm.models import sampling_scheduler
 
 PIPELINES = {cls.__name__: cls for cls in (CDMBasePipeline, SR3Pipeline)}
 
@@ -103,3 +111,137 @@ def _check_component(folder: Path, key: str, entry: list) -> str:
     if class_name.endswith("Model") and not list(sub.glob("*.safetensors")):
         raise UserError(f"{sub}: no .safetensors weights found (cdm never loads pickled weights)")
     return class_name
+
+
+HUB_FILES = ["*.json", "*.safetensors", "*.md", "*.png", "*.py"]  # what a cascade repo holds
+STAGE_FILES = ("*.json", "*/*.json", "*/*.safetensors")  # pipeline files: the installed ones
+
+
+def find_stage_folder(path: Path) -> Path:
+    """A training run folder (its export/) or a stage folder itself."""
+    if not path.exists():
+        raise UserError(f"{path}: no such folder")
+    if (path / "model_index.json").is_file():
+        return path
+    if (path / "config.json").is_file() or (path / "checkpoints").is_dir():
+        if not (path / "export" / "model_index.json").is_file():
+            raise UserError(
+                f"{path} is an incomplete run: it has no export/ (train it to train.max_steps first)"
+            )
+        return path / "export"
+    raise UserError(f"{path}: neither a training run nor a pipeline folder (expected model_index.json)")
+
+
+def stage_info(folder: Path) -> dict | None:
+    f = folder / STAGE_INFO_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def stage_settings(info: dict | None):
+    """Sampling defaults recorded at training time (conf stage.sample), or the library defaults."""
+    sample = ((info or {}).get("stage") or {}).get("sample") or {}
+    known = SamplingConfig.__dataclass_fields__
+    return SamplingConfig(**{k: v for k, v in sample.items() if k in known})
+
+
+def copy_stage(src: Path, dst: Path, half: bool = False) -> None:
+    """Copy only what a stage needs: JSON configs, safetensors weights (fp16 if `half`), the pipeline file."""
+    for pattern in STAGE_FILES:
+        for f in src.glob(pattern):
+            target = dst / f.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if half and f.suffix == ".safetensors":
+                tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(f).items()}
+                save_file(tensors, target)
+            else:
+                shutil.copyfile(f, target)
+
+
+def write_sampler(pipe, settings, folder: Path) -> None:
+    """Store the stage's sampling scheduler as its `scheduler/`, so plain diffusers samples as cdm does."""
+    try:
+        scheduler = sampling_scheduler(settings.scheduler, pipe.scheduler.config, settings.steps)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    scheduler.save_pretrained(folder / "scheduler")
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+CASCADE_FILE = "cascade.json"
+
+
+def resolve_model(model: str | Path, revision: str | None = None) -> Path:
+    """A local folder, or a Hub repo id fetched with snapshot_download (safetensors and JSON only)."""
+    path = Path(model)
+    if path.exists():
+        return path
+    if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
+        try:
+            return Path(
+                snapshot_download(
+                    str(model),
+                    revision=revision,
+                    allow_patterns=HUB_FILES,
+                )
+            )
+        except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+            raise UserError(
+                f"model {model}: not a local folder, and the Hub repo could not be fetched "
+                f"({str(err).splitlines()[0][:160]})"
+            ) from None
+    raise UserError(f"model {model}: no such folder (expected a cascade folder or a Hub repo id)")
+
+
+def parse_stage_entry(spec_path: Path, k: int, entry) -> tuple[str, Path, SamplingConfig]:
+    """One `stages` entry of cascade.json: a name, a folder inside the cascade, typed sampling settings."""
+    where = f"{spec_path}: stages[{k}]"
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+        raise UserError(f'{where} is {json.dumps(entry)[:80]}: expected an object with a "name" string')
+    rel = entry.get("path", entry["name"])
+    root = spec_path.parent.resolve()
+    folder = (root / str(rel)).resolve()
+    if not isinstance(rel, str) or Path(rel).is_absolute() or root not in folder.parents:
+        raise UserError(f"{where}: path {rel!r} is outside the cascade folder: expected a sub-folder name")
+    sampling = entry.get("sampling", {})
+    if not isinstance(sampling, dict):
+        raise UserError(f"{where}: sampling is {json.dumps(sampling)[:80]}: expected an object")
+    fields = SamplingConfig.__dataclass_fields__
+    values = {}
+    for key, value in sampling.items():
+        if key not in fields:
+            continue
+        kind = type(getattr(SamplingConfig(), key))
+        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+            raise UserError(f"{where}: sampling.{key}={json.dumps(value)}: expected a {kind.__name__}")
+        values[key] = kind(value)
+    return entry["name"], folder, SamplingConfig(**values)
+
+
+def write_cascade_json(
+    root: Path, names: list[str], settings: list[SamplingConfig], extra: dict | None = None
+):
+    """cascade.json: stage order, each stage's folder and sampling defaults."""
+    spec = {
+        "format": "cdm-cascade",
+        "version": 1,
+        "stages": [{"name": n, "path": n, "sampling": asdict(s)} for n, s in zip(names, settings)],
+        **(extra or {}),
+    }
+    (Path(root) / CASCADE_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+
+
+STAGE_INFO_FILE = "cdm_stage.json"
+
+
+def export_stage(pipe, folder: Path, info: dict) -> None:
+    """Write a trained stage folder with its training record, atomically (a temporary name, then rename)."""
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_stage(pipe, tmp)
+    (tmp / STAGE_INFO_FILE).write_text(json.dumps(info, indent=1))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)

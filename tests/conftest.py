@@ -122,19 +122,19 @@ def make_cascade(
     levels=(100, 100),
 ) -> Path:
     """A tiny random cascade folder: base at sizes[0], then 4x SR stages, saved as cdm-export does."""
-    from cdm.cascade import StageSettings, write_cascade_json
-    from cdm.stage_io import save_stage
+    from cdm.config import SamplingConfig
+    from cdm.stage_io import save_stage, write_cascade_json
 
     torch.manual_seed(0)
     labels = labels if labels is not None else LABELS
     names = ["base64", "sr64to256", "sr256to1024"][: len(sizes)]
-    settings = [StageSettings(scheduler="DDIMScheduler", steps=2, guidance_scale=1.0)]
+    settings = [SamplingConfig(scheduler="DDIMScheduler", steps=2, guidance_scale=1.0)]
     save_stage(build_pipeline(base_stage(sizes[0]), TINY, num_classes, labels), root / names[0])
     for k in range(1, len(sizes)):
         stage = sr_stage(sizes[k - 1], sizes[k], class_conditional=sr_classes[k - 1], name=names[k])
         save_stage(build_pipeline(stage, TINY, num_classes, labels), root / names[k])
         settings.append(
-            StageSettings(
+            SamplingConfig(
                 scheduler="DDIMScheduler",
                 steps=2,
                 aug_level=levels[k - 1],

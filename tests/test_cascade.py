@@ -12,7 +12,7 @@ from conftest import TINY, build_pipeline, make_cascade, run_cli, sr_stage
 from cdm.cascade import Cascade, imagenet_labels
 from cdm.errors import UserError
 from cdm.stage_io import save_stage
-from cdm.upscale import upscale
+from cdm.upscaling import upscale
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_three_stage_cascade_sizes_and_batch_equals_single_runs(tmp_path, mode):
     out = cascade([0, "two", 1], seeds=[5, 6, 7], progress=False)
     assert [tuple(x.shape) for x in out.images] == [(3, 3, 8, 8), (3, 3, 32, 32), (3, 3, 128, 128)]
     assert out.class_ids == [0, 2, 1]
-    assert out.images[-1].abs().max() <= 1
+    assert all(x.std() > 0.01 for x in out.images[-1])  # each final image carries content, not a constant
     for i, (label, seed) in enumerate(zip([0, 2, 1], [5, 6, 7])):
         single = cascade([label], seeds=[seed], progress=False)
         torch.testing.assert_close(single.images[-1][0], out.images[-1][i], atol=1e-4, rtol=0)
@@ -234,7 +234,7 @@ def test_tiled_upscale_matches_untiled_without_seams():
 def test_demo_cascade_loads_and_its_pipeline_copies_match_the_package():
     from pathlib import Path
 
-    from cdm.generate import DEMO_CASCADE
+    from cdm.cli.generate import DEMO_CASCADE
 
     cascade = Cascade.from_pretrained(DEMO_CASCADE)
     assert cascade.resolutions == [64, 256, 1024] and cascade.num_classes == 10
@@ -271,7 +271,7 @@ def test_two_process_generation_writes_the_same_files_as_one_process(tmp_path):
     ]
     env = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "MASTER_PORT": "29536"}
     one = run_cli(
-        [sys.executable, "-m", "cdm.generate", *common, "--out", str(tmp_path / "one")], tmp_path, env
+        [sys.executable, "-m", "cdm.cli.generate", *common, "--out", str(tmp_path / "one")], tmp_path, env
     )
     assert one.returncode == 0, one.stderr[-2000:]
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
@@ -290,7 +290,7 @@ def test_two_process_generation_writes_the_same_files_as_one_process(tmp_path):
                 "--dynamo_backend",
                 "no",
                 "-m",
-                "cdm.generate",
+                "cdm.cli.generate",
                 *common,
                 "--out",
                 str(tmp_path / "two"),

@@ -4,10 +4,10 @@ import pytest
 from conftest import make_imagefolder
 from omegaconf import OmegaConf
 
+from cdm.cli.train import compose_config
 from cdm.config import TrainRunConfig, validate
-from cdm.data import StageDataset, open_dataset
 from cdm.models import build_pipeline, build_unet, count_parameters
-from cdm.train import compose_config
+from cdm.train.data import StageDataset, open_dataset
 
 STAGES = ["base64", "sr64to256", "sr256to1024"]
 DATA = ["digits", "photos", "imagefolder", "hub", "imagenet"]
@@ -30,13 +30,17 @@ def test_every_stage_and_data_composes_and_instantiates(stage, data, tmp_path, c
     assert cfg.stage.name == stage
     num_classes = 1000 if data == "imagenet" else 10
     unet = build_unet(cfg.stage, cfg.unet, num_classes)
-    assert count_parameters(unet) > 0
+    sr = cfg.stage.kind.value == "sr"
+    assert unet.config.in_channels == (6 if sr else 3)  # SR: noise and the upsampled low-res image
+    assert (unet.config.num_class_embeds if not sr else num_classes) == num_classes + (0 if sr else 1)
     if data in ("hub", "imagenet"):  # no network here: composing and building the model is what can run
         return
     ds, label_col, id2label = open_dataset(cfg.data)
     item = StageDataset(ds, cfg.data, label_col, cfg.stage, seed=0)[(0, 0)]
     size = cfg.stage.crop_size or cfg.stage.resolution
-    assert item["image"] is None or item["image"].shape == (3, size, size)
+    image = item["image"]
+    assert image is not None and image.shape == (3, size, size)
+    assert image.min() >= -1 and image.max() <= 1 and image.std() > 0.01  # a real crop, not blank
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "paper"])

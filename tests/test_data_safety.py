@@ -213,7 +213,7 @@ def test_an_unavailable_device_is_one_line(tmp_path, device):
 
 @pytest.mark.parametrize("mode", ["I;16", "F"])
 def test_high_bit_depth_grey_images_are_scaled_not_clipped(tmp_path, mode):
-    from cdm.data import decode_image
+    from cdm.images import decode_image
 
     if mode == "I;16":
         image = PIL.Image.fromarray(np.full((4, 4), 32768, np.uint16))

@@ -7,8 +7,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from cdm.config import DataConfig, DataSource, TrainRunConfig, validate
-from cdm.data import open_dataset
 from cdm.errors import UserError
+from cdm.train.data import open_dataset
 
 
 def tiny_dataset(labels) -> datasets.Dataset:

@@ -9,11 +9,11 @@ import yaml
 from conftest import TINY, build_pipeline, make_cascade, make_imagefolder, run_cli, sr_stage
 from huggingface_hub import ModelCard
 
-from cdm.degradations import downsample
-from cdm.export import main as export_main
-from cdm.export import push_to_hub
-from cdm.metrics import consistency, psnr, ssim
+from cdm.cli.export import main as export_main
+from cdm.hub.publish import push_to_hub
+from cdm.measure.metrics import consistency, psnr, ssim
 from cdm.stage_io import save_stage
+from cdm.train.degradations import downsample
 
 # -- metrics --------------------------------------------------------------------------------------
 
@@ -140,8 +140,11 @@ def test_eval_gen_reports_class_agreement_with_classifier_accuracy(tmp_path, cac
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "g" / "results.json").read_text())
     assert result["num_samples"] == 6
-    assert 0 <= result["metrics"]["class_agreement"] <= 1
-    assert 0 <= result["classifier"]["held_out_accuracy"] <= 1
+    # fractions of counts: 6 samples, and the 6 images of the test split (3 classes x 2)
+    agreement, classifier = result["metrics"]["class_agreement"], result["classifier"]
+    assert agreement * 6 == pytest.approx(round(agreement * 6))
+    assert classifier["held_out_images"] == 6
+    assert classifier["held_out_accuracy"] * 6 == pytest.approx(round(classifier["held_out_accuracy"] * 6))
     if fid:  # the offline Inception; the floor is as many real train images against the same reference
         assert result["metrics"]["fid"] > 0 and np.isfinite(result["metrics"]["kid"])
         floor = result["real_data_floor"]
@@ -152,7 +155,7 @@ def test_eval_gen_reports_class_agreement_with_classifier_accuracy(tmp_path, cac
 
 
 def test_fid_and_kid_with_a_pluggable_extractor():
-    from cdm.fid import frechet_and_kernel_distance
+    from cdm.measure.fid import frechet_and_kernel_distance
 
     class MeanColour(torch.nn.Module):  # any module from uint8 images to (N, d) features
         def forward(self, x):
@@ -171,8 +174,8 @@ def test_fid_and_kid_with_a_pluggable_extractor():
 def test_offline_inception_tells_real_digits_from_tinted_ones(cache_env):
     """The shipped TorchScript Inception, end to end: two halves of the real test digits are closer
     to each other than a colour-tinted copy of one half is to the other."""
-    from cdm.eval import data_config, real_images
-    from cdm.fid import OfflineInception, frechet_and_kernel_distance
+    from cdm.cli.eval import data_config, real_images
+    from cdm.measure.fid import OfflineInception, frechet_and_kernel_distance
 
     inception = OfflineInception()
     assert inception(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 2048)
@@ -267,7 +270,8 @@ def test_export_cascade_writes_a_card_that_parses_with_every_field(tmp_path, cac
 def test_single_stage_card_and_no_unmeasured_numbers(tmp_path):
     stage = tmp_path / "sr"
     save_stage(build_pipeline(sr_stage(8, 32), TINY, 0), stage)
-    assert export_main([str(stage), "--out", str(tmp_path / "card")]) is None
+    export_main([str(stage), "--out", str(tmp_path / "card")])
+    assert (tmp_path / "card" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     meta, card = _meta(tmp_path / "card" / "README.md")
     assert meta["pipeline_tag"] == "image-to-image" and "model-index" not in meta
     assert "No evaluation has been run" in card.text and "PSNR" not in card.text
@@ -321,7 +325,7 @@ def test_push_uploads_only_safe_files(tmp_path):
     import fnmatch
 
     src = make_cascade(tmp_path / "src", sizes=(8, 32))
-    assert export_main([str(src / "base64"), str(src / "sr64to256"), "--out", str(tmp_path / "c")]) is None
+    export_main([str(src / "base64"), str(src / "sr64to256"), "--out", str(tmp_path / "c")])
     folder = tmp_path / "c"
     (folder / "checkpoints").mkdir()
     (folder / "checkpoints" / "optimizer.bin").write_bytes(b"pickle")

@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from cdm.checkpoint import optimizer_from_flat, optimizer_to_flat
-from cdm.data import IndexStream
-from cdm.degradations import (
+from cdm.train.checkpoint import optimizer_from_flat, optimizer_to_flat
+from cdm.train.data import IndexStream
+from cdm.train.degradations import (
     downsample,
     drop_labels,
     gaussian_blur,
@@ -14,7 +14,7 @@ from cdm.degradations import (
     render_crisp,
     sample_levels,
 )
-from cdm.losses import DiffusionLoss
+from cdm.train.losses import DiffusionLoss
 
 
 def g(seed=0):
@@ -104,9 +104,9 @@ def test_optimizer_state_roundtrips_through_flat_form():
 def test_index_stream_is_a_pure_function_of_the_step():
     a = IndexStream(10, 3, seed=1, start=0)
     b = IndexStream(10, 3, seed=1, start=5)
-    first = [next(iter_) for iter_ in [iter(a)] for _ in range(1)]
-    assert first[0] == a.batch(0)
+    assert list(zip(range(7), a)) == list(enumerate(a.batch(i) for i in range(7)))
     assert next(iter(b)) == a.batch(5)
+    assert a.batch(0) != a.batch(1) and len(a.batch(0)) == 3  # the stream moves on, one batch per step
     # ranks read disjoint slices of the same global batch
     r0, r1 = IndexStream(10, 2, 1, rank=0, world=2), IndexStream(10, 2, 1, rank=1, world=2)
     assert set(r0.batch(0)).isdisjoint(r1.batch(0))
@@ -120,7 +120,7 @@ def _streamed(tmp_path, num_shards=None, **kw):
     from conftest import make_imagefolder
 
     from cdm.config import DataConfig, DataSource, StageConfig
-    from cdm.data import StreamingStageDataset, open_dataset
+    from cdm.train.data import StreamingStageDataset, open_dataset
 
     root = make_imagefolder(tmp_path / "imgs", classes=2, per_class=5, size=24)
     data = DataConfig(source=DataSource.imagefolder, path=str(root), streaming=True)

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, run_cli, sr_stage
 
-from cdm.degradations import downsample
-from cdm.metrics import hf_ratio, patch_grid
+from cdm.cli.upscale import PHOTO_STAGE
+from cdm.measure.metrics import hf_ratio, patch_grid
 from cdm.models import build_pipeline, sampling_scheduler
 from cdm.stage_io import load_stage, save_stage
-from cdm.upscale import PHOTO_STAGE
+from cdm.train.degradations import downsample
 
 
 def textured(size=64, seed=0) -> torch.Tensor:
@@ -110,7 +110,7 @@ def test_residual_training_target_is_the_scaled_residual_over_the_clean_upsample
 
     from cdm.config import TrainRunConfig
     from cdm.models import build_noise_scheduler, build_unet
-    from cdm.train import stage_model_fn
+    from cdm.train.loop import stage_model_fn
 
     cfg = OmegaConf.merge(
         OmegaConf.structured(TrainRunConfig),
@@ -131,7 +131,7 @@ def test_residual_training_target_is_the_scaled_residual_over_the_clean_upsample
 
 def test_flips_and_rot90_are_dihedral_transforms_of_the_same_crop():
     from cdm.config import ResizeMode
-    from cdm.data import Preprocess
+    from cdm.train.data import Preprocess
 
     image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
     stage = sr_stage(4, 16)
@@ -149,7 +149,7 @@ def test_flips_and_rot90_are_dihedral_transforms_of_the_same_crop():
 
 
 def test_random_scaled_crop_shrinks_the_content_within_the_range():
-    from cdm.data import random_scaled_crop
+    from cdm.train.data import random_scaled_crop
 
     # vertical stripes with a period of 8 pixels; a crop downscaled by s shows a period of 8 * s
     stripes = np.tile(((np.arange(256) // 4) % 2 * 255).astype(np.uint8), (256, 1))
@@ -168,7 +168,7 @@ def test_random_scaled_crop_shrinks_the_content_within_the_range():
 
 
 def test_every_photo_source_loads_as_rgb():
-    from cdm.data import PHOTO_SOURCES, _load_photo
+    from cdm.train.data import PHOTO_SOURCES, _load_photo
 
     for spec in PHOTO_SOURCES:
         image = _load_photo(spec).convert("RGB")
@@ -180,9 +180,9 @@ def test_every_photo_source_loads_as_rgb():
 
 def test_shipped_photo_stage_beats_bicubic_on_the_held_out_photos(cache_env):
     """The default cdm-upscale model, at its shipped settings, on the centre 256 px of photos it never saw."""
-    from cdm.export import stage_info, stage_settings
-    from cdm.metrics import psnr
-    from cdm.upscale import held_out_photos
+    from cdm.cli.upscale import held_out_photos
+    from cdm.measure.metrics import psnr
+    from cdm.stage_io import stage_info, stage_settings
 
     pipe = load_stage(PHOTO_STAGE)
     settings = stage_settings(stage_info(PHOTO_STAGE))

@@ -180,7 +180,7 @@ def test_any_scheduler_swaps_in(base_pipe, sr_pipe, cls):
     sr_pipe.scheduler = cls.from_config(sr_pipe.scheduler.config)
     out = sr_pipe(generator=gens([0, 1]), output_type="pt", **sr_kwargs(sr_pipe)).images
     assert out.shape == (2, 3, 32, 32)
-    assert torch.isfinite(out).all() and out.abs().max() <= 1
+    assert torch.isfinite(out).all() and not torch.equal(out[0], out[1])  # two seeds, two samples
 
 
 class CallCounter:

@@ -11,11 +11,11 @@ import cdm_pipelines.pipeline_sr3
 import numpy as np
 import pytest
 import torch
-from conftest import make_imagefolder, run_cli
+from conftest import TINY, make_imagefolder, run_cli, sr_stage
 from safetensors.torch import load_file
 
-import cdm.train
 from cdm.stage_io import load_stage
+from cdm.train.loop import stage_model_fn
 
 TINY_STAGE = {
     "base64": ["stage.resolution=16"],
@@ -44,8 +44,37 @@ def train_args(stage, out, steps, *extra):
     ]
 
 
-def test_training_uses_the_pipeline_augmentation_function_object():
-    assert cdm.train.augment_low_res is cdm_pipelines.pipeline_sr3.augment_low_res
+def test_training_conditions_on_what_the_pipeline_augmentation_gives():
+    """The SR UNet's training input is the pipeline's augment_low_res of the downsampled image, at the
+    level and with the noise that training drew: train and sample see the same kind of input."""
+    from omegaconf import OmegaConf
+
+    from cdm.config import TrainRunConfig
+    from cdm.models import build_noise_scheduler, build_unet
+    from cdm.train.degradations import downsample, sample_levels
+
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(TrainRunConfig),
+        {"stage": OmegaConf.structured(sr_stage(4, 16)), "unet": OmegaConf.structured(TINY)},
+    )
+    cfg.stage.aug_max_level = 500
+    x0 = torch.rand(2, 3, 16, 16) * 2 - 1
+    noising = build_noise_scheduler(cfg.stage)
+    unet = build_unet(cfg.stage, cfg.unet, 0)
+    seen = {}
+
+    def spy(x_in, t, **kw):
+        seen["cond"] = x_in[:, 3:]
+        return unet(x_in, t, **kw)
+
+    batch = {"images": x0, "labels": torch.zeros(2, dtype=torch.long)}
+    _, model_fn = stage_model_fn(spy, cfg, batch, noising, 1, torch.Generator().manual_seed(3))
+    model_fn(torch.zeros_like(x0), torch.tensor([10, 10]))
+    replay = torch.Generator().manual_seed(3)  # blur_prob is 0: the levels are the first draw
+    s = sample_levels(2, 500, replay)
+    expected = cdm_pipelines.pipeline_sr3.augment_low_res(downsample(x0, 4), (16, 16), s, noising, replay)
+    assert s.max() > 0  # the check covers a noised input, not only the clean upsample
+    torch.testing.assert_close(seen["cond"], expected)
 
 
 @pytest.mark.parametrize("stage", ["base64", "sr64to256", "sr256to1024"])
@@ -115,7 +144,8 @@ def test_an_existing_run_is_never_overwritten(tmp_path, cache_env):
 
 def test_bad_images_are_converted_or_counted(tmp_path, cache_env):
     root = make_imagefolder(tmp_path / "imgs", classes=2, per_class=3, size=40)
-    PIL = pytest.importorskip("PIL.Image")
+    import PIL.Image as PIL
+
     PIL.new("RGBA", (40, 40), (255, 0, 0, 128)).save(root / "class0" / "rgba.png")
     PIL.new("L", (40, 40), 100).save(root / "class1" / "grey.png")
     PIL.new("RGB", (8, 8)).save(root / "class1" / "tiny.png")
@@ -176,7 +206,7 @@ def test_two_process_data_parallel_run_keeps_ranks_identical(tmp_path, cache_env
         "--dynamo_backend",
         "no",
         "-m",
-        "cdm.train",
+        "cdm.cli.train",
         *args,
     ]
     if one_core:
@@ -270,7 +300,7 @@ def test_two_process_run_takes_precision_and_accumulation_from_accelerate(tmp_pa
         "ACCELERATE_USE_CPU": "1",
     }
     res = run_cli(
-        [launcher, "launch", "--config_file", str(config), "-m", "cdm.train", *args],
+        [launcher, "launch", "--config_file", str(config), "-m", "cdm.cli.train", *args],
         tmp_path,
         env,
         timeout=240,

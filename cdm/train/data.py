@@ -21,8 +21,9 @@ import PIL.Image
 import torch
 
 from cdm.config import DataConfig, DataSource, ResizeMode, StageConfig
-from cdm.degradations import random_crop_box, render_crisp
 from cdm.errors import UserError
+from cdm.images import decode_image, to_tensor
+from cdm.train.degradations import random_crop_box, render_crisp
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGITS_HELD_OUT_PER_CLASS = 50
@@ -256,36 +257,6 @@ def count_classes(ds, label_col: str, data: DataConfig) -> int:
     if bad:
         raise UserError(f"data.label_column={label_col!r} has the label {bad[0]!r}: expected integers >= 0")
     return max(values, default=0) + 1
-
-
-def decode_image(record) -> PIL.Image.Image:
-    """Decode an undecoded `datasets` image; RGBA is composited on white and grey becomes RGB."""
-    raw = record.get("bytes") if isinstance(record, dict) else None
-    source = io.BytesIO(raw) if raw else record["path"]
-    image = PIL.Image.open(source)
-    image.load()
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = PIL.Image.alpha_composite(background, rgba)
-    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer or float grey
-        image = PIL.Image.fromarray(to_8bit(np.asarray(image), image.mode))
-    return image.convert("RGB")
-
-
-def to_8bit(array: np.ndarray, mode: str) -> np.ndarray:
-    """Scale a high-bit-depth grey image to 0..255: 16-bit by 65535, float by 1 (or its peak if above 1)."""
-    array = array.astype(np.float64)
-    if mode == "F":
-        peak = 1.0 if array.max(initial=0) <= 1.0 else array.max()
-    else:
-        peak = 65535.0 if array.max(initial=0) <= 65535 else array.max()
-    return (np.clip(array / peak, 0, 1) * 255).round().astype(np.uint8)
-
-
-def to_tensor(image: PIL.Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float tensor in [-1, 1]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
 
 
 def random_scaled_crop(image: PIL.Image.Image, size: int, min_scale: float, generator) -> PIL.Image.Image:

@@ -16,13 +16,20 @@ from pathlib import Path
 import PIL.Image
 import torch
 import torch.nn.functional as F
+from cdm_pipelines.pipeline_sr3 import image_to_tensor
 
+from cdm.config import DataConfig, DataSource, ResizeMode
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
 from cdm.files import check_new, check_out_dir, write_file
-from cdm.images import to_pil
+from cdm.images import comparison_figure, decode_image, to_pil
+from cdm.measure.metrics import psnr
+from cdm.models import sampling_scheduler
+from cdm.train.data import open_dataset
+from cdm.train.degradations import downsample
+from cdm.upscaling import check_size, load_sr_stage, read_image, upscale
 
-PHOTO_STAGE = Path(__file__).parent / "photo_sr4x"  # the shipped 4x photo SR stage
+PHOTO_STAGE = Path(__file__).resolve().parent.parent / "photo_sr4x"  # the shipped 4x photo SR stage
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,94 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_sr_stage(model: str, stage: str | None):
-    """An SR3Pipeline from a stage folder or from a cascade (by name, or its first SR stage)."""
-    from cdm_pipelines import SR3Pipeline
-
-    from cdm.cascade import CASCADE_FILE, Cascade, resolve_model
-    from cdm.stage_io import load_stage
-
-    root = resolve_model(model)
-    if (root / CASCADE_FILE).is_file():
-        cascade = Cascade.from_pretrained(root)
-        names = [n for n, p in zip(cascade.names, cascade.pipes) if isinstance(p, SR3Pipeline)]
-        name = stage or (names[0] if names else None)
-        if name not in names:
-            raise UserError(f"--stage={stage}: expected one of the cascade's SR stages {names}")
-        k = cascade.names.index(name)
-        return cascade.pipes[k], cascade.settings[k]
-    pipe = load_stage(root)
-    if not isinstance(pipe, SR3Pipeline):
-        raise UserError(f"{model} is a {type(pipe).__name__}, not an SR stage")
-    from cdm.export import stage_info, stage_settings
-
-    return pipe, stage_settings(stage_info(root))
-
-
-def read_image(path: Path) -> PIL.Image.Image:
-    """Open an image file; RGBA is composited on white, grey and palette images become RGB."""
-    from cdm.data import decode_image
-
-    if path.is_dir():
-        raise UserError(f"{path} is a folder: expected an image file")
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    try:
-        image = decode_image({"path": str(path)})
-    except PIL.Image.DecompressionBombError:
-        raise UserError(
-            f"{path}: the image header claims more pixels than PIL allows (a decompression bomb?)"
-        ) from None
-    except (OSError, PIL.UnidentifiedImageError, SyntaxError, ValueError):
-        raise UserError(f"{path}: not a readable image (corrupt, or not an image format)") from None
-    return image
-
-
-MAX_OUTPUT_PIXELS = 8192 * 8192  # the output and the sample are held whole in memory: about 0.8 GB each
-
-
-def check_size(path, image: PIL.Image.Image, scale: int) -> None:
-    """Refuse inputs whose output would not fit in memory (the tiles bound the UNet's memory, not the image's)."""
-    if image.width * image.height * scale * scale > MAX_OUTPUT_PIXELS:
-        side = int((MAX_OUTPUT_PIXELS / scale**2) ** 0.5)
-        raise UserError(
-            f"{path}: {image.width}x{image.height} is too large to upscale {scale}x: expected at most "
-            f"{side * side} input pixels (e.g. {side}x{side}); crop or split the image first"
-        )
-
-
-def upscale(pipe, image: PIL.Image.Image, tile: int, overlap: int, steps: int, noise_level: int, seed: int):
-    """Super-resolve a whole image; the UNet sees tiles of `tile` input pixels, blended at every step."""
-    from cdm_pipelines.pipeline_sr3 import image_to_tensor
-
-    x = image_to_tensor(image)
-    f = pipe.scale_factor
-    mult = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-    step = max(1, mult // f) if mult > f else 1
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % step, (-w) % step  # pad so that the output is a multiple of the UNet's stride
-    x = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
-    noise = torch.randn(
-        (1, 3, x.shape[-2] * f, x.shape[-1] * f), generator=torch.Generator().manual_seed(seed)
-    )
-    out = pipe(
-        x.to(pipe.device),
-        noise_level=noise_level,
-        num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(seed),
-        latents=noise,
-        output_type="pt",
-        tile_size=tile * f,
-        tile_overlap=overlap * f,
-    ).images
-    return to_pil(out[0, :, : h * f, : w * f])
-
-
 def held_out_photos(n: int) -> list[tuple[str, PIL.Image.Image]]:
     """The first `n` held-out photos of the offline photo set (data=photos), by name."""
-    from cdm.config import DataConfig, DataSource, ResizeMode
-    from cdm.data import decode_image, open_dataset
-
     ds, _, _ = open_dataset(
         DataConfig(source=DataSource.photos, resize=ResizeMode.none, label_column=None), "test"
     )
@@ -167,12 +88,6 @@ def centre_crop(x: torch.Tensor, size: int, multiple: int) -> torch.Tensor:
 
 def compare(pipe, images, names, args, tile: int, overlap: int, steps: int, size: int = 384) -> None:
     """Downsample each original by the stage's scale, upscale it, and write low-res | bicubic | model | original."""
-    from cdm_pipelines.pipeline_sr3 import image_to_tensor
-
-    from cdm.degradations import downsample
-    from cdm.images import comparison_figure
-    from cdm.metrics import psnr
-
     check_new([args.compare], args.overwrite)
     f, rows = pipe.scale_factor, []
     for name, image in zip(names, images):
@@ -234,7 +149,6 @@ def main(argv: list[str] | None = None) -> None:
         images, names = images + [image for _, image in held], names + [name for name, _ in held]
     if not images:
         raise UserError("no input image: pass image files (or --compare FIGURE.png --held-out N)")
-    from cdm.models import sampling_scheduler
 
     pipe.scheduler = sampling_scheduler(settings.scheduler, pipe.scheduler.config, steps)
     pipe.to(args.device)

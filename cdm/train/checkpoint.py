@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from cdm.errors import UserError
+
 PREFIX = "checkpoint-"
 
 
@@ -100,8 +102,6 @@ def load_checkpoint(path: Path, model, ema, optimizer, lr_scheduler) -> dict:
     """
     from safetensors import SafetensorError
 
-    from cdm.errors import UserError
-
     def read(name):
         try:
             return json.loads((path / name).read_text()) if name.endswith(".json") else load_file(path / name)
@@ -130,8 +130,6 @@ def load_checkpoint(path: Path, model, ema, optimizer, lr_scheduler) -> dict:
 def load_latest(candidates: list[Path], model, ema, optimizer, lr_scheduler) -> dict:
     """Load the newest readable checkpoint of `candidates` (oldest first), saying which ones were skipped."""
     import sys
-
-    from cdm.errors import UserError
 
     for path in reversed(candidates):
         try:

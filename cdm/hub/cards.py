@@ -11,6 +11,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from cdm.errors import UserError
 from cdm.models import count_parameters
 
 BASE_TAGS = ["diffusers", "cascaded-diffusion", "cdm", "pixel-diffusion"]
@@ -175,7 +176,7 @@ def augmentation_rows(names, pipes, infos, settings) -> str:
 
 
 def template(name: str) -> str:
-    """Card text kept as markdown data in cdm/card_templates/ (the plain-diffusers snippets for users)."""
+    """Card text kept as markdown data in cdm/hub/card_templates/ (the plain-diffusers snippets for users)."""
     return (Path(__file__).parent / "card_templates" / f"{name}.md").read_text()
 
 
@@ -235,74 +236,72 @@ def make_card(
     has_samples: bool = False,
 ) -> ModelCard:
     """A model card for a cascade (several stages) or a single stage."""
-    cascade = len(pipes) > 1
+    model_name = repo.split("/")[-1]
+    data = card_data(pipes, infos, results, model_name, license)
+    labels = pipes[0].config.get("id2label") or {}
+    label_example = "207" if len(labels) == 1000 else (next(iter(labels), "0"))
+    body = [card_title(model_name, pipes, labels), "", "## Stages", "", stage_rows(names, pipes, infos), ""]
+    if has_samples:
+        body += ["## Samples", "", "![samples](samples.png)", ""]
+    body += method_sections(names, pipes, infos, settings)
+    body += ["## Results", ""]
+    body += [results_table(results)] if results else ["No evaluation has been run for this model yet.", ""]
+    body += ["## Usage", "", usage(repo, names, pipes, settings, len(pipes) > 1, label_example), ""]
+    body += training_section(names, infos)
+    body += [template("limitations")]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def card_data(pipes: list, infos: list, results: list[dict], model_name: str, license: str) -> ModelCardData:
+    """The card's YAML metadata: tags, pipeline tag, data sets and the model-index of results."""
     kinds = [stage_kind(p) for p in pipes]
-    tags = BASE_TAGS + (
-        ["class-conditional"] if pipes[0].config.get("id2label") or kinds[0] == "base" else []
-    )
+    conditional = pipes[0].config.get("id2label") or kinds[0] == "base"
+    tags = BASE_TAGS + (["class-conditional"] if conditional else [])
     tags += ["super-resolution", "sr3"] if "sr" in kinds else []
     tags += ["image-generation"] if "base" in kinds else []
-    pipeline_tag = "unconditional-image-generation" if kinds[0] == "base" else "image-to-image"
     datasets = sorted({hub_dataset_id(i) for i in infos if i} - {None, "imagefolder"}) or None
-    model_name = repo.split("/")[-1]
-    data = ModelCardData(
+    return ModelCardData(
         library_name="diffusers",
         license=license,
         tags=tags,
-        pipeline_tag=pipeline_tag,
+        pipeline_tag="unconditional-image-generation" if kinds[0] == "base" else "image-to-image",
         datasets=datasets,
         model_name=model_name,
         eval_results=eval_results(results, model_name) or None,
     )
-    labels = pipes[0].config.get("id2label") or {}
-    label_example = "207" if len(labels) == 1000 else (next(iter(labels), "0"))
-    resolutions = " → ".join(
-        [str(pipes[0].config.get("low_res_size", ""))] * (kinds[0] == "sr")
-        + [str(p.unet.config.sample_size) for p in pipes]
+
+
+def card_title(model_name: str, pipes: list, labels: dict) -> str:
+    kind = stage_kind(pipes[0])
+    sizes = [str(pipes[0].config.get("low_res_size", ""))] * (kind == "sr") + [
+        str(p.unet.config.sample_size) for p in pipes
+    ]
+    if len(pipes) > 1:
+        what = "cascaded diffusion model"
+    else:
+        what = "super-resolution stage" if kind == "sr" else "class-conditional base stage"
+    title = (
+        f"# {model_name}\n\nA {what} ({' → '.join(sizes)} px) built with cdm on diffusers, after"
+        " Cascaded Diffusion Models (Ho et al., 2021) and SR3 (Saharia et al., 2021)."
     )
-    title = f"# {model_name}\n\nA {'cascaded diffusion model' if cascade else ('super-resolution stage' if kinds[0] == 'sr' else 'class-conditional base stage')}"
-    title += f" ({resolutions} px) built with cdm on diffusers, after"
-    title += " Cascaded Diffusion Models (Ho et al., 2021) and SR3 (Saharia et al., 2021)."
-    n_classes = len(labels) if labels else (pipes[0].num_classes if kinds[0] == "base" else 0)
-    if n_classes:
-        title += f" It is conditioned on {n_classes} classes."
-    body = [title, "", "## Stages", "", stage_rows(names, pipes, infos), ""]
-    if has_samples:
-        body += ["## Samples", "", "![samples](samples.png)", ""]
-    sr_infos = [(i or {}).get("stage", {}) for i, k in zip(infos, kinds) if k == "sr"]
-    if any(st.get("residual") for st in sr_infos):
-        body += [
-            "## Fidelity or detail: the number of steps",
-            "",
-            "The SR stages diffuse the residual over the bicubic upsample (SRDiff-style) and sampling starts "
-            "at the last training timestep. One step returns E[x0 | low-res], the regression estimate with "
-            "the highest PSNR; more steps sample detail from the posterior at a lower PSNR. The results "
-            "below give both ends.",
-            "",
-        ]
-    if sr_infos and all(st.get("aug_max_level", 1) == 0 for st in sr_infos):
-        body += [
-            "## Training inputs",
-            "",
-            "Trained on clean, anti-aliased bicubic downsamples (no conditioning augmentation): this is a "
-            "standalone upscaler for real images rather than a stage after a generator.",
-            "",
-        ]
-    elif "sr" in kinds:
-        body += [
-            "## Conditioning augmentation",
-            "",
-            "Each SR stage is trained on low-res inputs noised to a random level s and told s; at sampling the "
-            "input is noised to a fixed level (non-truncated) or handed over noisy from the previous stage "
-            "(truncated).",
-            "",
-            augmentation_rows(names, pipes, infos, settings),
-            "",
-        ]
-    body += ["## Results", ""]
-    body += [results_table(results)] if results else ["No evaluation has been run for this model yet.", ""]
-    body += ["## Usage", "", usage(repo, names, pipes, settings, cascade, label_example), ""]
-    body += ["## Training", ""]
+    n_classes = len(labels) if labels else (pipes[0].num_classes if kind == "base" else 0)
+    return title + (f" It is conditioned on {n_classes} classes." if n_classes else "")
+
+
+def method_sections(names: list[str], pipes: list, infos: list, settings: list) -> list[str]:
+    """What the SR stages were trained on: residual targets, clean inputs or conditioning augmentation."""
+    sr = [(i or {}).get("stage", {}) for i, p in zip(infos, pipes) if stage_kind(p) == "sr"]
+    body = [template("residual")] if any(st.get("residual") for st in sr) else []
+    if sr and all(st.get("aug_max_level", 1) == 0 for st in sr):
+        body += [template("clean_inputs")]
+    elif any(stage_kind(p) == "sr" for p in pipes):
+        body += [template("augmentation"), augmentation_rows(names, pipes, infos, settings), ""]
+    return body
+
+
+def training_section(names: list[str], infos: list) -> list[str]:
+    """Per stage: steps, images per step, data, time and final loss, with the config folded away."""
+    body = ["## Training", ""]
     for name, info in zip(names, infos):
         if not info:
             body += [f"- **{name}**: no training record was exported with this stage.", ""]
@@ -315,26 +314,9 @@ def make_card(
             f"per step on {dataset_id(info)}{took}, final loss {run.get('final_loss', float('nan')):.4f}.",
             "",
         ]
-        config = {k: info[k] for k in ("stage", "unet", "train") if k in info}
-        body += [
-            "<details><summary>config</summary>",
-            "",
-            "```json",
-            json.dumps(config, indent=1),
-            "```",
-            "",
-            "</details>",
-            "",
-        ]
-    body += [
-        "## Limitations",
-        "",
-        "- Trained only on the data listed above; it knows nothing outside those classes and image statistics.",
-        "- Small-sample metrics are noisy, and FID from few samples is biased upward; sample counts are listed.",
-        "- Pixel-space sampling at 1024 px is slow on CPUs; SR stages can be run in tiles (`cdm-upscale`).",
-        "",
-    ]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+        config = json.dumps({k: info[k] for k in ("stage", "unet", "train") if k in info}, indent=1)
+        body += ["<details><summary>config</summary>", "", "```json", config, "```", "", "</details>", ""]
+    return body
 
 
 def load_results(paths: list[Path]) -> list[dict]:
@@ -343,7 +325,5 @@ def load_results(paths: list[Path]) -> list[dict]:
         try:
             out.append(json.loads(Path(p).read_text()))
         except (OSError, json.JSONDecodeError) as err:
-            from cdm.errors import UserError
-
             raise UserError(f"{p}: not a cdm-eval results file ({err})") from None
     return out

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cdm.config import DataConfig, StageConfig, StageKind
-from cdm.data import StageDataset, cache_root, collate, open_dataset
+from cdm.train.data import StageDataset, cache_root, collate, open_dataset
 
 SIZE = 32
 

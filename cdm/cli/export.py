@@ -7,96 +7,32 @@ cdm-export my-cascade --push-to-hub user/my-cascade
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from cdm.cascade import Cascade, check_settings
+from cdm.config import SamplingConfig
 from cdm.errors import UserError, cli
 from cdm.files import check_replaceable, mark_export, replace_folder
-
-UPLOAD_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.png", "*.py"]
-NEVER_UPLOAD = [
-    ".cdm-export.json",
-    "*.pkl",
-    "*.pickle",
-    "*.bin",
-    "*.pt",
-    "*.pth",
-    "*.ckpt",
-    "checkpoints/*",
-    "**/checkpoints/*",
-    "logs/*",
-    "**/.tmp-*",
-]
-STAGE_FILES = ("*.json", "*/*.json", "*/*.safetensors")  # pipeline files: the installed ones
-
-
-def find_stage_folder(path: Path) -> Path:
-    """A training run folder (its export/) or a stage folder itself."""
-    if not path.exists():
-        raise UserError(f"{path}: no such folder")
-    if (path / "model_index.json").is_file():
-        return path
-    if (path / "config.json").is_file() or (path / "checkpoints").is_dir():
-        if not (path / "export" / "model_index.json").is_file():
-            raise UserError(
-                f"{path} is an incomplete run: it has no export/ (train it to train.max_steps first)"
-            )
-        return path / "export"
-    raise UserError(f"{path}: neither a training run nor a pipeline folder (expected model_index.json)")
-
-
-def stage_info(folder: Path) -> dict | None:
-    f = folder / "cdm_stage.json"
-    return json.loads(f.read_text()) if f.is_file() else None
-
-
-def stage_settings(info: dict | None):
-    """Sampling defaults recorded at training time (conf stage.sample), or the library defaults."""
-    from cdm.cascade import StageSettings
-
-    sample = ((info or {}).get("stage") or {}).get("sample") or {}
-    known = StageSettings.__dataclass_fields__
-    return StageSettings(**{k: v for k, v in sample.items() if k in known})
-
-
-def copy_stage(src: Path, dst: Path, half: bool = False) -> None:
-    """Copy only what a stage needs: JSON configs, safetensors weights (fp16 if `half`), the pipeline file."""
-    from safetensors.torch import load_file, save_file
-
-    for pattern in STAGE_FILES:
-        for f in src.glob(pattern):
-            target = dst / f.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if half and f.suffix == ".safetensors":
-                tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(f).items()}
-                save_file(tensors, target)
-            else:
-                shutil.copyfile(f, target)
-
-
-def write_sampler(pipe, settings, folder: Path) -> None:
-    """Store the stage's sampling scheduler as its `scheduler/`, so plain diffusers samples as cdm does."""
-    from cdm.models import sampling_scheduler
-
-    try:
-        scheduler = sampling_scheduler(settings.scheduler, pipe.scheduler.config, settings.steps)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    scheduler.save_pretrained(folder / "scheduler")
-    index_path = folder / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["scheduler"] = ["diffusers", type(scheduler).__name__]
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+from cdm.hub.cards import load_results, make_card
+from cdm.hub.publish import push_to_hub
+from cdm.stage_io import (
+    copy_stage,
+    find_stage_folder,
+    load_stage,
+    stage_info,
+    stage_settings,
+    write_cascade_json,
+    write_pipeline_file,
+    write_sampler,
+)
 
 
 def apply_overrides(names: list[str], settings: list, overrides: list[str]) -> None:
-    """`STAGE.KEY=VALUE` edits of the per-stage sampling defaults, typed like StageSettings."""
-    from cdm.cascade import StageSettings
-
-    fields = StageSettings.__dataclass_fields__
+    """`STAGE.KEY=VALUE` edits of the per-stage sampling defaults, typed like SamplingConfig."""
+    fields = SamplingConfig.__dataclass_fields__
     for item in overrides:
         key, sep, value = item.partition("=")
         stage, _, field = key.partition(".")
@@ -104,7 +40,7 @@ def apply_overrides(names: list[str], settings: list, overrides: list[str]) -> N
             raise UserError(
                 f"--set {item}: expected STAGE.KEY=VALUE with STAGE in {names} and KEY in {list(fields)}"
             )
-        kind = type(getattr(StageSettings(), field))
+        kind = type(getattr(SamplingConfig(), field))
         try:
             setattr(settings[names.index(stage)], field, kind(value))
         except ValueError:
@@ -123,10 +59,6 @@ def assemble(
     overrides: list[str] = (),
 ) -> Path:
     """Build the folder under a temporary name and move it into place only when complete."""
-    from cdm.cards import make_card
-    from cdm.cascade import Cascade, check_settings, write_cascade_json
-    from cdm.stage_io import load_stage, write_pipeline_file
-
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists: pass --overwrite or choose another --out")
     check_replaceable(out, inputs)
@@ -179,24 +111,6 @@ def assemble(
     return out
 
 
-def push_to_hub(folder: Path, repo_id: str, private: bool = False, token: str | None = None, api=None) -> str:
-    """Create the repo if needed and upload the folder: safetensors, JSON, the card, images, pipeline files."""
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(
-        folder_path=str(folder),
-        repo_id=repo_id,
-        repo_type="model",
-        allow_patterns=UPLOAD_PATTERNS,
-        ignore_patterns=NEVER_UPLOAD,
-        commit_message="Upload cascade with cdm",
-    )
-    return str(getattr(info, "commit_url", info))
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cdm-export", description="Assemble a cascade or stage folder with a card."
@@ -243,8 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    from cdm.cards import load_results
-
     args = build_parser().parse_args(argv)
     repo = args.push_to_hub or (args.out.name if args.out else args.inputs[0].name)
     assembled = (

@@ -11,15 +11,16 @@ import re
 import sys
 from pathlib import Path
 
-import torch
+import PIL.Image
 from accelerate import PartialState
 
+from cdm.cascade import Cascade
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
 from cdm.files import check_new, check_out_dir, write_file
-from cdm.images import save_grid, to_pil
+from cdm.images import save_grid, to_pil, to_tensor
 
-DEMO_CASCADE = Path(__file__).resolve().parent / "demo_cascade"
+DEMO_CASCADE = Path(__file__).resolve().parent.parent / "demo_cascade"
 CHUNK = 16  # images taken through the whole cascade at a time
 GRID_MAX = 64  # the grid shows at most this many final images
 
@@ -92,21 +93,13 @@ def planned_files(cascade, ids, seeds, out: Path, intermediates: bool) -> dict[i
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.device = resolve_device(args.device)
-    from cdm.cascade import Cascade
-
     if args.num_images < 1:
         raise UserError(f"--num-images={args.num_images}: expected an integer >= 1")
-    model = args.model or DEMO_CASCADE
-    cascade = Cascade.from_pretrained(model)
+    cascade = Cascade.from_pretrained(args.model or DEMO_CASCADE)
     if args.stages is not None:
         if not 1 <= args.stages <= len(cascade.pipes):
             raise UserError(f"--stages={args.stages}: expected 1..{len(cascade.pipes)}")
-        cascade = Cascade(
-            cascade.names[: args.stages],
-            cascade.pipes[: args.stages],
-            cascade.settings[: args.stages],
-            cascade.root,
-        )
+        cascade = cascade[: args.stages]
     settings = cascade.with_overrides(
         steps=args.steps,
         guidance_scale=args.guidance,
@@ -128,32 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with state.split_between_processes(list(range(len(ids)))) as mine:
         mine = list(mine)
-    seconds = [0.0] * len(cascade.pipes)
-    for lo in range(0, len(mine), CHUNK):  # memory stays flat for any number of images
-        part = mine[lo : lo + CHUNK]
-
-        def on_stage_end(k, name, images, part=part):
-            for pos, img in zip(part, images):
-                if k in files:
-                    write_file(files[k][pos], to_pil(img).save, args.overwrite)
-
-        result = cascade(
-            [ids[p] for p in part],
-            [seeds[p] for p in part],
-            settings,
-            on_stage_end=on_stage_end,
-            progress=not args.quiet,
-        )
-        seconds = [a + b for a, b in zip(seconds, result.seconds)]
+    seconds = sample_share(cascade, ids, seeds, settings, files, mine, args)
     state.wait_for_everyone()
     if not state.is_main_process:
         return
     final = files[len(cascade.pipes) - 1][:GRID_MAX]
-    write_file(
-        grid_path,
-        lambda tmp: save_grid([read_png(p) for p in final], tmp, ncols=min(len(final), 8)),
-        args.overwrite,
-    )
+    grid = [to_tensor(PIL.Image.open(p).convert("RGB")) for p in final]
+    write_file(grid_path, lambda tmp: save_grid(grid, tmp, ncols=min(len(final), 8)), args.overwrite)
     labels = cascade.base.labels
     names = ", ".join(dict.fromkeys(f"{c} ({labels.get(c, c)})" for c in ids))
     share = f" ({len(mine)} on this process of {state.num_processes})" if state.num_processes > 1 else ""
@@ -163,15 +137,23 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {sum(len(v) for v in files.values())} PNGs and {grid_path} to {args.out}/")
 
 
-def read_png(path: Path) -> torch.Tensor:
-    """A written image back as a (3, H, W) tensor in [-1, 1], for the grid."""
-    import numpy as np
-    import PIL.Image
+def sample_share(cascade, ids, seeds, settings, files: dict, mine: list[int], args) -> list[float]:
+    """Sample this process's images in chunks (memory stays flat), writing each stage's PNGs as they
+    arrive; returns the seconds spent per stage."""
+    seconds = [0.0] * len(cascade.pipes)
+    for lo in range(0, len(mine), CHUNK):
+        part = mine[lo : lo + CHUNK]
 
-    with PIL.Image.open(path) as image:
-        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(
-            2, 0, 1
+        def on_stage_end(k, name, images, part=part):
+            for pos, img in zip(part, images):
+                if k in files:
+                    write_file(files[k][pos], to_pil(img).save, args.overwrite)
+
+        result = cascade(
+            [ids[p] for p in part], [seeds[p] for p in part], settings, on_stage_end, progress=not args.quiet
         )
+        seconds = [a + b for a, b in zip(seconds, result.seconds)]
+    return seconds
 
 
 if __name__ == "__main__":

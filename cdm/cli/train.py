@@ -1,0 +1,150 @@
+"""cdm-train: train one cascade stage with accelerate, configured by Hydra.
+
+cdm-train stage=sr64to256 data=imagefolder data.path=DIR train.max_steps=20000
+accelerate launch --num_processes 8 -m cdm.cli.train stage=base64 data=imagenet
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+
+from cdm.config import TrainRunConfig, config_dir, register_configs, validate
+from cdm.errors import UserError, cli, one_line
+from cdm.train.loop import train
+
+HELP = """usage: cdm-train [KEY=VALUE ...]
+
+Train one stage of a cascade. Overrides use Hydra syntax; config groups:
+  stage=base64|sr64to256|sr256to1024   unet=tiny|small|paper
+  data=digits|photos|imagefolder|hub|imagenet   experiment=NAME (conf/experiment/)
+Common keys: data.path=DIR  train.max_steps=N  train.batch_size=N  train.mixed_precision=no|fp16|bf16
+             train.output_dir=DIR  train.resume=latest|PATH  --cfg (print the composed config and exit)
+Scale out:   accelerate launch --num_processes N -m cdm.cli.train stage=...
+"""
+
+
+def _group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Compose conf/train.yaml with overrides; any problem becomes a one-line UserError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            cfg = compose(config_name="train", overrides=overrides)
+        OmegaConf.resolve(cfg)
+    except MissingConfigException as err:
+        for group in ("stage", "unet", "data", "experiment"):
+            for o in overrides:
+                if o.split("=")[0].lstrip("+~") == group and f"'{group}/" in str(err):
+                    raise UserError(
+                        f"{o}: no such {group}; expected one of {', '.join(_group_options(group))}"
+                    ) from None
+        raise UserError(one_line(err)) from None
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        raise UserError(one_line(err)) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        hint = " (data=imagefolder needs data.path=DIR)" if "data.path" in missing else ""
+        raise UserError(f"{', '.join(missing)} is missing: pass {missing[0]}=VALUE{hint}")
+    return cfg
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(HELP)
+        return
+    show = "--cfg" in argv
+    overrides = [a for a in argv if a != "--cfg"]
+    bad = [a for a in overrides if a.startswith("-")]
+    if bad:
+        raise UserError(f"unknown option {bad[0]}: cdm-train takes KEY=VALUE overrides (see --help)")
+    cfg = compose_config(overrides)
+    schema = OmegaConf.structured(TrainRunConfig)
+    check_known_keys(cfg, schema)
+    cfg = OmegaConf.merge(schema, cfg)
+    notes = apply_launcher_settings(cfg, {o.split("=")[0].lstrip("+~") for o in overrides})
+    validate(cfg)
+    refuse_sharded_launch()
+    if show:
+        print(OmegaConf.to_yaml(cfg))
+        return
+    train(cfg, notes)
+
+
+def check_known_keys(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> None:
+    """Every composed key must exist in the schema: `+train.max_stepz=5` fails instead of being ignored."""
+    known = list(schema.keys())  # `in` on a DictConfig is False for a key whose value is missing (???)
+    for key in cfg.keys():
+        if key not in known:
+            close = [k for k in known if str(k)[:3] == str(key)[:3]]
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise UserError(f"{prefix}{key}: not a cdm-train setting{hint}; `cdm-train --cfg` lists them")
+        if OmegaConf.is_dict(cfg._get_node(key)) and OmegaConf.is_dict(schema._get_node(key)):
+            check_known_keys(cfg[key], schema[key], f"{prefix}{key}.")
+
+
+# accelerate launch passes its settings (flags or a config file) to the process as these variables
+LAUNCHER_SETTINGS = {
+    "train.mixed_precision": "ACCELERATE_MIXED_PRECISION",
+    "train.grad_accum": "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+}
+
+
+def apply_launcher_settings(cfg, explicit: set[str]) -> list[str]:
+    """Precedence: a train.* override on the command line, else accelerate launch's setting, else the config.
+
+    accelerate passes its precision (flag or config file) to every launched process; it passes
+    --gradient_accumulation_steps only to DeepSpeed runs, so elsewhere train.grad_accum sets it.
+
+    Returns the lines to log: the resolved values, and a warning where an override beats the launcher.
+    """
+    notes = []
+    for key, var in LAUNCHER_SETTINGS.items():
+        launched = os.environ.get(var)
+        section, name = key.split(".")
+        current = getattr(cfg[section][name], "value", cfg[section][name])
+        # accelerate always sets a precision, "no" when none was chosen: that one is not a choice
+        if (
+            launched is None
+            or str(launched) == str(current)
+            or (name == "mixed_precision" and launched == "no")
+        ):
+            continue
+        if key in explicit:
+            notes.append(f"warning: {key}={current} (command line) overrides accelerate launch's {launched}")
+            continue
+        try:
+            cfg[section][name] = int(launched) if name == "grad_accum" else launched
+        except Exception as err:  # OmegaConf validation of the launcher's value
+            raise UserError(f"{var}={launched} (from accelerate launch): {one_line(err)}") from None
+        notes.append(f"{key}={launched} (from accelerate launch)")
+    mp = getattr(cfg.train.mixed_precision, "value", cfg.train.mixed_precision)
+    notes.append(f"resolved: train.mixed_precision={mp}, train.grad_accum={cfg.train.grad_accum}")
+    return notes
+
+
+def refuse_sharded_launch() -> None:
+    """DeepSpeed and FSDP shard the model and optimizer, which the EMA and checkpoint code does not handle."""
+    for var, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if os.environ.get(var, "false").lower() in ("1", "true", "yes"):
+            raise UserError(
+                f"{name} is not supported by cdm-train (EMA and checkpoints need whole weights on every rank): "
+                "launch with plain data parallelism (accelerate launch --multi_gpu)"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Measurements of stages and cascades: image metrics, FID/KID, the digit classifier."""

@@ -1,0 +1,1 @@
+"""Training one stage: data, degradations, losses, checkpoints and the loop."""

@@ -1,0 +1,88 @@
+"""Upscaling any image with one SR stage: load the stage, read the image, tile it through the pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from cdm_pipelines import SR3Pipeline
+from cdm_pipelines.pipeline_sr3 import image_to_tensor
+
+from cdm.cascade import Cascade
+from cdm.errors import UserError
+from cdm.images import decode_image, to_pil
+from cdm.stage_io import CASCADE_FILE, load_stage, resolve_model, stage_info, stage_settings
+
+
+def load_sr_stage(model: str, stage: str | None):
+    """An SR3Pipeline from a stage folder or from a cascade (by name, or its first SR stage)."""
+    root = resolve_model(model)
+    if (root / CASCADE_FILE).is_file():
+        cascade = Cascade.from_pretrained(root)
+        names = [n for n, p in zip(cascade.names, cascade.pipes) if isinstance(p, SR3Pipeline)]
+        name = stage or (names[0] if names else None)
+        if name not in names:
+            raise UserError(f"--stage={stage}: expected one of the cascade's SR stages {names}")
+        k = cascade.names.index(name)
+        return cascade.pipes[k], cascade.settings[k]
+    pipe = load_stage(root)
+    if not isinstance(pipe, SR3Pipeline):
+        raise UserError(f"{model} is a {type(pipe).__name__}, not an SR stage")
+    return pipe, stage_settings(stage_info(root))
+
+
+def read_image(path: Path) -> PIL.Image.Image:
+    """Open an image file; RGBA is composited on white, grey and palette images become RGB."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: expected an image file")
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        image = decode_image({"path": str(path)})
+    except PIL.Image.DecompressionBombError:
+        raise UserError(
+            f"{path}: the image header claims more pixels than PIL allows (a decompression bomb?)"
+        ) from None
+    except (OSError, PIL.UnidentifiedImageError, SyntaxError, ValueError):
+        raise UserError(f"{path}: not a readable image (corrupt, or not an image format)") from None
+    return image
+
+
+MAX_OUTPUT_PIXELS = 8192 * 8192  # the output and the sample are held whole in memory: about 0.8 GB each
+
+
+def check_size(path, image: PIL.Image.Image, scale: int) -> None:
+    """Refuse inputs whose output would not fit in memory (the tiles bound the UNet's memory, not the image's)."""
+    if image.width * image.height * scale * scale > MAX_OUTPUT_PIXELS:
+        side = int((MAX_OUTPUT_PIXELS / scale**2) ** 0.5)
+        raise UserError(
+            f"{path}: {image.width}x{image.height} is too large to upscale {scale}x: expected at most "
+            f"{side * side} input pixels (e.g. {side}x{side}); crop or split the image first"
+        )
+
+
+def upscale(pipe, image: PIL.Image.Image, tile: int, overlap: int, steps: int, noise_level: int, seed: int):
+    """Super-resolve a whole image; the UNet sees tiles of `tile` input pixels, blended at every step."""
+    x = image_to_tensor(image)
+    f = pipe.scale_factor
+    mult = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    step = max(1, mult // f) if mult > f else 1
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % step, (-w) % step  # pad so that the output is a multiple of the UNet's stride
+    x = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+    noise = torch.randn(
+        (1, 3, x.shape[-2] * f, x.shape[-1] * f), generator=torch.Generator().manual_seed(seed)
+    )
+    out = pipe(
+        x.to(pipe.device),
+        noise_level=noise_level,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        latents=noise,
+        output_type="pt",
+        tile_size=tile * f,
+        tile_overlap=overlap * f,
+    ).images
+    return to_pil(out[0, :, : h * f, : w * f])
