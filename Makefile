@@ -38,7 +38,7 @@ demo: install
 		--out samples --save-intermediates --overwrite
 	$(BIN)/cdm-upscale --compare samples/upscale.png --held-out 2 --overwrite
 
-# Re-train the demo cascade from scratch on the offline digits (about 1.5 hours on 2 CPU cores),
+# Re-train the demo cascade from scratch on the offline digits (about 1.75 hours on 2 CPU cores),
 # then assemble it into $(DEMO) with fp16 weights and its model card.
 demo-train: install
 	$(BIN)/cdm-train experiment=demo_base64

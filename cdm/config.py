@@ -14,6 +14,8 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from cdm.errors import UserError
+
 
 class StageKind(str, Enum):
     base = "base"
@@ -190,17 +192,17 @@ def validate(cfg) -> None:
     }
     for key, value in positive.items():
         if value < 1:
-            raise ValueError(f"{key}={value}: expected an integer >= 1")
+            raise UserError(f"{key}={value}: expected an integer >= 1")
     if not 0 < t.learning_rate < 1:
-        raise ValueError(f"train.learning_rate={t.learning_rate}: expected a value in (0, 1)")
+        raise UserError(f"train.learning_rate={t.learning_rate}: expected a value in (0, 1)")
     if not 0 <= t.ema_decay < 1:
-        raise ValueError(f"train.ema_decay={t.ema_decay}: expected a value in [0, 1)")
+        raise UserError(f"train.ema_decay={t.ema_decay}: expected a value in [0, 1)")
     if not 0 <= s.label_dropout < 1:
-        raise ValueError(f"stage.label_dropout={s.label_dropout}: expected a value in [0, 1)")
+        raise UserError(f"stage.label_dropout={s.label_dropout}: expected a value in [0, 1)")
     if not 0 <= s.blur_prob <= 1:
-        raise ValueError(f"stage.blur_prob={s.blur_prob}: expected a value in [0, 1]")
+        raise UserError(f"stage.blur_prob={s.blur_prob}: expected a value in [0, 1]")
     if len(s.blur_sigma) != 2 or not 0 < s.blur_sigma[0] <= s.blur_sigma[1]:
-        raise ValueError(f"stage.blur_sigma={list(s.blur_sigma)}: expected [low, high] with 0 < low <= high")
+        raise UserError(f"stage.blur_sigma={list(s.blur_sigma)}: expected [low, high] with 0 < low <= high")
     validate_stage(cfg)
     validate_sizes(cfg)
     validate_data(cfg)
@@ -210,35 +212,35 @@ def validate_stage(cfg) -> None:
     """Stage rules: residual scale, augmentation levels and modes, SR sizes and crops."""
     s = cfg.stage
     if not s.residual_scale > 0:
-        raise ValueError(f"stage.residual_scale={s.residual_scale}: expected a value > 0")
+        raise UserError(f"stage.residual_scale={s.residual_scale}: expected a value > 0")
     if not 0 < cfg.data.min_scale <= 1:
-        raise ValueError(f"data.min_scale={cfg.data.min_scale}: expected a value in (0, 1]")
+        raise UserError(f"data.min_scale={cfg.data.min_scale}: expected a value in (0, 1]")
     if s.residual and s.sample.aug_mode == "truncated":
-        raise ValueError(
+        raise UserError(
             "stage.sample.aug_mode=truncated: a residual SR stage needs the finished previous stage, "
             "expected non-truncated"
         )
     if s.sample.aug_mode not in AUG_MODES:
-        raise ValueError(
+        raise UserError(
             f"stage.sample.aug_mode={s.sample.aug_mode!r}: expected one of {', '.join(AUG_MODES)}"
         )
     if not 0 <= s.sample.aug_level < s.num_train_timesteps:
-        raise ValueError(
+        raise UserError(
             f"stage.sample.aug_level={s.sample.aug_level}: expected 0..{s.num_train_timesteps - 1}"
         )
     if not 0 <= s.aug_max_level < s.num_train_timesteps:
-        raise ValueError(f"stage.aug_max_level={s.aug_max_level}: expected 0..{s.num_train_timesteps - 1}")
+        raise UserError(f"stage.aug_max_level={s.aug_max_level}: expected 0..{s.num_train_timesteps - 1}")
     if s.kind == StageKind.base and not s.class_conditional:
-        raise ValueError("stage.class_conditional=false: the base stage is class-conditional")
+        raise UserError("stage.class_conditional=false: the base stage is class-conditional")
     if s.kind == StageKind.sr:
         if s.low_res < 1 or s.resolution % s.low_res:
-            raise ValueError(
+            raise UserError(
                 f"stage.low_res={s.low_res}: expected a positive size dividing stage.resolution={s.resolution}"
             )
         scale = s.resolution // s.low_res
         too_big = s.crop_size > s.resolution and cfg.data.resize != ResizeMode.none
         if s.crop_size and (s.crop_size % scale or too_big):
-            raise ValueError(
+            raise UserError(
                 f"stage.crop_size={s.crop_size}: expected a multiple of the scale {scale} "
                 f"and at most stage.resolution={s.resolution}"
             )
@@ -250,17 +252,17 @@ def validate_sizes(cfg) -> None:
     levels = 2 ** (len(cfg.unet.block_out_channels) - 1)
     train_size = s.crop_size or s.resolution
     if train_size % levels:
-        raise ValueError(
+        raise UserError(
             f"unet.block_out_channels has {len(cfg.unet.block_out_channels)} levels: training size "
             f"{train_size} must be a multiple of {levels}"
         )
     if any(c % cfg.unet.norm_num_groups for c in cfg.unet.block_out_channels):
-        raise ValueError(
+        raise UserError(
             f"unet.norm_num_groups={cfg.unet.norm_num_groups} must divide every unet.block_out_channels "
             f"{list(cfg.unet.block_out_channels)}"
         )
     if cfg.data.source == DataSource.imagefolder and not cfg.data.path:
-        raise ValueError(
+        raise UserError(
             "data.path is missing: data=imagefolder needs data.path=DIR (one sub-folder per class)"
         )
 
@@ -268,11 +270,11 @@ def validate_sizes(cfg) -> None:
 def validate_data(cfg) -> None:
     """Data-source rules that a type cannot express."""
     if cfg.data.source == DataSource.hub and cfg.data.path:
-        raise ValueError(
+        raise UserError(
             f"data.path={cfg.data.path} is not read by data=hub: use data=imagefolder data.path=DIR, or "
             "data.name=imagefolder data.data_files=GLOB"
         )
     if cfg.data.num_classes < 0:
-        raise ValueError(f"data.num_classes={cfg.data.num_classes}: expected 0 (infer) or a positive count")
+        raise UserError(f"data.num_classes={cfg.data.num_classes}: expected 0 (infer) or a positive count")
     if cfg.data.source == DataSource.hub and not cfg.data.name:
-        raise ValueError("data.name is missing: data=hub needs data.name=OWNER/DATASET")
+        raise UserError("data.name is missing: data=hub needs data.name=OWNER/DATASET")

@@ -11,6 +11,7 @@ from cdm_pipelines import CDMBasePipeline, SR3Pipeline
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from cdm.config import PredictionType, StageConfig, StageKind, UNetConfig
+from cdm.errors import UserError
 
 SR_MAX_ATTENTION_RES = 32  # SR3: no self-attention above 32x32, so stages run on whole big images
 
@@ -72,10 +73,10 @@ def sampling_scheduler(name: str, config, steps: int = 4):
     """Any diffusers scheduler by class name, built from another scheduler's config and tried at `steps`."""
     cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
     if cls is None or not inspect.isclass(cls):
-        raise ValueError(f"scheduler {name!r} is not a diffusers scheduler class (e.g. DDIMScheduler)")
+        raise UserError(f"scheduler {name!r} is not a diffusers scheduler class (e.g. DDIMScheduler)")
     missing = [b for b in getattr(cls, "_backends", []) if not importlib.util.find_spec(b)]
     if missing:  # diffusers exports a placeholder that raises when used
-        raise ValueError(f"scheduler {name!r} needs {', '.join(missing)}: pip install {' '.join(missing)}")
+        raise UserError(f"scheduler {name!r} needs {', '.join(missing)}: pip install {' '.join(missing)}")
     extra, params = {}, inspect.signature(cls.__init__).parameters
     if "thresholding" in params and config.get("clip_sample", True):
         extra["thresholding"] = True  # Imagen's dynamic thresholding keeps pixel-space x_0 in [-1, 1]
@@ -90,7 +91,7 @@ def sampling_scheduler(name: str, config, steps: int = 4):
         return cls.from_config(config, **extra)
     except Exception as err:  # any scheduler class may be named; each fails in its own way
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise ValueError(
+        raise UserError(
             f"scheduler {name!r} does not work at {steps} steps with this stage's DDPM noise schedule and "
             f"{config.get('prediction_type')} model ({type(err).__name__}: {reason})"
         ) from None
@@ -106,7 +107,7 @@ def probe_scheduler(scheduler, steps: int = 4) -> None:
         kwargs = {"generator": torch.Generator().manual_seed(0)} if accepts_generator else {}
         x = scheduler.step(pred, t, x, **kwargs).prev_sample
     if not torch.isfinite(x).all():
-        raise ValueError("non-finite samples")
+        raise UserError("non-finite samples")
 
 
 def build_pipeline(

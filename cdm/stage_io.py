@@ -148,6 +148,8 @@ def copy_stage(src: Path, dst: Path, half: bool = False) -> None:
     """Copy only what a stage needs: JSON configs, safetensors weights (fp16 if `half`), the pipeline file."""
     for pattern in STAGE_FILES:
         for f in src.glob(pattern):
+            if f.name.startswith("."):  # a marker such as .cdm-export.json speaks for its own folder only
+                continue
             target = dst / f.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
             if half and f.suffix == ".safetensors":

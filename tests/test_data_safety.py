@@ -70,6 +70,18 @@ def test_export_overwrite_replaces_its_own_earlier_export(tmp_path):
     assert (out / "model_index.json").is_file() and not list(tmp_path.glob(".stage-*"))
 
 
+def test_an_exported_folder_used_as_a_stage_does_not_carry_its_marker_into_the_cascade(tmp_path):
+    """The marker says cdm-export wrote that folder; a cascade built from it marks only its own root."""
+    src = make_cascade(tmp_path / "src", sizes=(8, 32))
+    stage = tmp_path / "sr"
+    assert run_cli(["cdm-export", str(src / "sr64to256"), "--out", str(stage)], tmp_path).returncode == 0
+    assert (stage / ".cdm-export.json").is_file()
+    res = run_cli(["cdm-export", str(src / "base64"), str(stage), "--out", str(tmp_path / "c")], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "c" / ".cdm-export.json").is_file()
+    assert sorted(p.parent.name for p in (tmp_path / "c").rglob(".cdm-export.json")) == ["c"]
+
+
 def test_export_copies_only_the_installed_pipeline_file_and_rewrites_the_class_name(tmp_path):
     stage = save_stage(build_pipeline(sr_stage(8, 32), TINY, 0), tmp_path / "st")
     (stage / "evil.py").write_text("import os; os.system('touch pwned')\n")
@@ -234,6 +246,17 @@ def test_high_bit_depth_grey_images_are_scaled_not_clipped(tmp_path, mode):
         (["cdm-eval", "gen", "--model", "CASCADE", "--batch", "0", "--out", "NEW"], "--batch=0"),
         (["cdm-eval", "sr", "--model", "CASCADE", "--num-images", "0", "--out", "NEW"], "--num-images=0"),
         (["cdm-upscale", "IMG", "--model", "CASCADE", "--steps", "0", "--out", "NEW"], "--steps=0"),
+        (
+            ["cdm-upscale", "IMG", "--model", "CASCADE", "--noise-level", "5000", "--out", "NEW"],
+            "--noise-level=5000",
+        ),
+        (["cdm-eval", "sr", "--model", "CASCADE", "--noise-level", "-3", "--out", "NEW"], "--noise-level=-3"),
+        (["cdm-eval", "sr", "--model", "CASCADE", "--tile", "7", "--out", "NEW"], "--tile=7"),
+        (
+            ["cdm-eval", "sr", "--model", "CASCADE", "--scheduler", "NopeScheduler", "--out", "NEW"],
+            "NopeScheduler",
+        ),
+        (["cdm-train", "train.batch_size=0", "train.output_dir=NEW"], "train.batch_size=0"),
     ],
 )
 def test_small_bad_values_get_clear_words_and_write_nothing(tmp_path, cmd, needle):

@@ -142,9 +142,9 @@ def test_output_types(kind, base_pipe):
     pipe = base_pipe if kind == "base" else build_pipeline(sr_stage(8, 32), TINY, 0)
     pipe.set_progress_bar_config(disable=True)
     args = ([0],) if kind == "base" else (torch.zeros(1, 3, 8, 8),)
+    latent = pipe(*args, output_type="latent", num_inference_steps=1, generator=gens([0])).images
+    pt = pipe(*args, output_type="pt", num_inference_steps=1, generator=gens([0])).images
     common = {"num_inference_steps": 1, "generator": gens([0])}
-    latent = pipe(*args, output_type="latent", **common).images
-    pt = pipe(*args, output_type="pt", **common).images
     assert isinstance(latent, torch.Tensor) and latent.shape == pt.shape
     torch.testing.assert_close(pt, latent.clamp(-1, 1))  # "pt" is the raw sample in the image range
     assert pipe(*args, output_type="np", **common).images.shape[-1] == 3

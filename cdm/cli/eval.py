@@ -196,6 +196,10 @@ def cmd_sr(args) -> None:
         raise UserError(
             f"--crop={size}: expected a multiple of the stage's scale {pipe.scale_factor} and of {mult}"
         )
+    if not 0 <= args.noise_level <= pipe.max_noise_level:
+        raise UserError(f"--noise-level={args.noise_level}: expected 0..{pipe.max_noise_level}")
+    if args.tile is not None and (args.tile < mult or args.tile % mult):
+        raise UserError(f"--tile={args.tile}: expected a positive multiple of {mult} (output pixels)")
     grid = [
         (name, steps)
         for name in args.scheduler or [settings.scheduler]

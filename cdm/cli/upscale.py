@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     pipe, settings = load_sr_stage(args.model, args.stage)
     tile = args.tile or pipe.config.low_res_size
     overlap = tile // 4 if args.overlap is None else args.overlap
+    if not 0 <= args.noise_level <= pipe.max_noise_level:
+        raise UserError(f"--noise-level={args.noise_level}: expected 0..{pipe.max_noise_level}")
     if not 0 <= overlap < tile:
         raise UserError(f"--overlap={overlap}: expected 0 <= overlap < --tile={tile}")
     mult = 2 ** (len(pipe.unet.config.block_out_channels) - 1)

@@ -23,8 +23,20 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, UNet2DModel
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+
+    ```py
+    >>> from cdm_pipelines import CDMBasePipeline
+    >>> pipe = CDMBasePipeline.from_pretrained("cdm/demo_cascade/base64")
+    >>> images = pipe(class_labels=["seven", 3], num_images_per_prompt=2, guidance_scale=4.0).images
+    >>> len(images)
+    4
+    ```
+"""
 
 
 @dataclass
@@ -248,6 +260,7 @@ class CDMBasePipeline(DiffusionPipeline):
         return float(self.scheduler.alphas_cumprod[int(round(float(t)))])
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         class_labels: int | str | list[int | str],
@@ -285,14 +298,6 @@ class CDMBasePipeline(DiffusionPipeline):
             eta: DDIM's eta, for schedulers whose `step` takes it (0 is deterministic DDIM).
 
         Examples:
-
-        ```py
-        >>> from cdm_pipelines import CDMBasePipeline
-        >>> pipe = CDMBasePipeline.from_pretrained("cdm/demo_cascade/base64")
-        >>> images = pipe(class_labels=["seven", 3], num_images_per_prompt=2, guidance_scale=4.0).images
-        >>> len(images)
-        4
-        ```
         """
         # 1. Check inputs
         if num_images_per_prompt < 1:
@@ -318,33 +323,12 @@ class CDMBasePipeline(DiffusionPipeline):
         self._num_timesteps = len(timesteps)
         latents = self.prepare_latents(len(class_ids), generator, latents)
         extra = step_kwargs(self.scheduler, generator, eta)
-        alphabar = None
 
-        # 4. Denoising loop
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            if self.interrupt:
-                break
-            model_input = torch.cat([latents] * 2) if do_cfg else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            model_output = self.unet(model_input, t, class_labels=labels).sample
-            if do_cfg:
-                model_output = cfg_combine(model_output, guidance_scale)
-            latents = self.scheduler.step(model_output, t, latents, **extra).prev_sample
-            if callback_on_step_end is not None:
-                available = {"latents": latents}
-                outputs = callback_on_step_end(self, i, t, {k: available[k] for k in tensor_inputs}) or {}
-                latents = outputs.get("latents", latents)
-            # 5. Truncation: hand over z_s once the next timestep is at or below level s
-            if truncate_alphabar is not None and i + 1 < len(timesteps):
-                t_next = timesteps[i + 1]
-                if self.alphabar_at(t_next) >= truncate_alphabar:
-                    alphabar = self.alphabar_at(t_next)
-                    latents = self.scheduler.scale_model_input(
-                        latents, t_next
-                    )  # VP form for sigma schedulers
-                    break
+        # 4. Denoising loop, stopped early for truncation
+        callback = (callback_on_step_end, tensor_inputs)
+        latents, alphabar = self.denoise(latents, labels, extra, callback, truncate_alphabar)
 
-        # 6. Post-process
+        # 5. Post-process
         if alphabar is None and output_type != "latent":
             latents = latents.clamp(-1, 1)
         elif output_type not in ("pt", "latent"):
@@ -354,3 +338,29 @@ class CDMBasePipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return CDMBasePipelineOutput(images=images, alphabar=alphabar)
+
+    def denoise(self, latents, labels, extra, callback, truncate_alphabar):
+        """The reverse process; for truncation, hand over z_s once the next timestep is at or below level s.
+
+        Returns the sample and, for a truncated run, the alphabar it stopped at (else None).
+        """
+        callback_fn, tensor_inputs = callback
+        timesteps, do_cfg = self.scheduler.timesteps, self.guidance_scale > 1.0
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:
+                break
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            model_output = self.unet(model_input, t, class_labels=labels).sample
+            if do_cfg:
+                model_output = cfg_combine(model_output, self.guidance_scale)
+            latents = self.scheduler.step(model_output, t, latents, **extra).prev_sample
+            if callback_fn is not None:
+                available = {"latents": latents}
+                outputs = callback_fn(self, i, t, {k: available[k] for k in tensor_inputs}) or {}
+                latents = outputs.get("latents", latents)
+            if truncate_alphabar is not None and i + 1 < len(timesteps):
+                t_next = timesteps[i + 1]
+                if self.alphabar_at(t_next) >= truncate_alphabar:  # VP form for sigma schedulers
+                    return self.scheduler.scale_model_input(latents, t_next), self.alphabar_at(t_next)
+        return latents, None

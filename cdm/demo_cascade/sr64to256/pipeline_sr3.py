@@ -33,8 +33,21 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.models.embeddings import get_timestep_embedding
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+
+    ```py
+    >>> import PIL.Image
+    >>> from cdm_pipelines import SR3Pipeline
+    >>> pipe = SR3Pipeline.from_pretrained("cdm/photo_sr4x")  # a 4x residual photo stage
+    >>> small = PIL.Image.open("photo.png").convert("RGB")
+    >>> sharp = pipe(small, noise_level=0, num_inference_steps=1, tile_size=256).images[0]
+    >>> detailed = pipe(small, noise_level=0, num_inference_steps=20, tile_size=256).images[0]
+    ```
+"""
 
 
 @dataclass
@@ -355,6 +368,7 @@ class SR3Pipeline(DiffusionPipeline):
         return out / total
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         image,
@@ -407,40 +421,59 @@ class SR3Pipeline(DiffusionPipeline):
             tile_overlap: overlap between tiles, in output pixels.
 
         Examples:
-
-        ```py
-        >>> import PIL.Image
-        >>> from cdm_pipelines import SR3Pipeline
-        >>> pipe = SR3Pipeline.from_pretrained("cdm/photo_sr4x")  # a 4x residual photo stage
-        >>> small = PIL.Image.open("photo.png").convert("RGB")
-        >>> sharp = pipe(small, noise_level=0, num_inference_steps=1, tile_size=256).images[0]
-        >>> detailed = pipe(small, noise_level=0, num_inference_steps=20, tile_size=256).images[0]
-        ```
         """
         # 1. Check inputs
         device = self._execution_device
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        truncating = low_res_is_augmented or truncate_alphabar is not None
+        self.check_call(
+            num_images_per_prompt, tensor_inputs, output_type, tile_size, tile_overlap, truncating
+        )
+        x_lr, class_ids = self.prepare_low_res(image, class_labels, num_images_per_prompt, device)
+        self._guidance_scale, self._interrupt = guidance_scale, False
+        allow_any_size = allow_any_size or tile_size is not None
+        self.check_inputs(
+            x_lr, class_ids, noise_level, num_inference_steps, guidance_scale, generator, allow_any_size
+        )
+        size = (x_lr.shape[-2] * self.scale_factor, x_lr.shape[-1] * self.scale_factor)
+
+        # 2. Conditioning: upsample + noise augmentation at level s, and the level embedding
+        level = 0 if low_res_is_augmented else noise_level
+        cond, s_emb, labels = self.prepare_conditioning(x_lr, size, class_ids, level, noise_level, generator)
+
+        # 3. Timesteps and initial noise
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
+        shape = (x_lr.shape[0], self.unet.config.out_channels, *size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        latents = latents.to(device) * self.scheduler.init_noise_sigma
+
+        # 4. Denoising loop, stopped early for truncation
+        extra = step_kwargs(self.scheduler, generator, eta)
+        step = (cond, labels, s_emb, extra, (tile_size, tile_overlap))
+        callback = (callback_on_step_end, tensor_inputs)
+        latents, alphabar = self.denoise(latents, step, callback, truncate_alphabar)
+
+        # 5. Post-process
+        images = self.postprocess(latents, x_lr, size, alphabar, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return SR3PipelineOutput(images=images, alphabar=alphabar)
+
+    def check_call(
+        self, num_images_per_prompt, tensor_inputs, output_type, tile_size, tile_overlap, truncating
+    ):
+        """Checks of the call's own arguments, before any work (the input image: `check_inputs`)."""
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt}: expected an integer >= 1")
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs has {bad}: expected names from {self._callback_tensor_inputs}"
             )
         to_output_type(torch.zeros(0, 3, 1, 1), output_type)  # an unknown output_type fails before work
-        x_lr = image_to_tensor(image).to(device).repeat_interleave(num_images_per_prompt, dim=0)
-        class_ids = None
-        if class_labels is not None:
-            class_ids = [
-                int(c)
-                for c in (class_labels if isinstance(class_labels, (list, tuple)) else [class_labels])
-                for _ in range(num_images_per_prompt)
-            ]
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        allow_any_size = allow_any_size or tile_size is not None
-        self.check_inputs(
-            x_lr, class_ids, noise_level, num_inference_steps, guidance_scale, generator, allow_any_size
-        )
         if tile_size is not None:
             mult = 2 ** (len(self.unet.config.block_out_channels) - 1)
             if tile_size < mult or tile_size % mult:
@@ -449,41 +482,41 @@ class SR3Pipeline(DiffusionPipeline):
                 raise ValueError(
                     f"tile_overlap={tile_overlap}: expected 0 <= overlap < tile_size={tile_size}"
                 )
-        do_cfg = guidance_scale > 1.0
-        batch_size = x_lr.shape[0]
-        size = (x_lr.shape[-2] * self.scale_factor, x_lr.shape[-1] * self.scale_factor)
-
-        if self.config.residual and (low_res_is_augmented or truncate_alphabar is not None):
+        if self.config.residual and truncating:
             raise ValueError(
                 "a residual SR stage adds its output to the upsampled clean input: truncated "
                 "conditioning augmentation (low_res_is_augmented, truncate_alphabar) is not supported"
             )
 
-        # 2. Conditioning: upsample + noise augmentation at level s, and the level embedding
-        level = 0 if low_res_is_augmented else noise_level
+    def prepare_low_res(self, image, class_labels, num_images_per_prompt: int, device):
+        """The input batch as a tensor in [-1, 1], each image (and its label) repeated per prompt."""
+        x_lr = image_to_tensor(image).to(device).repeat_interleave(num_images_per_prompt, dim=0)
+        if class_labels is None:
+            return x_lr, None
+        labels = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels]
+        return x_lr, [int(c) for c in labels for _ in range(num_images_per_prompt)]
+
+    def prepare_conditioning(self, x_lr, size, class_ids, level: int, noise_level: int, generator):
+        """The UNet's extra input channels, level embedding and labels (doubled for guidance)."""
+        device = x_lr.device
         cond = augment_low_res(x_lr, size, level, self.image_noising_scheduler, generator=generator)
         cond = cond.to(self.unet.dtype)
-        s = torch.full((batch_size,), noise_level, device=device)
+        s = torch.full((x_lr.shape[0],), noise_level, device=device)
         s_emb = level_embedding(s, self.unet.config.time_cond_proj_dim).to(device, self.unet.dtype)
-        labels = None
-        if class_ids is not None:
-            labels = torch.tensor(class_ids, device=device)
-        if do_cfg:
+        labels = None if class_ids is None else torch.tensor(class_ids, device=device)
+        if self.guidance_scale > 1.0:
             cond, s_emb = torch.cat([cond] * 2), torch.cat([s_emb] * 2)
             labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        return cond, s_emb, labels
 
-        # 3. Timesteps and initial noise
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-        extra = step_kwargs(self.scheduler, generator, eta)
-        shape = (batch_size, self.unet.config.out_channels, *size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
-        alphabar = None
+    def denoise(self, latents, step, callback, truncate_alphabar):
+        """The reverse process; for truncation, hand over z_s once the next timestep is at or below level s.
 
-        # 4. Denoising loop
+        Returns the sample and, for a truncated run, the alphabar it stopped at (else None).
+        """
+        cond, labels, s_emb, extra, (tile_size, tile_overlap) = step
+        callback_fn, tensor_inputs = callback
+        timesteps, do_cfg = self.scheduler.timesteps, self.guidance_scale > 1.0
         for i, t in enumerate(self.progress_bar(timesteps)):
             if self.interrupt:
                 break
@@ -491,22 +524,21 @@ class SR3Pipeline(DiffusionPipeline):
             model_input = torch.cat([self.scheduler.scale_model_input(model_input, t), cond], dim=1)
             model_output = self.predict(model_input, t, labels, s_emb, tile_size, tile_overlap)
             if do_cfg:
-                model_output = cfg_combine(model_output, guidance_scale)
+                model_output = cfg_combine(model_output, self.guidance_scale)
             latents = self.scheduler.step(model_output, t, latents, **extra).prev_sample
-            if callback_on_step_end is not None:
+            if callback_fn is not None:
                 available = {"latents": latents}
-                outputs = callback_on_step_end(self, i, t, {k: available[k] for k in tensor_inputs}) or {}
+                outputs = callback_fn(self, i, t, {k: available[k] for k in tensor_inputs}) or {}
                 latents = outputs.get("latents", latents)
-            # 5. Truncation: hand over z_s once the next timestep is at or below level s
             if truncate_alphabar is not None and i + 1 < len(timesteps):
                 t_next = timesteps[i + 1]
                 if self.alphabar_at(t_next) >= truncate_alphabar:
-                    alphabar = self.alphabar_at(t_next)
-                    latents = self.scheduler.scale_model_input(latents, t_next)
-                    break
+                    return self.scheduler.scale_model_input(latents, t_next), self.alphabar_at(t_next)
+        return latents, None
 
-        # 6. Post-process: a residual stage adds the sample to the clean upsampled input; "latent"
-        # returns the raw sample (for a residual stage, the scaled residual)
+    def postprocess(self, latents, x_lr, size, alphabar, output_type: str):
+        """A residual stage adds the sample to the clean upsampled input; "latent" returns the raw sample
+        (for a residual stage, the scaled residual); a truncated run returns the noisy z_s, unclamped."""
         if output_type != "latent" and self.config.residual:
             base = augment_low_res(x_lr, size, 0, self.image_noising_scheduler)
             latents = base.to(latents.dtype) + latents / self.config.residual_scale
@@ -514,8 +546,4 @@ class SR3Pipeline(DiffusionPipeline):
             latents = latents.clamp(-1, 1)
         elif alphabar is not None and output_type not in ("pt", "latent"):
             raise ValueError(f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'pt'")
-        images = to_output_type(latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return SR3PipelineOutput(images=images, alphabar=alphabar)
+        return to_output_type(latents, output_type)
