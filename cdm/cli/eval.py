@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -22,11 +23,22 @@ from cdm.cascade import Cascade
 from cdm.config import DataConfig, DataSource, ResizeMode, StageConfig, StageKind
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
-from cdm.files import check_out_dir
+from cdm.files import check_new, check_out_dir, write_file
 from cdm.hub.cards import results_table
 from cdm.images import decode_image, save_grid, to_tensor
 from cdm.measure.classifier import get_classifier, predict, prepare
-from cdm.measure.fid import frechet_and_kernel_distance, patch_kid
+from cdm.measure.fid import (
+    OfflineInception,
+    feature_distances,
+    frechet_and_kernel_distance,
+    frechet_distance,
+    inception_features,
+    kernel_distance,
+    load_stats,
+    patch_kid,
+    precision_recall,
+    save_stats,
+)
 from cdm.measure.metrics import consistency, hf_ratio, patch_grid, psnr, ssim
 from cdm.models import sampling_scheduler
 from cdm.train.data import StageDataset, collate, open_dataset
@@ -319,6 +331,8 @@ def _cascade_and_ids(args):
 
 def cmd_gen(args) -> None:
     check_out(args.out, ["results.json"], args.overwrite)
+    if args.save_stats:
+        check_new([args.save_stats], args.overwrite)
     cascade, n, ids = _cascade_and_ids(args)
     settings = cascade.with_overrides(steps=args.steps, guidance_scale=args.guidance)
     data = data_config(args.data, args.data_path)
@@ -333,19 +347,10 @@ def cmd_gen(args) -> None:
         f"agrees with the requested class on {agreement:.1%} of {len(ids)} samples."
     )
     floor = None
-    if args.fid:
-        size = cascade.resolutions[n - 1]
-        reference, _ = real_images(data, args.reference_split, size, None)
-        metrics.update(fid_kid(images, reference))
-        # The same count of real images from another split: what a perfect model would score here
-        other = "train" if args.reference_split != "train" else "test"
-        real, _ = real_images(data, other, size, len(ids))
-        floor = {"split": other, "num_images": len(real), **fid_kid(real, reference)}
-        notes.append(
-            f"FID/KID against {len(reference)} real {args.reference_split} images at {size} px. "
-            f"Small-sample FID is biased upward: {len(real)} real {other} images score "
-            f"FID {floor['fid']:.1f} and KID {floor['kid']:.4f} against the same reference."
-        )
+    if args.fid or args.reference_stats or args.save_stats:
+        distances, floor, note = reference_distances(args, images, data, cascade.resolutions[n - 1], len(ids))
+        metrics.update(distances)
+        notes.append(note)
     result = {
         "kind": "generation",
         "stage": cascade.names[n - 1],
@@ -367,6 +372,48 @@ def cmd_gen(args) -> None:
     print(
         f"{len(ids)} samples in {result['seconds']:.1f}s; wrote {args.out}/results.json, results.md, samples.png"
     )
+
+
+def reference_distances(
+    args, images: torch.Tensor, data, size: int, count: int
+) -> tuple[dict, dict | None, str]:
+    """FID/KID/precision/recall of the samples against real images of `--data` at `size` px, or against
+    `--reference-stats`; `--save-stats` writes the samples' statistics. Returns the metrics, the
+    real-data floor (the same count of real images from another split; None with reference stats)
+    and a note for the results."""
+    feature = OfflineInception()
+    pool = inception_features(images, feature)
+    if args.save_stats:
+        write_file(args.save_stats, lambda tmp: save_stats(tmp, pool), args.overwrite)
+    if args.reference_stats:
+        ref = load_stats(args.reference_stats, feature)
+        distances = {
+            "fid": frechet_distance(pool.mean(0), np.cov(pool, rowvar=False), ref["mu"], ref["sigma"])
+        }
+        if "pool" in ref:
+            distances["kid"] = kernel_distance(pool, ref["pool"])
+            distances.update(precision_recall(ref["pool"], pool))
+        note = f"FID against the statistics in {args.reference_stats}" + (
+            f" ({len(ref['pool'])} reference features)."
+            if "pool" in ref
+            else " (mu and sigma only: no KID, precision or recall)."
+        )
+        return distances, None, note
+    reference, _ = real_images(data, args.reference_split, size, None)
+    ref_pool = inception_features(reference, feature)
+    other = "train" if args.reference_split != "train" else "test"  # what a perfect model would score
+    real, _ = real_images(data, other, size, count)
+    floor = {
+        "split": other,
+        "num_images": len(real),
+        **feature_distances(inception_features(real, feature), ref_pool),
+    }
+    note = (
+        f"FID/KID against {len(reference)} real {args.reference_split} images at {size} px. "
+        f"Small-sample FID is biased upward: {len(real)} real {other} images score "
+        f"FID {floor['fid']:.1f} and KID {floor['kid']:.4f} against the same reference."
+    )
+    return feature_distances(pool, ref_pool), floor, note
 
 
 def cmd_sweep(args) -> None:
@@ -503,6 +550,21 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--guidance", type=lambda t: [float(v) for v in t.split(",")], default=None)
             g.add_argument("--fid", action="store_true", help="also FID/KID (needs: pip install 'cdm[fid]')")
             g.add_argument("--reference-split", default="test")
+            g.add_argument(
+                "--reference-stats",
+                type=Path,
+                default=None,
+                metavar="NPZ",
+                help="compare with these statistics (mu, sigma; pool features or arr_0 images for KID and "
+                "precision/recall; the guided-diffusion layout) instead of real images of --data",
+            )
+            g.add_argument(
+                "--save-stats",
+                type=Path,
+                default=None,
+                metavar="NPZ",
+                help="write the samples' mu, sigma and pool features",
+            )
         else:
             g.add_argument("--stage", required=True, help="the SR stage whose input augmentation is swept")
             g.add_argument("--levels", type=_levels, default=[0, 50, 100, 250, 500])

@@ -24,6 +24,8 @@ METRIC_NAMES = {
     "class_agreement": "class agreement",
     "fid": "FID",
     "kid": "KID",
+    "precision": "precision (k = 3)",
+    "recall": "recall (k = 3)",
 }
 
 

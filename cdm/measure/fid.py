@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,25 +51,32 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def frechet_and_kernel_distance(
     images: torch.Tensor, reference: torch.Tensor, feature: nn.Module | None = None
 ) -> dict:
-    """FID and KID of generated `images` against `reference`, both (N, 3, H, W) in [-1, 1]."""
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.kid import KernelInceptionDistance
-    except ImportError:
-        raise UserError(HOW_TO) from None
+    """FID, KID and improved precision/recall of generated `images` against `reference`, both
+    (N, 3, H, W) in [-1, 1]: Inception pool features of each set, then `feature_distances`."""
     feature = feature or OfflineInception()
-    subset = max(2, min(len(images), len(reference), 100))
-    fid = FrechetInceptionDistance(feature=feature, reset_real_features=True)
-    with warnings.catch_warnings():  # it warns that it keeps every feature, which is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        kid = KernelInceptionDistance(feature=feature, subset_size=subset, subsets=10)
-    for metric in (fid, kid):
-        for chunk in to_uint8(reference).split(32):
-            metric.update(chunk, real=True)
-        for chunk in to_uint8(images).split(32):
-            metric.update(chunk, real=False)
-    kid_mean, _ = kid.compute()
-    return {"fid": float(fid.compute()), "kid": float(kid_mean)}
+    return feature_distances(inception_features(images, feature), inception_features(reference, feature))
+
+
+def feature_distances(fake: np.ndarray, real: np.ndarray) -> dict:
+    """FID from the two sets' statistics; KID (polynomial-kernel MMD, 10 subsets of up to 100, as
+    torchmetrics); improved precision and recall (k = 3)."""
+    fid = frechet_distance(fake.mean(0), np.cov(fake, rowvar=False), real.mean(0), np.cov(real, rowvar=False))
+    return {"fid": fid, "kid": kernel_distance(fake, real), **precision_recall(real, fake)}
+
+
+def kernel_distance(fake: np.ndarray, real: np.ndarray, subsets: int = 10, subset_size: int = 100) -> float:
+    """KID: the unbiased MMD^2 with kernel (x.y / d + 1)^3, averaged over random subsets (seeded)."""
+    x, y = torch.from_numpy(fake).double(), torch.from_numpy(real).double()
+    m = max(2, min(subset_size, len(x), len(y)))
+    g = torch.Generator().manual_seed(0)
+    values = []
+    for _ in range(subsets):
+        a = x[torch.randperm(len(x), generator=g)[:m]]
+        b = y[torch.randperm(len(y), generator=g)[:m]]
+        k_aa, k_bb, k_ab = ((u @ v.T / x.shape[1] + 1) ** 3 for u, v in ((a, a), (b, b), (a, b)))
+        within = (k_aa.sum() - k_aa.diag().sum() + k_bb.sum() - k_bb.diag().sum()) / (m * (m - 1))
+        values.append((within - 2 * k_ab.sum() / m**2).item())
+    return float(np.mean(values))
 
 
 def patch_kid(outputs: torch.Tensor, originals: torch.Tensor, feature: nn.Module | None = None) -> float:
@@ -92,3 +101,72 @@ def patch_kid(outputs: torch.Tensor, originals: torch.Tensor, feature: nn.Module
     with torch.random.fork_rng():  # KID's random subsets: the same for every call
         torch.manual_seed(0)
         return float(kid.compute()[0])
+
+
+# -- reference statistics in the guided-diffusion evaluation layout --------------------------------
+
+
+@torch.no_grad()
+def inception_features(images: torch.Tensor, feature: nn.Module | None = None) -> np.ndarray:
+    """(N, 3, H, W) images in [-1, 1] -> (N, d) float64 pool features, 32 at a time."""
+    feature = feature or OfflineInception()
+    return torch.cat([feature(chunk).double() for chunk in to_uint8(images).split(32)]).numpy()
+
+
+def save_stats(path: Path, pool: np.ndarray) -> None:
+    """`mu`, `sigma` and the `pool` features, as plain arrays (np.savez; no pickle) in the layout the
+    guided-diffusion evaluator reads (`mu`, `sigma`; it derives pool features from `arr_0` images)."""
+    with open(path, "wb") as f:  # a file object: np.savez adds no ".npz" to the name
+        np.savez(f, mu=pool.mean(0), sigma=np.cov(pool, rowvar=False), pool=pool.astype(np.float32))
+
+
+def load_stats(path: Path, feature: nn.Module | None = None) -> dict:
+    """Reference statistics from an .npz: `mu` and `sigma`, and pool features from `pool` or, as the
+    guided-diffusion reference batches store them, from the uint8 NHWC images in `arr_0`."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}  # every member: a pickled one is refused, not skipped
+    except FileNotFoundError:
+        raise UserError(f"--reference-stats {path}: no such file") from None
+    except (ValueError, OSError, zipfile.BadZipFile) as err:
+        raise UserError(f"--reference-stats {path}: not a plain .npz of arrays ({str(err)[:100]})") from None
+    stats = {k: arrays[k] for k in ("mu", "sigma", "pool", "arr_0") if k in arrays}
+    if "mu" not in stats or "sigma" not in stats:
+        raise UserError(f"--reference-stats {path}: expected arrays 'mu' and 'sigma' (found {sorted(stats)})")
+    d = stats["mu"].shape[-1] if stats["mu"].ndim == 1 else -1
+    if d < 1 or stats["sigma"].shape != (d, d):
+        raise UserError(
+            f"--reference-stats {path}: mu {stats['mu'].shape} and sigma {stats['sigma'].shape}: expected (d,) and (d, d)"
+        )
+    if "pool" not in stats and "arr_0" in stats:
+        images = torch.from_numpy(stats.pop("arr_0")).permute(0, 3, 1, 2).float() / 127.5 - 1
+        stats["pool"] = inception_features(images, feature)
+    stats.pop("arr_0", None)
+    return stats
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), the root's trace from the eigenvalues of S1 S2 (as torchmetrics)."""
+    eig = np.linalg.eigvals(np.asarray(sigma1, np.float64) @ np.asarray(sigma2, np.float64))
+    root_trace = np.sqrt(eig.astype(np.complex128)).real.sum()
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * root_trace)
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict:
+    """Improved precision and recall (Kynkäänniemi et al., 2019): each set's manifold is the union of
+    balls reaching every feature's k-th nearest neighbour; precision is the share of generated features
+    inside the real manifold, recall the share of real features inside the generated one."""
+
+    def radii(x):
+        d = torch.cdist(x, x)
+        return d.kthvalue(min(k + 1, len(x)), dim=1).values  # the 0 to itself is the first value
+
+    def inside(points, centres, r):
+        return (torch.cdist(points, centres) <= r[None, :]).any(dim=1).double().mean().item()
+
+    real_t, fake_t = torch.from_numpy(real).double(), torch.from_numpy(fake).double()
+    return {
+        "precision": inside(fake_t, real_t, radii(real_t)),
+        "recall": inside(real_t, fake_t, radii(fake_t)),
+    }
