@@ -366,3 +366,21 @@ def test_export_cli_pushes_with_the_hub_client(tmp_path, monkeypatch):
     assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
     meta, _ = _meta(tmp_path / "c" / "README.md")
     assert meta["library_name"] == "diffusers"
+
+
+def test_class_agreement_is_the_share_of_samples_the_judge_puts_in_the_requested_class(monkeypatch):
+    import cdm.cli.eval as ev
+
+    class Judge(torch.nn.Module):  # calls class 1 whatever has a bright left half, else class 0
+        def forward(self, x):
+            left = (
+                x[..., : x.shape[-1] // 2].mean((1, 2, 3)) > x[..., x.shape[-1] // 2 :].mean((1, 2, 3))
+            ).long()
+            return torch.nn.functional.one_hot(left, 2).float()
+
+    monkeypatch.setattr(ev, "get_classifier", lambda data, resolution: (Judge(), {"num_classes": 2}))
+    images = -torch.ones(6, 3, 16, 16)
+    images[:4, :, :, :8] = 1  # four samples look like class 1, two like class 0
+    images[4:, :, :, 8:] = 1
+    agreement, _ = ev.class_agreement(images, [1, 1, 1, 0, 0, 0], None, 16)
+    assert agreement == pytest.approx(5 / 6)  # only sample 3 (asked for 0, looks like 1) disagrees
