@@ -349,3 +349,61 @@ def test_unknown_keys_are_refused_even_with_plus(tmp_path, key):
     res = run_cli(["cdm-train", "stage=base64", key], tmp_path)
     assert res.returncode == 2 and key.lstrip("+").split("=")[0] in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+# -- cdm-train as a Hydra app ----------------------------------------------------------------------
+
+
+def test_hydra_cfg_info_and_resolve(tmp_path):
+    job = run_cli(["cdm-train", "--cfg", "job", "stage=sr64to256"], tmp_path)
+    assert job.returncode == 0 and "name: sr64to256" in job.stdout and "hydra:" not in job.stdout
+    hydra = run_cli(["cdm-train", "--cfg", "hydra", "stage=sr64to256"], tmp_path)
+    assert hydra.returncode == 0 and "dir: ${train.output_dir}" in hydra.stdout
+    resolved = run_cli(["cdm-train", "--cfg", "job", "--resolve", "stage=sr64to256"], tmp_path)
+    assert resolved.returncode == 0 and "output_dir: runs/sr64to256" in resolved.stdout
+    info = run_cli(["cdm-train", "--info"], tmp_path)
+    assert info.returncode == 0 and "Hydra" in info.stdout
+    completion = run_cli(["cdm-train", "--shell-completion", "install=bash"], tmp_path)
+    assert completion.returncode == 0 and "complete" in completion.stdout
+
+
+def test_hydra_run_dir_is_the_run_folder_with_its_hydra_records(tmp_path, cache_env):
+    out = tmp_path / "elsewhere"
+    args = train_args("base64", tmp_path / "ignored", 1, f"hydra.run.dir={out}", "hydra/job_logging=disabled")
+    res = run_cli([a for a in args if not a.startswith("train.output_dir")], tmp_path, cache_env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (out / "export" / "model_index.json").is_file() and (out / ".hydra" / "overrides.yaml").is_file()
+    assert not (out / "train.log").exists()  # job logging disabled
+    assert json.loads((out / "config.json").read_text())["train"]["output_dir"] == str(out)
+
+
+def test_hydra_multirun_runs_each_job_in_its_own_folder(tmp_path, cache_env):
+    sweep = tmp_path / "sweep"
+    args = train_args(
+        "base64", tmp_path / "unused", 1, "train.learning_rate=1e-4,3e-4", f"hydra.sweep.dir={sweep}"
+    )
+    res = run_cli(
+        ["cdm-train", "-m", *[a for a in args[1:] if not a.startswith("train.output_dir")]],
+        tmp_path,
+        cache_env,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    rates = [
+        json.loads((sweep / str(k) / "config.json").read_text())["train"]["learning_rate"] for k in (0, 1)
+    ]
+    assert rates == [1e-4, 3e-4]
+    assert all((sweep / str(k) / "export" / "model_index.json").is_file() for k in (0, 1))
+
+
+def test_hydra_config_dir_adds_experiments_and_unknown_ones_are_refused(tmp_path):
+    extra = tmp_path / "myconf" / "experiment"
+    extra.mkdir(parents=True)
+    (extra / "mine.yaml").write_text("# @package _global_\ntrain:\n  max_steps: 7\n")
+    res = run_cli(
+        ["cdm-train", "--config-dir", str(tmp_path / "myconf"), "experiment=mine", "--cfg", "job"], tmp_path
+    )
+    assert res.returncode == 0 and "max_steps: 7" in res.stdout, res.stderr
+    for argv in (["experiment=mine"], ["experiment=nope", "--config-dir", str(tmp_path / "myconf")]):
+        res = run_cli(["cdm-train", *argv], tmp_path)
+        assert res.returncode == 2 and "no such experiment" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
+import hydra
+from hydra._internal.utils import get_args_parser
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cdm.config import TrainRunConfig, config_dir, register_configs, validate
@@ -21,17 +25,29 @@ Train one stage of a cascade. Overrides use Hydra syntax; config groups:
   stage=base64|sr64to256|sr256to1024   unet=tiny|small|paper
   data=digits|photos|imagefolder|hub|imagenet   experiment=NAME (conf/experiment/)
 Common keys: data.path=DIR  train.max_steps=N  train.batch_size=N  train.mixed_precision=no|fp16|bf16
-             train.output_dir=DIR  train.resume=latest|PATH  --cfg (print the composed config and exit)
+             train.output_dir=DIR  train.resume=latest|PATH
+Hydra:       --cfg job|hydra|all [--resolve]  --info  --config-dir DIR  -m (sweep: KEY=A,B)
+             hydra.run.dir=DIR  hydra.sweep.dir=DIR  --hydra-help
 Scale out:   accelerate launch --num_processes N -m cdm.cli.train stage=...
 """
 
 
-def _group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+def _group_options(group: str, extra_dir: Path | None = None) -> list[str]:
+    dirs = [config_dir()] + ([Path(extra_dir)] if extra_dir else [])
+    return sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")})
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    """Compose conf/train.yaml with overrides; any problem becomes a one-line UserError."""
+def compose_config(overrides: list[str], extra_dir: Path | None = None) -> DictConfig:
+    """Compose conf/train.yaml with overrides (and configs in `extra_dir`, as --config-dir adds them);
+    any problem becomes a one-line UserError."""
+    for o in overrides:  # an optional group ignores an unknown option silently: refuse it here
+        key, _, value = o.lstrip("+~").partition("=")
+        if key == "experiment" and value not in ("null", "") and value not in _group_options(key, extra_dir):
+            raise UserError(
+                f"{o}: no such experiment; expected one of {', '.join(_group_options(key, extra_dir))}"
+            )
+    if extra_dir:
+        overrides = [*overrides, f"hydra.searchpath=[file://{Path(extra_dir).resolve()}]"]
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException, MissingConfigException
@@ -62,26 +78,73 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """cdm-train as a Hydra app (`@hydra.main` semantics: --cfg, --info, -m, --config-dir, hydra.*),
+    with bad overrides refused in one line before Hydra starts."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(HELP)
         return
-    show = "--cfg" in argv
-    overrides = [a for a in argv if a != "--cfg"]
-    bad = [a for a in overrides if a.startswith("-")]
-    if bad:
-        raise UserError(f"unknown option {bad[0]}: cdm-train takes KEY=VALUE overrides (see --help)")
-    cfg = compose_config(overrides)
+    argv = _with_cfg_target(argv)
+    parser = get_args_parser()
+    parser.error = lambda message: parser.exit(2, f"error: cdm-train: {message} (see --help)\n")
+    args = parser.parse_args(argv)
+    if not (args.multirun or args.shell_completion or args.info or args.hydra_help):
+        cfg = run_config(_own_overrides(args.overrides), args.config_dir)  # the run's checks, in one line
+        if args.cfg == "job":  # the job's config as the run will use it: launcher settings resolved
+            print(OmegaConf.to_yaml(cfg), end="")
+            return
+    register_configs()
+    config_path = str(config_dir())
+    app = hydra.main(config_path=config_path, config_name="train", version_base=None)(hydra_task)
+    saved, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "cdm-train", *argv]
+    try:
+        app()
+    finally:
+        sys.argv = saved
+
+
+def hydra_task(cfg: DictConfig) -> None:
+    """One job: the run folder is Hydra's output folder (train.output_dir, or a sweep's job folder)."""
+    overrides = list(HydraConfig.get().overrides.task)
+    try:
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+        cfg.train.output_dir = HydraConfig.get().runtime.output_dir
+        cfg, notes = check_config(cfg, overrides)
+        train(cfg, notes)
+    except UserError as err:  # Hydra would print a traceback; a bad value is one line and exit 2
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_config(overrides: list[str], extra_dir: Path | None = None) -> DictConfig:
+    cfg, _ = check_config(compose_config(overrides, extra_dir), overrides)
+    return cfg
+
+
+def check_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, list[str]]:
+    """Known keys, launcher precedence, value checks and the sharded-launch guard."""
     schema = OmegaConf.structured(TrainRunConfig)
     check_known_keys(cfg, schema)
     cfg = OmegaConf.merge(schema, cfg)
     notes = apply_launcher_settings(cfg, {o.split("=")[0].lstrip("+~") for o in overrides})
     validate(cfg)
     refuse_sharded_launch()
-    if show:
-        print(OmegaConf.to_yaml(cfg))
-        return
-    train(cfg, notes)
+    return cfg, notes
+
+
+def _with_cfg_target(argv: list[str]) -> list[str]:
+    """`--cfg` alone shows the job's config, as it did before cdm-train was a Hydra app."""
+    out = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        if a in ("--cfg", "-c") and (i + 1 == len(argv) or argv[i + 1] not in ("job", "hydra", "all")):
+            out.append("job")
+    return out
+
+
+def _own_overrides(overrides: list[str]) -> list[str]:
+    """The overrides of cdm's config: Hydra's own (hydra.*, hydra/...) are Hydra's to check."""
+    return [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
 
 
 def check_known_keys(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> None:
@@ -91,7 +154,7 @@ def check_known_keys(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> N
         if key not in known:
             close = [k for k in known if str(k)[:3] == str(key)[:3]]
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise UserError(f"{prefix}{key}: not a cdm-train setting{hint}; `cdm-train --cfg` lists them")
+            raise UserError(f"{prefix}{key}: not a cdm-train setting{hint}; `cdm-train --cfg job` lists them")
         if OmegaConf.is_dict(cfg._get_node(key)) and OmegaConf.is_dict(schema._get_node(key)):
             check_known_keys(cfg[key], schema[key], f"{prefix}{key}.")
 
