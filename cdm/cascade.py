@@ -27,6 +27,7 @@ from cdm_pipelines import CDMBasePipeline, SR3Pipeline
 from cdm.config import AUG_MODES, SamplingConfig
 from cdm.errors import UserError
 from cdm.models import sampling_scheduler
+from cdm.seeding import derived_seed
 from cdm.stage_io import (
     CASCADE_FILE,
     load_stage,
@@ -52,7 +53,7 @@ def imagenet_labels() -> dict[str, str]:
 
 def stage_seed(seed: int, stage_index: int) -> int:
     """Each image's seed drives every stage; stages draw from independent streams."""
-    return (seed * 1_000_003 + stage_index * 7_919) % (2**63 - 1)
+    return derived_seed(seed, stage_index)
 
 
 def nearest_level(alphabar: float, noising) -> int:

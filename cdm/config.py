@@ -159,6 +159,17 @@ class TrainRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def sampling_fields() -> dict[str, type]:
+    """SamplingConfig's field names and value types, for reading it from JSON and from `--set`."""
+    defaults = SamplingConfig()
+    return {name: type(getattr(defaults, name)) for name in SamplingConfig.__dataclass_fields__}
+
+
+def unet_stride(block_out_channels) -> int:
+    """How many pixels one latent cell spans after the UNet's downsamplings: sizes must be multiples."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainRunConfig)
@@ -249,7 +260,7 @@ def validate_stage(cfg) -> None:
 def validate_sizes(cfg) -> None:
     """The UNet's downsampling and group norm must fit the training size and the channels."""
     s = cfg.stage
-    levels = 2 ** (len(cfg.unet.block_out_channels) - 1)
+    levels = unet_stride(cfg.unet.block_out_channels)
     train_size = s.crop_size or s.resolution
     if train_size % levels:
         raise UserError(

@@ -25,7 +25,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, Repo
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cdm.config import SamplingConfig
+from cdm.config import SamplingConfig, sampling_fields
 from cdm.errors import UserError
 from cdm.models import sampling_scheduler
 
@@ -140,8 +140,7 @@ def stage_info(folder: Path) -> dict | None:
 def stage_settings(info: dict | None):
     """Sampling defaults recorded at training time (conf stage.sample), or the library defaults."""
     sample = ((info or {}).get("stage") or {}).get("sample") or {}
-    known = SamplingConfig.__dataclass_fields__
-    return SamplingConfig(**{k: v for k, v in sample.items() if k in known})
+    return SamplingConfig(**{k: v for k, v in sample.items() if k in sampling_fields()})
 
 
 def copy_stage(src: Path, dst: Path, half: bool = False) -> None:
@@ -210,12 +209,11 @@ def parse_stage_entry(spec_path: Path, k: int, entry) -> tuple[str, Path, Sampli
     sampling = entry.get("sampling", {})
     if not isinstance(sampling, dict):
         raise UserError(f"{where}: sampling is {json.dumps(sampling)[:80]}: expected an object")
-    fields = SamplingConfig.__dataclass_fields__
-    values = {}
+    fields, values = sampling_fields(), {}
     for key, value in sampling.items():
         if key not in fields:
             continue
-        kind = type(getattr(SamplingConfig(), key))
+        kind = fields[key]
         if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
             raise UserError(f"{where}: sampling.{key}={json.dumps(value)}: expected a {kind.__name__}")
         values[key] = kind(value)

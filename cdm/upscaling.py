@@ -11,6 +11,7 @@ from cdm_pipelines import SR3Pipeline
 from cdm_pipelines.pipeline_sr3 import image_to_tensor
 
 from cdm.cascade import Cascade
+from cdm.config import unet_stride
 from cdm.errors import UserError
 from cdm.images import decode_image, to_pil
 from cdm.stage_io import CASCADE_FILE, load_stage, resolve_model, stage_info, stage_settings
@@ -67,7 +68,7 @@ def upscale(pipe, image: PIL.Image.Image, tile: int, overlap: int, steps: int, n
     """Super-resolve a whole image; the UNet sees tiles of `tile` input pixels, blended at every step."""
     x = image_to_tensor(image)
     f = pipe.scale_factor
-    mult = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    mult = unet_stride(pipe.unet.config.block_out_channels)
     step = max(1, mult // f) if mult > f else 1
     h, w = x.shape[-2:]
     ph, pw = (-h) % step, (-w) % step  # pad so that the output is a multiple of the UNet's stride

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cdm.cascade import Cascade
-from cdm.config import DataConfig, DataSource, ResizeMode, StageConfig, StageKind
+from cdm.config import DataConfig, DataSource, ResizeMode, StageConfig, StageKind, unet_stride
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
 from cdm.files import check_new, check_out_dir, write_file
@@ -188,9 +188,7 @@ def write_results(out: Path, name: str, result: dict, markdown: str) -> None:
 
 def check_out(out: Path, names: list[str], overwrite: bool) -> None:
     check_out_dir(out)
-    existing = [out / n for n in names if (out / n).exists()]
-    if existing and not overwrite:
-        raise UserError(f"{existing[0]} already exists: pass --overwrite or choose another --out")
+    check_new([out / n for n in names], overwrite)
 
 
 # -- subcommands ---------------------------------------------------------------------------------
@@ -203,7 +201,7 @@ def cmd_sr(args) -> None:
     pipe, settings = load_sr_stage(args.model, args.stage)
     data = data_config(args.data, args.data_path, sr=True)
     size = pipe.unet.config.sample_size if args.crop is None else args.crop
-    mult = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    mult = unet_stride(pipe.unet.config.block_out_channels)
     if size % pipe.scale_factor or size % mult:
         raise UserError(
             f"--crop={size}: expected a multiple of the stage's scale {pipe.scale_factor} and of {mult}"

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from cdm.cascade import Cascade, check_settings
-from cdm.config import SamplingConfig
+from cdm.config import sampling_fields
 from cdm.errors import UserError, cli
 from cdm.files import check_replaceable, mark_export, replace_folder
 from cdm.hub.cards import load_results, make_card
@@ -32,7 +32,7 @@ from cdm.stage_io import (
 
 def apply_overrides(names: list[str], settings: list, overrides: list[str]) -> None:
     """`STAGE.KEY=VALUE` edits of the per-stage sampling defaults, typed like SamplingConfig."""
-    fields = SamplingConfig.__dataclass_fields__
+    fields = sampling_fields()
     for item in overrides:
         key, sep, value = item.partition("=")
         stage, _, field = key.partition(".")
@@ -40,7 +40,7 @@ def apply_overrides(names: list[str], settings: list, overrides: list[str]) -> N
             raise UserError(
                 f"--set {item}: expected STAGE.KEY=VALUE with STAGE in {names} and KEY in {list(fields)}"
             )
-        kind = type(getattr(SamplingConfig(), field))
+        kind = fields[field]
         try:
             setattr(settings[names.index(stage)], field, kind(value))
         except ValueError:

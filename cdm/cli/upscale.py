@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from cdm_pipelines.pipeline_sr3 import image_to_tensor
 
-from cdm.config import DataConfig, DataSource, ResizeMode
+from cdm.config import DataConfig, DataSource, ResizeMode, unet_stride
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
 from cdm.files import check_new, check_out_dir, write_file
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--noise-level={args.noise_level}: expected 0..{pipe.max_noise_level}")
     if not 0 <= overlap < tile:
         raise UserError(f"--overlap={overlap}: expected 0 <= overlap < --tile={tile}")
-    mult = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    mult = unet_stride(pipe.unet.config.block_out_channels)
     if (tile * pipe.scale_factor) % mult:
         raise UserError(f"--tile={tile}: tile x {pipe.scale_factor} must be a multiple of {mult}")
     if not 0 <= args.noise_level <= pipe.max_noise_level:

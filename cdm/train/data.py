@@ -23,6 +23,7 @@ import torch
 from cdm.config import DataConfig, DataSource, ResizeMode, StageConfig
 from cdm.errors import UserError
 from cdm.images import decode_image, to_tensor
+from cdm.seeding import generator
 from cdm.train.degradations import random_crop_box, render_crisp
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -323,7 +324,7 @@ SMALL_DATASET = 64  # map-style sets up to this many images keep their decoded i
 
 
 def example_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + index) % (2**63 - 1))
+    return generator(seed, epoch, index)
 
 
 class StageDataset(torch.utils.data.Dataset):

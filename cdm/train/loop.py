@@ -25,6 +25,7 @@ from cdm.config import StageKind
 from cdm.errors import UserError, one_line
 from cdm.images import save_grid
 from cdm.models import build_noise_scheduler, build_pipeline, build_unet, count_parameters
+from cdm.seeding import generator
 from cdm.stage_io import export_stage
 from cdm.train.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from cdm.train.data import (
@@ -124,7 +125,7 @@ def stage_model_fn(unet, cfg, batch, noising, num_classes, generator):
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """All training randomness of one micro-step on one rank: a pure function of (seed, step, rank)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + rank) % (2**63 - 1))
+    return generator(seed, step, rank, weight=1_009)
 
 
 def save_samples(cfg, pipe, fixed, path: Path, num_classes: int) -> None:
