@@ -81,15 +81,34 @@ def check_settings(name: str, pipe, sampling: SamplingConfig) -> None:
         )
 
 
+@dataclass
+class Stage:
+    """One stage of a cascade: its name (and folder), its pipeline, its sampling defaults."""
+
+    name: str
+    pipe: CDMBasePipeline | SR3Pipeline
+    sampling: SamplingConfig
+
+
 class Cascade:
     """An ordered list of stages: a base generator, then SR stages whose input size matches."""
 
-    def __init__(
-        self, names: list[str], pipes: list, settings: list[SamplingConfig], root: Path | None = None
-    ):
-        self.names, self.pipes, self.settings, self.root = names, pipes, settings, root
+    def __init__(self, stages: list[Stage], root: Path | None = None):
+        self.stages, self.root = list(stages), root
         self.autocast_dtype: torch.dtype | None = None
         self.check_chain()
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    @property
+    def pipes(self) -> list:
+        return [s.pipe for s in self.stages]
+
+    @property
+    def settings(self) -> list[SamplingConfig]:
+        return [s.sampling for s in self.stages]
 
     def optimize(self, bf16: bool = False, channels_last: bool = False) -> Cascade:
         """Speed settings: bf16 autocast for the UNets, and channels-last memory layout."""
@@ -105,7 +124,9 @@ class Cascade:
         root = resolve_model(model)
         spec_path = root / CASCADE_FILE
         if not spec_path.is_file() and (root / "model_index.json").is_file():  # a single base stage
-            return cls([root.name], [load_stage(root, torch_dtype)], [stage_settings(stage_info(root))], root)
+            return cls(
+                [Stage(root.name, load_stage(root, torch_dtype), stage_settings(stage_info(root)))], root
+            )
         if not spec_path.is_file():
             raise UserError(f"{root} is not a cascade folder: expected {CASCADE_FILE} inside it")
         try:
@@ -113,15 +134,13 @@ class Cascade:
             stages = spec["stages"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise UserError(f"{spec_path} is not a valid cascade description ({err})") from None
-        names, pipes, settings = [], [], []
+        loaded = []
         for k, entry in enumerate(stages if isinstance(stages, list) else [stages]):
             name, folder, sampling = parse_stage_entry(spec_path, k, entry)
-            names.append(name)
-            pipes.append(load_stage(folder, torch_dtype=torch_dtype))
-            settings.append(sampling)
-        if spec.get("label_set") == "imagenet" and not pipes[0].labels:
-            pipes[0].register_to_config(id2label=imagenet_labels())
-        return cls(names, pipes, settings, root)
+            loaded.append(Stage(name, load_stage(folder, torch_dtype=torch_dtype), sampling))
+        if spec.get("label_set") == "imagenet" and not loaded[0].pipe.labels:
+            loaded[0].pipe.register_to_config(id2label=imagenet_labels())
+        return cls(loaded, root)
 
     def check_chain(self) -> None:
         """Sizes and class spaces must line up before any compute is spent."""
@@ -146,10 +165,10 @@ class Cascade:
                     f"class space mismatch: {self.names[k]!r} has {pipe.num_classes} classes, "
                     f"the base stage {self.num_classes}"
                 )
-        for name, sampling in zip(self.names, self.settings):
-            if sampling.aug_mode not in AUG_MODES:
+        for stage in self.stages:
+            if stage.sampling.aug_mode not in AUG_MODES:
                 raise UserError(
-                    f"{name}: aug_mode={sampling.aug_mode!r}: expected one of {', '.join(AUG_MODES)}"
+                    f"{stage.name}: aug_mode={stage.sampling.aug_mode!r}: expected one of {', '.join(AUG_MODES)}"
                 )
 
     @property
@@ -269,7 +288,7 @@ class Cascade:
         """The first stages, `cascade[:n]`: a shorter cascade sharing the same pipelines."""
         if not isinstance(index, slice):
             raise TypeError(f"a Cascade is sliced, e.g. cascade[:2]; got {type(index).__name__}")
-        return Cascade(self.names[index], self.pipes[index], self.settings[index], self.root)
+        return Cascade(self.stages[index], self.root)
 
     def truncation_alphabar(self, k: int, settings: list[SamplingConfig]) -> float | None:
         """Where stage k stops when the next stage takes its input truncated (CDM section 3.2)."""

@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +159,9 @@ def generate(
 ) -> list[torch.Tensor]:
     """Outputs of every stage for these class ids (seed i for image i), in batches."""
     n = stop_after or len(cascade.pipes)
-    sub = Cascade(cascade.names[:n], cascade.pipes[:n], settings[:n], cascade.root)
+    sub = Cascade(
+        [replace(stage, sampling=s) for stage, s in zip(cascade.stages[:n], settings)], cascade.root
+    )
     per_stage = [[] for _ in range(n)]
     for lo in tqdm(range(0, len(ids), batch), desc="generate", unit="batch"):
         out = sub(ids[lo : lo + batch], list(range(lo, min(lo + batch, len(ids)))), progress=False)

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cdm.cascade import Cascade, check_settings
+from cdm.cascade import Cascade, Stage, check_settings
 from cdm.config import sampling_fields
 from cdm.errors import UserError, cli
 from cdm.files import check_replaceable, mark_export, replace_folder
@@ -84,7 +84,9 @@ def assemble(
     license = license or (licenses.pop() if len(licenses) == 1 else "apache-2.0")
     single = len(pipes) == 1
     if not single:
-        Cascade(names, pipes, settings).with_overrides()  # the chain, the samplers, truncation
+        Cascade(
+            [Stage(*stage) for stage in zip(names, pipes, settings)]
+        ).with_overrides()  # the chain, the samplers, truncation
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
