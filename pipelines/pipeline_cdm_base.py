@@ -134,6 +134,25 @@ class CDMBasePipeline(DiffusionPipeline):
         scheduler (`SchedulerMixin`): any diffusers noise scheduler.
         id2label (`dict`, *optional*): class id (as a string key, since it is stored in JSON) to a
             human-readable name. Saved in `model_index.json`, so it survives `save_pretrained`.
+
+    Call arguments (`pipe(class_labels, ...)`):
+        class_labels: a class id, a label name, or a list of either; one image each.
+        guidance_scale: classifier-free guidance weight w; 1 runs only the conditional pass.
+        num_inference_steps: reverse-process steps.
+        num_images_per_prompt: images per class label; the batch is each label repeated this often.
+        generator: a `torch.Generator`, or a list with one per image for per-image seeds.
+        latents: optional initial noise of shape (B, C, H, W).
+        output_type: "pil", "np" (values in [0, 1]), "pt" (values in [-1, 1], for the next stage)
+            or "latent" (the final sample, unclipped).
+        return_dict: return a `CDMBasePipelineOutput` rather than a tuple.
+        callback_on_step_end: called as `fn(pipe, i, t, callback_kwargs)` after each step, with
+            the tensors named in `callback_on_step_end_tensor_inputs`; may return replacements.
+            Setting `pipe._interrupt = True` inside it stops the loop.
+        callback_on_step_end_tensor_inputs: tensor names passed to the callback (default ["latents"]).
+        truncate_alphabar: CDM's truncated conditioning augmentation. Stop the reverse process at
+            the first timestep whose alphabar is >= this value, and return the noisy z_s as a
+            variance-preserving tensor (not clipped) with its alphabar in the output.
+        eta: DDIM's eta, for schedulers whose `step` takes it (0 is deterministic DDIM).
     """
 
     model_cpu_offload_seq = "unet"
@@ -276,30 +295,11 @@ class CDMBasePipeline(DiffusionPipeline):
         truncate_alphabar: float | None = None,
         eta: float = 0.0,
     ):
-        r"""Generate one image per class label.
-
-        Args:
-            class_labels: a class id, a label name, or a list of either; one image each.
-            guidance_scale: classifier-free guidance weight w; 1 runs only the conditional pass.
-            num_inference_steps: reverse-process steps.
-            num_images_per_prompt: images per class label; the batch is each label repeated this often.
-            generator: a `torch.Generator`, or a list with one per image for per-image seeds.
-            latents: optional initial noise of shape (B, C, H, W).
-            output_type: "pil", "np" (values in [0, 1]), "pt" (values in [-1, 1], for the next stage)
-                or "latent" (the final sample, unclipped).
-            return_dict: return a `CDMBasePipelineOutput` rather than a tuple.
-            callback_on_step_end: called as `fn(pipe, i, t, callback_kwargs)` after each step, with
-                the tensors named in `callback_on_step_end_tensor_inputs`; may return replacements.
-                Setting `pipe._interrupt = True` inside it stops the loop.
-            callback_on_step_end_tensor_inputs: tensor names passed to the callback (default ["latents"]).
-            truncate_alphabar: CDM's truncated conditioning augmentation. Stop the reverse process at
-                the first timestep whose alphabar is >= this value, and return the noisy z_s as a
-                variance-preserving tensor (not clipped) with its alphabar in the output.
-            eta: DDIM's eta, for schedulers whose `step` takes it (0 is deterministic DDIM).
+        r"""Generate one image per class label; the arguments are described in the class docstring.
 
         Examples:
         """
-        # 1. Check inputs
+        # checks, labels ([cond; null] when guiding), timesteps and noise, denoising, output
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt}: expected an integer >= 1")
         class_ids = [c for c in self.get_label_ids(class_labels) for _ in range(num_images_per_prompt)]
@@ -309,35 +309,33 @@ class CDMBasePipeline(DiffusionPipeline):
         )
         to_output_type(torch.zeros(0, 3, 1, 1), output_type)  # an unknown output_type fails before work
         self._guidance_scale, self._interrupt = guidance_scale, False
-        do_cfg = guidance_scale > 1.0
-        device = self._execution_device
-
-        # 2. Class labels: one batch of [cond; null] when guiding, so the UNet runs once per step
-        labels = torch.tensor(class_ids, device=device)
-        if do_cfg:
-            labels = torch.cat([labels, torch.full_like(labels, self.null_class_id)])
-
-        # 3. Timesteps and initial noise
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
+        labels = self.prepare_labels(class_ids)
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        self._num_timesteps = len(self.scheduler.timesteps)
         latents = self.prepare_latents(len(class_ids), generator, latents)
         extra = step_kwargs(self.scheduler, generator, eta)
-
-        # 4. Denoising loop, stopped early for truncation
         callback = (callback_on_step_end, tensor_inputs)
         latents, alphabar = self.denoise(latents, labels, extra, callback, truncate_alphabar)
-
-        # 5. Post-process
-        if alphabar is None and output_type != "latent":
-            latents = latents.clamp(-1, 1)
-        elif output_type not in ("pt", "latent"):
-            raise ValueError(f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'pt'")
-        images = to_output_type(latents, output_type)
+        images = self.postprocess(latents, alphabar, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return CDMBasePipelineOutput(images=images, alphabar=alphabar)
+
+    def prepare_labels(self, class_ids: list[int]) -> torch.Tensor:
+        """One batch of [cond; null] labels when guiding, so the UNet runs once per step."""
+        labels = torch.tensor(class_ids, device=self._execution_device)
+        if self.guidance_scale > 1.0:
+            labels = torch.cat([labels, torch.full_like(labels, self.null_class_id)])
+        return labels
+
+    def postprocess(self, latents, alphabar, output_type: str):
+        """Clamp a finished sample to the image range; a truncated run returns the noisy z_s as is."""
+        if alphabar is None and output_type != "latent":
+            latents = latents.clamp(-1, 1)
+        elif output_type not in ("pt", "latent"):
+            raise ValueError(f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'pt'")
+        return to_output_type(latents, output_type)
 
     def denoise(self, latents, labels, extra, callback, truncate_alphabar):
         """The reverse process; for truncation, hand over z_s once the next timestep is at or below level s.

@@ -206,6 +206,34 @@ class SR3Pipeline(DiffusionPipeline):
             low-res input, times `residual_scale` (SRDiff, Li et al. 2022); the image is
             `upsample + sample / residual_scale`. `False`: the sample is the whole image (SR3).
         residual_scale (`float`): brings the small residual closer to unit scale for the schedule.
+
+    Call arguments (`pipe(image, ...)`):
+        image: PIL image, list of PIL, numpy (B, H, W, 3) in [0, 1], or a tensor (or list of tensors) in
+            [-1, 1], the range stages hand on.
+        class_labels: class id(s) for a class-conditional stage; `None` otherwise.
+        noise_level: augmentation level s in 0..`image_noising_scheduler.num_train_timesteps - 1`;
+            0 feeds the clean upsampled image.
+        num_inference_steps: reverse-process steps.
+        guidance_scale: classifier-free guidance on the class label (class-conditional stages).
+        generator: a `torch.Generator`, or a list with one per image.
+        output_type: "pil", "np" (values in [0, 1]) or "pt" (values in [-1, 1]).
+        return_dict: return an `SR3PipelineOutput` rather than a tuple.
+        latents: optional initial noise at the output size.
+        num_images_per_prompt: samples per input image; the batch is each image repeated this often.
+        callback_on_step_end: called as `fn(pipe, i, t, callback_kwargs)` after each step, with
+            the tensors named in `callback_on_step_end_tensor_inputs`; may return replacements.
+            Setting `pipe._interrupt = True` inside it stops the loop.
+        callback_on_step_end_tensor_inputs: tensor names passed to the callback (default ["latents"]).
+        eta: DDIM's eta, for schedulers whose `step` takes it (0 is deterministic DDIM).
+        truncate_alphabar: stop at the first timestep whose alphabar >= this value and return
+            the noisy z_s (CDM truncated conditioning augmentation for the next stage).
+        low_res_is_augmented: the image is already z_s from a truncated previous stage at level
+            `noise_level`; upsample it but add no further noise.
+        allow_any_size: the UNet is fully convolutional; accept inputs other than `low_res_size`.
+        tile_size: evaluate the UNet on overlapping tiles of this many output pixels (a multiple of
+            the UNet's downsampling factor), so memory does not grow with the image; implies
+            `allow_any_size`.
+        tile_overlap: overlap between tiles, in output pixels.
     """
 
     model_cpu_offload_seq = "unet"
@@ -390,82 +418,49 @@ class SR3Pipeline(DiffusionPipeline):
         tile_size: int | None = None,
         tile_overlap: int = 32,
     ):
-        r"""Super-resolve a batch of images.
-
-        Args:
-            image: PIL image, list of PIL, numpy (B, H, W, 3) in [0, 1], or a tensor (or list of tensors) in
-                [-1, 1], the range stages hand on.
-            class_labels: class id(s) for a class-conditional stage; `None` otherwise.
-            noise_level: augmentation level s in 0..`image_noising_scheduler.num_train_timesteps - 1`;
-                0 feeds the clean upsampled image.
-            num_inference_steps: reverse-process steps.
-            guidance_scale: classifier-free guidance on the class label (class-conditional stages).
-            generator: a `torch.Generator`, or a list with one per image.
-            output_type: "pil", "np" (values in [0, 1]) or "pt" (values in [-1, 1]).
-            return_dict: return an `SR3PipelineOutput` rather than a tuple.
-            latents: optional initial noise at the output size.
-            num_images_per_prompt: samples per input image; the batch is each image repeated this often.
-            callback_on_step_end: called as `fn(pipe, i, t, callback_kwargs)` after each step, with
-                the tensors named in `callback_on_step_end_tensor_inputs`; may return replacements.
-                Setting `pipe._interrupt = True` inside it stops the loop.
-            callback_on_step_end_tensor_inputs: tensor names passed to the callback (default ["latents"]).
-            eta: DDIM's eta, for schedulers whose `step` takes it (0 is deterministic DDIM).
-            truncate_alphabar: stop at the first timestep whose alphabar >= this value and return
-                the noisy z_s (CDM truncated conditioning augmentation for the next stage).
-            low_res_is_augmented: the image is already z_s from a truncated previous stage at level
-                `noise_level`; upsample it but add no further noise.
-            allow_any_size: the UNet is fully convolutional; accept inputs other than `low_res_size`.
-            tile_size: evaluate the UNet on overlapping tiles of this many output pixels (a multiple of
-                the UNet's downsampling factor), so memory does not grow with the image; implies
-                `allow_any_size`.
-            tile_overlap: overlap between tiles, in output pixels.
+        r"""Super-resolve a batch of images; the arguments are described in the class docstring.
 
         Examples:
         """
-        # 1. Check inputs
-        device = self._execution_device
+        # checks, conditioning (upsampled input noised to level s), initial noise, denoising, output
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         truncating = low_res_is_augmented or truncate_alphabar is not None
         self.check_call(
-            num_images_per_prompt, tensor_inputs, output_type, tile_size, tile_overlap, truncating
+            num_images_per_prompt, tensor_inputs, output_type, (tile_size, tile_overlap), truncating
         )
-        x_lr, class_ids = self.prepare_low_res(image, class_labels, num_images_per_prompt, device)
+        x_lr, class_ids, size = self.prepare_low_res(image, class_labels, num_images_per_prompt)
         self._guidance_scale, self._interrupt = guidance_scale, False
-        allow_any_size = allow_any_size or tile_size is not None
+        any_size = allow_any_size or tile_size is not None  # tiles: any size
         self.check_inputs(
-            x_lr, class_ids, noise_level, num_inference_steps, guidance_scale, generator, allow_any_size
+            x_lr, class_ids, noise_level, num_inference_steps, guidance_scale, generator, any_size
         )
-        size = (x_lr.shape[-2] * self.scale_factor, x_lr.shape[-1] * self.scale_factor)
-
-        # 2. Conditioning: upsample + noise augmentation at level s, and the level embedding
-        level = 0 if low_res_is_augmented else noise_level
-        cond, s_emb, labels = self.prepare_conditioning(x_lr, size, class_ids, level, noise_level, generator)
-
-        # 3. Timesteps and initial noise
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        self._num_timesteps = len(self.scheduler.timesteps)
-        shape = (x_lr.shape[0], self.unet.config.out_channels, *size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
-
-        # 4. Denoising loop, stopped early for truncation
-        extra = step_kwargs(self.scheduler, generator, eta)
-        step = (cond, labels, s_emb, extra, (tile_size, tile_overlap))
-        callback = (callback_on_step_end, tensor_inputs)
-        latents, alphabar = self.denoise(latents, step, callback, truncate_alphabar)
-
-        # 5. Post-process
+        cond, s_emb, labels = self.prepare_conditioning(
+            x_lr, size, class_ids, noise_level, low_res_is_augmented, generator
+        )
+        latents = self.prepare_latents((x_lr.shape[0], *size), num_inference_steps, generator, latents)
+        step = (cond, labels, s_emb, step_kwargs(self.scheduler, generator, eta), (tile_size, tile_overlap))
+        latents, alphabar = self.denoise(
+            latents, step, (callback_on_step_end, tensor_inputs), truncate_alphabar
+        )
         images = self.postprocess(latents, x_lr, size, alphabar, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return SR3PipelineOutput(images=images, alphabar=alphabar)
 
-    def check_call(
-        self, num_images_per_prompt, tensor_inputs, output_type, tile_size, tile_overlap, truncating
-    ):
+    def prepare_latents(self, shape: tuple, num_inference_steps: int, generator, latents=None):
+        """Set the timesteps and return the initial noise (B, C, H, W), scaled for the scheduler."""
+        device = self._execution_device
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
+        shape = (shape[0], self.unet.config.out_channels, *shape[1:])
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        return latents.to(device) * self.scheduler.init_noise_sigma
+
+    def check_call(self, num_images_per_prompt, tensor_inputs, output_type, tiles, truncating):
         """Checks of the call's own arguments, before any work (the input image: `check_inputs`)."""
+        tile_size, tile_overlap = tiles
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt}: expected an integer >= 1")
         bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
@@ -488,17 +483,22 @@ class SR3Pipeline(DiffusionPipeline):
                 "conditioning augmentation (low_res_is_augmented, truncate_alphabar) is not supported"
             )
 
-    def prepare_low_res(self, image, class_labels, num_images_per_prompt: int, device):
-        """The input batch as a tensor in [-1, 1], each image (and its label) repeated per prompt."""
-        x_lr = image_to_tensor(image).to(device).repeat_interleave(num_images_per_prompt, dim=0)
+    def prepare_low_res(self, image, class_labels, num_images_per_prompt: int):
+        """The input batch as a tensor in [-1, 1], each image (and its label) repeated per prompt,
+        and the output size."""
+        x_lr = (
+            image_to_tensor(image).to(self._execution_device).repeat_interleave(num_images_per_prompt, dim=0)
+        )
+        size = (x_lr.shape[-2] * self.scale_factor, x_lr.shape[-1] * self.scale_factor)
         if class_labels is None:
-            return x_lr, None
+            return x_lr, None, size
         labels = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels]
-        return x_lr, [int(c) for c in labels for _ in range(num_images_per_prompt)]
+        return x_lr, [int(c) for c in labels for _ in range(num_images_per_prompt)], size
 
-    def prepare_conditioning(self, x_lr, size, class_ids, level: int, noise_level: int, generator):
-        """The UNet's extra input channels, level embedding and labels (doubled for guidance)."""
-        device = x_lr.device
+    def prepare_conditioning(self, x_lr, size, class_ids, noise_level: int, already_noised: bool, generator):
+        """The UNet's extra input channels, level embedding and labels (doubled for guidance). An input
+        already noised to `noise_level` (truncated handover) is upsampled without further noise."""
+        device, level = x_lr.device, 0 if already_noised else noise_level
         cond = augment_low_res(x_lr, size, level, self.image_noising_scheduler, generator=generator)
         cond = cond.to(self.unet.dtype)
         s = torch.full((x_lr.shape[0],), noise_level, device=device)

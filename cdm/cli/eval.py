@@ -15,7 +15,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -31,6 +30,7 @@ from cdm.measure.classifier import get_classifier, predict, prepare
 from cdm.measure.fid import (
     OfflineInception,
     feature_distances,
+    feature_stats,
     frechet_and_kernel_distance,
     frechet_distance,
     inception_features,
@@ -42,6 +42,7 @@ from cdm.measure.fid import (
 )
 from cdm.measure.metrics import consistency, hf_ratio, patch_grid, psnr, ssim
 from cdm.models import sampling_scheduler
+from cdm.stage_io import CASCADE_FILE
 from cdm.train.data import StageDataset, collate, open_dataset
 from cdm.train.degradations import downsample
 from cdm.upscaling import load_sr_stage
@@ -388,9 +389,7 @@ def reference_distances(
         write_file(args.save_stats, lambda tmp: save_stats(tmp, pool), args.overwrite)
     if args.reference_stats:
         ref = load_stats(args.reference_stats, feature)
-        distances = {
-            "fid": frechet_distance(pool.mean(0), np.cov(pool, rowvar=False), ref["mu"], ref["sigma"])
-        }
+        distances = {"fid": frechet_distance(*feature_stats(pool), ref["mu"], ref["sigma"])}
         if "pool" in ref:
             distances["kid"] = kernel_distance(pool, ref["pool"])
             distances.update(precision_recall(ref["pool"], pool))
@@ -418,11 +417,6 @@ def reference_distances(
 
 
 def cmd_sweep(args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     check_out(args.out, ["sweep.json", "sweep.png"], args.overwrite)
     cascade, _, ids = _cascade_and_ids(args)
     if args.stage not in cascade.names[1:]:
@@ -460,29 +454,40 @@ def cmd_sweep(args) -> None:
         "seconds": round(time.perf_counter() - start, 2),
     }
     write_results(args.out, "sweep", result, "\n".join(table))
+    plot_aug_sweep(rows, modes, args.stage, args.metric, args.out / "sweep.png")
+    print("\n".join(table))
+    if args.write_best:
+        write_best_level(cascade.root / CASCADE_FILE, args.stage, best)
+
+
+def plot_aug_sweep(rows: list[dict], modes: list[str], stage: str, metric: str, path: Path) -> None:
+    """The metric against the augmentation level, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for mode in modes:
         pts = [r for r in rows if r["aug_mode"] == mode]
-        ax.plot([r["aug_level"] for r in pts], [r[args.metric] for r in pts], marker="o", label=mode)
-    ax.set_xlabel(f"augmentation level s ({args.stage})")
-    ax.set_ylabel(args.metric)
+        ax.plot([r["aug_level"] for r in pts], [r[metric] for r in pts], marker="o", label=mode)
+    ax.set_xlabel(f"augmentation level s ({stage})")
+    ax.set_ylabel(metric)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.out / "sweep.png", dpi=120)
-    print("\n".join(table))
-    if args.write_best:
-        path = cascade.root / "cascade.json"
-        spec = json.loads(path.read_text())
-        for entry in spec["stages"]:
-            if entry["name"] == args.stage:
-                entry.setdefault("sampling", {}).update(
-                    aug_level=best["aug_level"], aug_mode=best["aug_mode"]
-                )
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(spec, indent=2) + "\n")
-        tmp.replace(path)
-        print(f"wrote the best level into {path}")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_best_level(path: Path, stage: str, best: dict) -> None:
+    """Store the sweep's best level and mode as the stage's sampling default in cascade.json."""
+    spec = json.loads(path.read_text())
+    for entry in spec["stages"]:
+        if entry["name"] == stage:
+            entry.setdefault("sampling", {}).update(aug_level=best["aug_level"], aug_mode=best["aug_mode"])
+    write_file(path, lambda tmp: tmp.write_text(json.dumps(spec, indent=2) + "\n"), overwrite=True)
+    print(f"wrote the best level into {path}")
 
 
 def _levels(text: str) -> list[int]:
@@ -507,8 +512,21 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--overwrite", action="store_true")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:N or mps")
+    add_sr_arguments(
+        sub.add_parser("sr", parents=[common], help="PSNR, SSIM, consistency of an SR stage vs bicubic")
+    )
+    add_gen_arguments(
+        sub.add_parser(
+            "gen", parents=[common], help="class agreement, optional FID/KID, of generated samples"
+        )
+    )
+    add_sweep_arguments(
+        sub.add_parser("sweep-aug", parents=[common], help="sweep an SR stage's augmentation level and mode")
+    )
+    return p
 
-    sr = sub.add_parser("sr", parents=[common], help="PSNR, SSIM, consistency of an SR stage vs bicubic")
+
+def add_sr_arguments(sr: argparse.ArgumentParser) -> None:
     sr.add_argument("--stage", default=None, help="SR stage of a cascade (default: the first)")
     sr.add_argument("--split", default="test")
     sr.add_argument("--num-images", type=int, default=None, help="at most this many images (default: all)")
@@ -535,45 +553,46 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--noise-level", type=int, default=0)
     sr.add_argument("--tile", type=int, default=None, help="tile size in output pixels, to bound memory")
 
-    for name, help_text in (
-        ("gen", "class agreement, optional FID/KID, of generated samples"),
-        ("sweep-aug", "sweep an SR stage's augmentation level and mode"),
-    ):
-        g = sub.add_parser(name, parents=[common], help=help_text)
-        g.add_argument("--num-per-class", type=int, default=20)
-        g.add_argument("--classes", default=None, help="comma-separated ids or names (default: all)")
-        g.add_argument("--steps", type=lambda t: [int(v) for v in t.split(",")], default=None)
-        g.add_argument("--batch", type=int, default=20, help="images per cascade call")
-        if name == "gen":
-            g.add_argument(
-                "--stages", type=int, default=None, help="evaluate the output of the first N stages"
-            )
-            g.add_argument("--guidance", type=lambda t: [float(v) for v in t.split(",")], default=None)
-            g.add_argument("--fid", action="store_true", help="also FID/KID (needs: pip install 'cdm[fid]')")
-            g.add_argument("--reference-split", default="test")
-            g.add_argument(
-                "--reference-stats",
-                type=Path,
-                default=None,
-                metavar="NPZ",
-                help="compare with these statistics (mu, sigma; pool features or arr_0 images for KID and "
-                "precision/recall; the guided-diffusion layout) instead of real images of --data",
-            )
-            g.add_argument(
-                "--save-stats",
-                type=Path,
-                default=None,
-                metavar="NPZ",
-                help="write the samples' mu, sigma and pool features",
-            )
-        else:
-            g.add_argument("--stage", required=True, help="the SR stage whose input augmentation is swept")
-            g.add_argument("--levels", type=_levels, default=[0, 50, 100, 250, 500])
-            g.add_argument("--modes", default="non-truncated,truncated")
-            g.add_argument("--metric", choices=["agreement", "fid", "kid"], default="agreement")
-            g.add_argument("--write-best", action="store_true", help="store the best level in cascade.json")
-            g.set_defaults(stages=None)
-    return p
+
+def add_sampling_arguments(g: argparse.ArgumentParser) -> None:
+    """What `gen` and `sweep-aug` share: which samples, in what batches."""
+    g.add_argument("--num-per-class", type=int, default=20)
+    g.add_argument("--classes", default=None, help="comma-separated ids or names (default: all)")
+    g.add_argument("--steps", type=lambda t: [int(v) for v in t.split(",")], default=None)
+    g.add_argument("--batch", type=int, default=20, help="images per cascade call")
+
+
+def add_gen_arguments(g: argparse.ArgumentParser) -> None:
+    add_sampling_arguments(g)
+    g.add_argument("--stages", type=int, default=None, help="evaluate the output of the first N stages")
+    g.add_argument("--guidance", type=lambda t: [float(v) for v in t.split(",")], default=None)
+    g.add_argument("--fid", action="store_true", help="also FID/KID (needs: pip install 'cdm[fid]')")
+    g.add_argument("--reference-split", default="test")
+    g.add_argument(
+        "--reference-stats",
+        type=Path,
+        default=None,
+        metavar="NPZ",
+        help="compare with these statistics (mu, sigma; pool features or arr_0 images for KID and "
+        "precision/recall; the guided-diffusion layout) instead of real images of --data",
+    )
+    g.add_argument(
+        "--save-stats",
+        type=Path,
+        default=None,
+        metavar="NPZ",
+        help="write the samples' mu, sigma and pool features",
+    )
+
+
+def add_sweep_arguments(g: argparse.ArgumentParser) -> None:
+    add_sampling_arguments(g)
+    g.add_argument("--stage", required=True, help="the SR stage whose input augmentation is swept")
+    g.add_argument("--levels", type=_levels, default=[0, 50, 100, 250, 500])
+    g.add_argument("--modes", default="non-truncated,truncated")
+    g.add_argument("--metric", choices=["agreement", "fid", "kid"], default="agreement")
+    g.add_argument("--write-best", action="store_true", help="store the best level in cascade.json")
+    g.set_defaults(stages=None)
 
 
 @cli

@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import PIL.Image
+
 from cdm.cascade import Cascade, Stage, check_settings
 from cdm.config import sampling_fields
 from cdm.errors import UserError, cli
@@ -64,6 +66,36 @@ def assemble(
     check_replaceable(out, inputs)
     if grid is not None and not grid.is_file():
         raise UserError(f"--samples {grid}: no such image")
+    folders, infos, pipes, names, settings = load_inputs(inputs, list(overrides))
+    licenses = {(i or {}).get("train", {}).get("license") for i in infos} - {None}
+    license = license or (licenses.pop() if len(licenses) == 1 else "apache-2.0")
+    single = len(pipes) == 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        targets = [tmp] if single else [tmp / name for name in names]
+        for folder, target, pipe, s in zip(folders, targets, pipes, settings):
+            copy_stage(folder, target, half)
+            write_pipeline_file(pipe, target)
+            write_sampler(pipe, s, target)
+        if not single:
+            imagenet = any("imagenet" in str((i or {}).get("data", {})).lower() for i in infos)
+            write_cascade_json(tmp, names, settings, {"label_set": "imagenet"} if imagenet else None)
+        if grid is not None:  # a card image, not an archive: at most 2048 px on a side
+            with PIL.Image.open(grid) as image:
+                image.thumbnail((2048, 2048), PIL.Image.LANCZOS)
+                image.convert("RGB").save(tmp / "samples.png", optimize=True)
+        card = make_card(names, pipes, settings, infos, results, repo, license, has_samples=grid is not None)
+        card.save(tmp / "README.md")
+        mark_export(tmp, {"written_by": "cdm-export", "inputs": [str(p) for p in inputs]})
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_inputs(inputs: list[Path], overrides: list[str]):
+    """Each input's stage folder, training record, pipeline, name and checked sampling settings."""
     folders = [find_stage_folder(p) for p in inputs]
     infos = [stage_info(f) for f in folders]
     pipes = [load_stage(f) for f in folders]
@@ -77,40 +109,12 @@ def assemble(
     for name, s in zip(names, settings):
         if name.endswith("1024") or s.max_batch > 8:
             s.max_batch = 1  # whole 1024 px images, one at a time, keep memory bounded
-    apply_overrides(names, settings, list(overrides))
+    apply_overrides(names, settings, overrides)
     for name, pipe, s in zip(names, pipes, settings):  # the checks cdm-generate applies when reading
         check_settings(name, pipe, s)
-    licenses = {(i or {}).get("train", {}).get("license") for i in infos} - {None}
-    license = license or (licenses.pop() if len(licenses) == 1 else "apache-2.0")
-    single = len(pipes) == 1
-    if not single:
-        Cascade(
-            [Stage(*stage) for stage in zip(names, pipes, settings)]
-        ).with_overrides()  # the chain, the samplers, truncation
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        targets = [tmp] if single else [tmp / name for name in names]
-        for folder, target, pipe, s in zip(folders, targets, pipes, settings):
-            copy_stage(folder, target, half)
-            write_pipeline_file(pipe, target)
-            write_sampler(pipe, s, target)
-        if not single:
-            imagenet = any("imagenet" in str((i or {}).get("data", {})).lower() for i in infos)
-            write_cascade_json(tmp, names, settings, {"label_set": "imagenet"} if imagenet else None)
-        if grid is not None:  # a card image, not an archive: at most 2048 px on a side
-            import PIL.Image
-
-            with PIL.Image.open(grid) as image:
-                image.thumbnail((2048, 2048), PIL.Image.LANCZOS)
-                image.convert("RGB").save(tmp / "samples.png", optimize=True)
-        card = make_card(names, pipes, settings, infos, results, repo, license, has_samples=grid is not None)
-        card.save(tmp / "README.md")
-        mark_export(tmp, {"written_by": "cdm-export", "inputs": [str(p) for p in inputs]})
-        replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    if len(pipes) > 1:  # the chain, the samplers, truncation
+        Cascade([Stage(*stage) for stage in zip(names, pipes, settings)]).with_overrides()
+    return folders, infos, pipes, names, settings
 
 
 def build_parser() -> argparse.ArgumentParser:

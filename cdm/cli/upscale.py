@@ -117,11 +117,8 @@ def compare(pipe, images, names, args, tile: int, overlap: int, steps: int, size
     print(f"wrote {args.compare}")
 
 
-@cli
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.device = resolve_device(args.device)
-    pipe, settings = load_sr_stage(args.model, args.stage)
+def check_arguments(args, pipe, settings) -> tuple[int, int, int]:
+    """The tile, overlap and steps to use, each checked against the stage before any work."""
     tile = args.tile or pipe.config.low_res_size
     overlap = tile // 4 if args.overlap is None else args.overlap
     if not 0 <= args.noise_level <= pipe.max_noise_level:
@@ -131,8 +128,6 @@ def main(argv: list[str] | None = None) -> None:
     mult = unet_stride(pipe.unet.config.block_out_channels)
     if (tile * pipe.scale_factor) % mult:
         raise UserError(f"--tile={tile}: tile x {pipe.scale_factor} must be a multiple of {mult}")
-    if not 0 <= args.noise_level <= pipe.max_noise_level:
-        raise UserError(f"--noise-level={args.noise_level}: expected 0..{pipe.max_noise_level}")
     steps = settings.steps if args.steps is None else args.steps
     if steps < 1:
         raise UserError(f"--steps={steps}: expected an integer >= 1")
@@ -142,6 +137,15 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(
             "--held-out needs --compare FIGURE.png: held-out photos are originals to compare with"
         )
+    return tile, overlap, steps
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.device = resolve_device(args.device)
+    pipe, settings = load_sr_stage(args.model, args.stage)
+    tile, overlap, steps = check_arguments(args, pipe, settings)
     images = [read_image(p) for p in args.inputs]  # every input is checked before anything is written
     for path, image in zip(args.inputs, images):
         check_size(path, image, pipe.scale_factor)

@@ -60,7 +60,7 @@ def frechet_and_kernel_distance(
 def feature_distances(fake: np.ndarray, real: np.ndarray) -> dict:
     """FID from the two sets' statistics; KID (polynomial-kernel MMD, 10 subsets of up to 100, as
     torchmetrics); improved precision and recall (k = 3)."""
-    fid = frechet_distance(fake.mean(0), np.cov(fake, rowvar=False), real.mean(0), np.cov(real, rowvar=False))
+    fid = frechet_distance(*feature_stats(fake), *feature_stats(real))
     return {"fid": fid, "kid": kernel_distance(fake, real), **precision_recall(real, fake)}
 
 
@@ -117,7 +117,8 @@ def save_stats(path: Path, pool: np.ndarray) -> None:
     """`mu`, `sigma` and the `pool` features, as plain arrays (np.savez; no pickle) in the layout the
     guided-diffusion evaluator reads (`mu`, `sigma`; it derives pool features from `arr_0` images)."""
     with open(path, "wb") as f:  # a file object: np.savez adds no ".npz" to the name
-        np.savez(f, mu=pool.mean(0), sigma=np.cov(pool, rowvar=False), pool=pool.astype(np.float32))
+        mu, sigma = feature_stats(pool)
+        np.savez(f, mu=mu, sigma=sigma, pool=pool.astype(np.float32))
 
 
 def load_stats(path: Path, feature: nn.Module | None = None) -> dict:
@@ -143,6 +144,11 @@ def load_stats(path: Path, feature: nn.Module | None = None) -> dict:
         stats["pool"] = inception_features(images, feature)
     stats.pop("arr_0", None)
     return stats
+
+
+def feature_stats(pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of (N, d) features: what FID compares."""
+    return pool.mean(0), np.cov(pool, rowvar=False)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:

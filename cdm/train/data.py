@@ -166,6 +166,26 @@ def open_dataset(data: DataConfig, split: str | None = None):
         datasets.disable_progress_bars()
     split = split or data.split
     root = dataset_root(data)
+    ds = load_raw(data, split, root)
+    features = ds.features or {}
+    if not features and isinstance(ds, datasets.IterableDataset):
+        first = next(iter(ds.take(1)), None)
+        if first is None:
+            raise UserError(f"data: {data.name or root} is empty")
+        features = dict.fromkeys(first)
+    if data.image_column not in features:
+        raise UserError(
+            f"data.image_column={data.image_column!r} is not a column: expected one of {list(features)}"
+        )
+    ds = ds.cast_column(data.image_column, datasets.Image(decode=False))
+    label_col, id2label = label_map(ds, features, data, root)
+    return ds, label_col, id2label
+
+
+def load_raw(data: DataConfig, split: str, root: Path | None):
+    """`load_dataset` for an offline set or imagefolder (root), a saved dataset, or a Hub/builder name."""
+    import datasets
+
     try:
         if root is not None:
             has_splits = (root / "train").is_dir() or (root / split).is_dir()
@@ -194,17 +214,11 @@ def open_dataset(data: DataConfig, split: str | None = None):
         raise UserError(
             f"data: could not open {data.name or root} ({str(err).splitlines()[0][:200]})"
         ) from None
-    features = ds.features or {}
-    if not features and isinstance(ds, datasets.IterableDataset):
-        first = next(iter(ds.take(1)), None)
-        if first is None:
-            raise UserError(f"data: {data.name or root} is empty")
-        features = dict.fromkeys(first)
-    if data.image_column not in features:
-        raise UserError(
-            f"data.image_column={data.image_column!r} is not a column: expected one of {list(features)}"
-        )
-    ds = ds.cast_column(data.image_column, datasets.Image(decode=False))
+    return ds
+
+
+def label_map(ds, features, data: DataConfig, root: Path | None) -> tuple[str | None, dict]:
+    """The label column (None without one) and the id -> name map: class names, labels.json, or ids."""
     id2label = {0: "image"}
     label_col = data.label_column if data.label_column in features else None
     if data.label_column and label_col is None and data.source in (DataSource.imagefolder, DataSource.hub):
@@ -221,7 +235,7 @@ def open_dataset(data: DataConfig, split: str | None = None):
             id2label = {i: str(i) for i in range(count_classes(ds, label_col, data))}
     if root is not None and (root / "labels.json").is_file():
         id2label = {int(k): v for k, v in json.loads((root / "labels.json").read_text()).items()}
-    return ds, label_col, id2label
+    return label_col, id2label
 
 
 def is_saved_dataset(name: str | None) -> bool:
