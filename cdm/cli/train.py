@@ -11,9 +11,13 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from cdm.config import TrainRunConfig, config_dir, register_configs, validate
 from cdm.errors import UserError, cli, one_line
@@ -48,10 +52,6 @@ def compose_config(overrides: list[str], extra_dir: Path | None = None) -> DictC
             )
     if extra_dir:
         overrides = [*overrides, f"hydra.searchpath=[file://{Path(extra_dir).resolve()}]"]
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException, MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
     GlobalHydra.instance().clear()
