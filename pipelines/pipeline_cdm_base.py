@@ -204,6 +204,17 @@ class CDMBasePipeline(DiffusionPipeline):
         """The modules and the stored settings, so that `type(pipe)(**pipe.components)` rebuilds this pipeline."""
         return {**super().components, **{k: self.config[k] for k in ("id2label",)}}
 
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = "cuda"):
+        """diffusers' sequential offload. On CPU, the hooks run on "cpu" rather than "cpu:0": torch moves a
+        parameter to "cpu:0" as a copy that is no longer a `Parameter`, and the offload hooks then fail."""
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        if torch.device(device).type == "cpu":
+            modules = [m for c in self.components.values() if isinstance(c, torch.nn.Module) for m in c.modules()]
+            for hook in (getattr(m, "_hf_hook", None) for m in modules):
+                for h in getattr(hook, "hooks", [hook]):
+                    if getattr(h, "execution_device", None) is not None:
+                        h.execution_device = torch.device("cpu")
+
     @property
     def guidance_scale(self) -> float:
         return self._guidance_scale
