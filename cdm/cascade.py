@@ -1,7 +1,8 @@
 """The cascade: chains stage pipelines with conditioning augmentation between them (CDM, Ho et al. 2021).
 
 A cascade folder holds `cascade.json` (stage order and per-stage sampling defaults) and one
-diffusers pipeline folder per stage. Stages talk through `output_type="pt"` tensors in [-1, 1].
+diffusers pipeline folder per stage. Between stages, images are tensors in [-1, 1]
+(a finished stage's `output_type="pt"` [0, 1] tensor, rescaled; a truncated stage's raw `"latent"` z_s).
 
 Conditioning augmentation at sampling, per SR stage, with level s:
 - non-truncated: the previous stage runs to the end; its output is upsampled and noised to s by
@@ -274,9 +275,11 @@ class Cascade:
                 hi = min(lo + sampling.max_batch, len(ids))
                 gens = [torch.Generator().manual_seed(stage_seed(seed, k)) for seed in seeds[lo:hi]]
                 low_res = None if k == 0 else x[lo:hi]
-                out = self.run_stage(k, sampling, ids[lo:hi], low_res, alphabar, gens, truncate)
-                chunks.append(out.images.float().cpu())
-                alphabars.append(out.alphabar)
+                images, out_alphabar = self.run_stage(
+                    k, sampling, ids[lo:hi], low_res, alphabar, gens, truncate
+                )
+                chunks.append(images.float().cpu())
+                alphabars.append(out_alphabar)
             x, alphabar = torch.cat(chunks), alphabars[0]
             seconds.append(time.perf_counter() - start)
             outputs.append(x)  # for a truncated stage: the noisy z_s handed to the next stage
@@ -299,27 +302,36 @@ class Cascade:
 
     def run_stage(self, k: int, sampling: SamplingConfig, ids, low_res, alphabar, gens, truncate):
         """One chunk through stage k: labels for the base stage; for an SR stage, the previous stage's
-        output, noised to `s.aug_level`, or handed over already noisy at `alphabar` (truncated)."""
+        output, noised to `s.aug_level`, or handed over already noisy at `alphabar` (truncated).
+
+        Returns the images in [-1, 1] (for a truncated stage, its noisy z_s) and the alphabar it stopped at.
+        """
         pipe = self.pipes[k]
         common = {
             "num_inference_steps": sampling.steps,
             "guidance_scale": sampling.guidance_scale,
             "generator": gens,
-            "output_type": "pt",
+            "output_type": "pt" if truncate is None else "latent",
             "truncate_alphabar": truncate,
         }
         dtype = self.autocast_dtype
         with torch.autocast(pipe.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             if low_res is None:
-                return pipe(ids, **common)
-            handed_over = alphabar is not None
-            level = (
-                nearest_level(alphabar, pipe.image_noising_scheduler) if handed_over else sampling.aug_level
-            )
-            return pipe(
-                low_res.to(pipe.device),
-                class_labels=ids if pipe.num_classes else None,
-                noise_level=level,
-                low_res_is_augmented=handed_over,
-                **common,
-            )
+                out = pipe(ids, **common)
+            else:
+                handed_over = alphabar is not None
+                level = (
+                    nearest_level(alphabar, pipe.image_noising_scheduler)
+                    if handed_over
+                    else sampling.aug_level
+                )
+                out = pipe(
+                    low_res.to(pipe.device)
+                    if handed_over
+                    else ((low_res + 1) / 2).clamp(0, 1).to(pipe.device),
+                    class_labels=ids if pipe.num_classes else None,
+                    noise_level=level,
+                    low_res_is_augmented=handed_over,
+                    **common,
+                )
+        return (out.images if truncate is not None else out.images * 2 - 1), out.alphabar

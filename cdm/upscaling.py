@@ -77,7 +77,7 @@ def upscale(pipe, image: PIL.Image.Image, tile: int, overlap: int, steps: int, n
         (1, 3, x.shape[-2] * f, x.shape[-1] * f), generator=torch.Generator().manual_seed(seed)
     )
     out = pipe(
-        x.to(pipe.device),
+        ((x + 1) / 2).clamp(0, 1).to(pipe.device),
         noise_level=noise_level,
         num_inference_steps=steps,
         generator=torch.Generator().manual_seed(seed),
@@ -86,4 +86,4 @@ def upscale(pipe, image: PIL.Image.Image, tile: int, overlap: int, steps: int, n
         tile_size=tile * f,
         tile_overlap=overlap * f,
     ).images
-    return to_pil(out[0, :, : h * f, : w * f])
+    return to_pil(out[0, :, : h * f, : w * f] * 2 - 1)

@@ -44,7 +44,8 @@ class CDMBasePipelineOutput(BaseOutput):
     """Output of a cascade stage.
 
     Args:
-        images: PIL images, a numpy array (B, H, W, 3) in [0, 1], or a tensor (B, 3, H, W) in [-1, 1].
+        images: PIL images, a numpy array (B, H, W, 3) in [0, 1], a tensor (B, 3, H, W) in [0, 1]
+            ("pt"), or the raw sample in the model's [-1, 1] range ("latent").
         alphabar: `None` for finished samples. For a truncated run (`truncate_alphabar`), the
             signal level alphabar_s of the returned noisy sample z_s.
     """
@@ -63,12 +64,16 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 def to_output_type(sample: torch.Tensor, output_type: str):
-    """Map a [-1, 1] tensor batch to "pt"/"latent" (unchanged), "np" (B, H, W, C in [0, 1]) or "pil"."""
+    """Map a sample in the model's [-1, 1] range to "latent" (unchanged), "pt" (B, 3, H, W in [0, 1]),
+    "np" (B, H, W, 3 in [0, 1]) or "pil", as diffusers' image processors do."""
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type={output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}")
-    if output_type in ("pt", "latent"):
+    if output_type == "latent":
         return sample
-    array = (sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    image = (sample / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image
+    array = image.permute(0, 2, 3, 1).float().cpu().numpy()
     if output_type == "np":
         return array
     return [PIL.Image.fromarray((a * 255).round().astype("uint8")) for a in array]
@@ -142,8 +147,8 @@ class CDMBasePipeline(DiffusionPipeline):
         num_images_per_prompt: images per class label; the batch is each label repeated this often.
         generator: a `torch.Generator`, or a list with one per image for per-image seeds.
         latents: optional initial noise of shape (B, C, H, W).
-        output_type: "pil", "np" (values in [0, 1]), "pt" (values in [-1, 1], for the next stage)
-            or "latent" (the final sample, unclipped).
+        output_type: "pil", "np" (values in [0, 1]), "pt" (a tensor in [0, 1]) or "latent" (the
+            sample in the model's [-1, 1] range, unclipped; a truncated run returns its noisy z_s this way).
         return_dict: return a `CDMBasePipelineOutput` rather than a tuple.
         callback_on_step_end: called as `fn(pipe, i, t, callback_kwargs)` after each step, with
             the tensors named in `callback_on_step_end_tensor_inputs`; may return replacements.
@@ -209,7 +214,9 @@ class CDMBasePipeline(DiffusionPipeline):
         parameter to "cpu:0" as a copy that is no longer a `Parameter`, and the offload hooks then fail."""
         super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
         if torch.device(device).type == "cpu":
-            modules = [m for c in self.components.values() if isinstance(c, torch.nn.Module) for m in c.modules()]
+            modules = [
+                m for c in self.components.values() if isinstance(c, torch.nn.Module) for m in c.modules()
+            ]
             for hook in (getattr(m, "_hf_hook", None) for m in modules):
                 for h in getattr(hook, "hooks", [hook]):
                     if getattr(h, "execution_device", None) is not None:
@@ -344,8 +351,8 @@ class CDMBasePipeline(DiffusionPipeline):
         """Clamp a finished sample to the image range; a truncated run returns the noisy z_s as is."""
         if alphabar is None and output_type != "latent":
             latents = latents.clamp(-1, 1)
-        elif output_type not in ("pt", "latent"):
-            raise ValueError(f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'pt'")
+        elif output_type != "latent":
+            raise ValueError(f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'latent'")
         return to_output_type(latents, output_type)
 
     def denoise(self, latents, labels, extra, callback, truncate_alphabar):

@@ -5,6 +5,7 @@ import inspect
 
 import diffusers
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from cdm_pipelines import CDMBasePipeline, SR3Pipeline
@@ -146,8 +147,10 @@ def test_output_types(kind, base_pipe):
     pt = pipe(*args, output_type="pt", num_inference_steps=1, generator=gens([0])).images
     common = {"num_inference_steps": 1, "generator": gens([0])}
     assert isinstance(latent, torch.Tensor) and latent.shape == pt.shape
-    torch.testing.assert_close(pt, latent.clamp(-1, 1))  # "pt" is the raw sample in the image range
-    assert pipe(*args, output_type="np", **common).images.shape[-1] == 3
+    torch.testing.assert_close(pt, (latent / 2 + 0.5).clamp(0, 1))  # "pt": [0, 1], as diffusers gives
+    np_images = pipe(*args, output_type="np", **common).images
+    assert np_images.shape[-1] == 3
+    np.testing.assert_allclose(np_images, pt.permute(0, 2, 3, 1).numpy(), atol=1e-6)
     assert pipe(*args, output_type="pil", **common).images[0].mode == "RGB"
     with pytest.raises(ValueError, match="output_type='jpeg'"):
         pipe(*args, output_type="jpeg", **common)
@@ -185,3 +188,18 @@ def test_copied_helpers_match_their_originals():
     )
     for name in names:
         assert inspect.getsource(getattr(sr3, name)) == inspect.getsource(getattr(base, name)), name
+
+
+def test_sr_reads_tensors_in_zero_one_like_pil_images():
+    """A [0, 1] tensor, a list of them and the same image as PIL give one result; [-1, 1] is refused."""
+    pipe = build_pipeline(sr_stage(8, 32), TINY, 0)
+    pipe.set_progress_bar_config(disable=True)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = (x * 255).round() / 255  # exactly representable in 8 bits, like the PIL copy
+    pil = [PIL.Image.fromarray((i.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for i in x]
+    common = {"num_inference_steps": 1, "noise_level": 0, "output_type": "pt"}
+    runs = [pipe(image, generator=gens([0, 1]), **common).images for image in (x, list(x), pil)]
+    torch.testing.assert_close(runs[0], runs[1])
+    torch.testing.assert_close(runs[0], runs[2])
+    with pytest.raises(ValueError, match=r"image tensor values span \[-[\d.]+, [\d.]+\]: expected \[0, 1\]"):
+        pipe(x * 2 - 1, generator=gens([0, 1]), **common)

@@ -18,7 +18,7 @@ from cdm.stage_io import load_stage, save_stage
 
 
 def low_res_batch(n=2, size=8, seed=0):
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))  # [0, 1]
 
 
 def sr_kwargs(pipe, n=2):
@@ -225,7 +225,9 @@ def test_sr_output_size_and_label_effect():
 
 
 def test_truncated_run_returns_noisy_sample_with_its_level(base_pipe):
-    out = base_pipe([0], num_inference_steps=10, truncate_alphabar=0.5, output_type="pt")
+    with pytest.raises(ValueError, match="a truncated run returns noisy z_s, use 'latent'"):
+        base_pipe([0], num_inference_steps=10, truncate_alphabar=0.5, output_type="pt")
+    out = base_pipe([0], num_inference_steps=10, truncate_alphabar=0.5, output_type="latent")
     assert out.alphabar is not None and 0.5 <= out.alphabar < 1
     full = base_pipe([0], num_inference_steps=10, output_type="pt")
     assert full.alphabar is None
@@ -263,6 +265,10 @@ def test_sr_bad_input_names_the_value():
         ({"guidance_scale": 2.0}, r"guidance_scale=2.0"),
         ({"generator": gens([1, 2])}, r"got 2 generators for 1 images"),
         ({"class_labels": [0]}, r"not class-conditional"),
+        (
+            {"image": low_res_batch(1) * 2 - 1},
+            r"image tensor values span \[-0\.\d+, 0\.\d+\]: expected \[0, 1\]",
+        ),
     ]
     for extra, match in cases:
         with pytest.raises(ValueError, match=match):

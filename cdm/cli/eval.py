@@ -102,7 +102,7 @@ def sr_outputs(pipe, images: list[torch.Tensor], steps: int, noise_level: int, s
         lr = downsample(target, pipe.scale_factor).clamp(-1, 1)
         out = (
             pipe(
-                lr.to(pipe.device),
+                ((lr + 1) / 2).to(pipe.device),
                 noise_level=noise_level,
                 num_inference_steps=steps,
                 output_type="pt",
@@ -114,7 +114,7 @@ def sr_outputs(pipe, images: list[torch.Tensor], steps: int, noise_level: int, s
             .images.float()
             .cpu()
         )
-        outs["model"].append(out)
+        outs["model"].append(out * 2 - 1)
         outs["bicubic"].append(
             F.interpolate(lr, size=target.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
         )

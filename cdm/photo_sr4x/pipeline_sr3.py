@@ -55,7 +55,8 @@ class SR3PipelineOutput(BaseOutput):
     """Output of an SR stage.
 
     Args:
-        images: PIL images, a numpy array (B, H, W, 3) in [0, 1], or a tensor (B, 3, H, W) in [-1, 1].
+        images: PIL images, a numpy array (B, H, W, 3) in [0, 1], a tensor (B, 3, H, W) in [0, 1]
+            ("pt"), or the raw sample ("latent").
         alphabar: `None` for finished samples; for a truncated run, the alphabar of the returned z_s.
     """
 
@@ -94,12 +95,16 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 # Copied from cdm_pipelines.pipeline_cdm_base.to_output_type
 def to_output_type(sample: torch.Tensor, output_type: str):
-    """Map a [-1, 1] tensor batch to "pt"/"latent" (unchanged), "np" (B, H, W, C in [0, 1]) or "pil"."""
+    """Map a sample in the model's [-1, 1] range to "latent" (unchanged), "pt" (B, 3, H, W in [0, 1]),
+    "np" (B, H, W, 3 in [0, 1]) or "pil", as diffusers' image processors do."""
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type={output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}")
-    if output_type in ("pt", "latent"):
+    if output_type == "latent":
         return sample
-    array = (sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    image = (sample / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image
+    array = image.permute(0, 2, 3, 1).float().cpu().numpy()
     if output_type == "np":
         return array
     return [PIL.Image.fromarray((a * 255).round().astype("uint8")) for a in array]
@@ -129,12 +134,22 @@ def feather(tile: int, overlap: int) -> torch.Tensor:
     return (torch.minimum(i + 1, tile - i).clamp(max=overlap + 1)) / (overlap + 1)
 
 
-def image_to_tensor(image) -> torch.Tensor:
-    """PIL image(s), numpy (H, W, C) or (B, H, W, C) in [0, 1], or a tensor in [-1, 1] -> (B, 3, H, W) in [-1, 1]."""
+def image_to_tensor(image, raw: bool = False) -> torch.Tensor:
+    """PIL image(s), numpy (H, W, C) or (B, H, W, C) in [0, 1], or tensor(s) (C, H, W) or (B, C, H, W) in
+    [0, 1] -> (B, 3, H, W) in the model's [-1, 1]. `raw`: a tensor already in the model's range, as is."""
     if isinstance(image, list) and image and all(isinstance(i, torch.Tensor) for i in image):
         image = torch.cat([i.unsqueeze(0) if i.ndim == 3 else i for i in image])
     if isinstance(image, torch.Tensor):
-        return image.unsqueeze(0) if image.ndim == 3 else image
+        image = image.unsqueeze(0) if image.ndim == 3 else image
+        if raw:
+            return image
+        lo, hi = (float(v) for v in image.aminmax()) if image.numel() else (0.0, 0.0)
+        if lo < 0 or hi > 1:
+            raise ValueError(
+                f"image tensor values span [{lo:.3g}, {hi:.3g}]: expected [0, 1] (a stage's "
+                "output_type='pt'); a truncated hand-over passes output_type='latent' with low_res_is_augmented=True"
+            )
+        return image * 2 - 1
     if isinstance(image, PIL.Image.Image):
         image = [image]
     if isinstance(image, list) and all(isinstance(i, PIL.Image.Image) for i in image):
@@ -208,15 +223,17 @@ class SR3Pipeline(DiffusionPipeline):
         residual_scale (`float`): brings the small residual closer to unit scale for the schedule.
 
     Call arguments (`pipe(image, ...)`):
-        image: PIL image, list of PIL, numpy (B, H, W, 3) in [0, 1], or a tensor (or list of tensors) in
-            [-1, 1], the range stages hand on.
+        image: PIL image, list of PIL, numpy (B, H, W, 3) in [0, 1], or a tensor (B, 3, H, W) or list
+            of tensors in [0, 1], as diffusers' image processors read them; values outside [0, 1] are
+            refused. With `low_res_is_augmented`, the previous stage's noisy z_s (`output_type="latent"`).
         class_labels: class id(s) for a class-conditional stage; `None` otherwise.
         noise_level: augmentation level s in 0..`image_noising_scheduler.num_train_timesteps - 1`;
             0 feeds the clean upsampled image.
         num_inference_steps: reverse-process steps.
         guidance_scale: classifier-free guidance on the class label (class-conditional stages).
         generator: a `torch.Generator`, or a list with one per image.
-        output_type: "pil", "np" (values in [0, 1]) or "pt" (values in [-1, 1]).
+        output_type: "pil", "np" (values in [0, 1]), "pt" (a tensor in [0, 1]) or "latent" (the raw
+            sample: for a residual stage the scaled residual; for a truncated run the noisy z_s).
         return_dict: return an `SR3PipelineOutput` rather than a tuple.
         latents: optional initial noise at the output size.
         num_images_per_prompt: samples per input image; the batch is each image repeated this often.
@@ -305,6 +322,19 @@ class SR3Pipeline(DiffusionPipeline):
             **super().components,
             **{k: self.config[k] for k in ("low_res_size", "id2label", "residual", "residual_scale")},
         }
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = "cuda"):
+        """diffusers' sequential offload. On CPU, the hooks run on "cpu" rather than "cpu:0": torch moves a
+        parameter to "cpu:0" as a copy that is no longer a `Parameter`, and the offload hooks then fail."""
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        if torch.device(device).type == "cpu":
+            modules = [
+                m for c in self.components.values() if isinstance(c, torch.nn.Module) for m in c.modules()
+            ]
+            for hook in (getattr(m, "_hf_hook", None) for m in modules):
+                for h in getattr(hook, "hooks", [hook]):
+                    if getattr(h, "execution_device", None) is not None:
+                        h.execution_device = torch.device("cpu")
 
     @property
     def guidance_scale(self) -> float:
@@ -428,7 +458,9 @@ class SR3Pipeline(DiffusionPipeline):
         self.check_call(
             num_images_per_prompt, tensor_inputs, output_type, (tile_size, tile_overlap), truncating
         )
-        x_lr, class_ids, size = self.prepare_low_res(image, class_labels, num_images_per_prompt)
+        x_lr, class_ids, size = self.prepare_low_res(
+            image, class_labels, num_images_per_prompt, raw=low_res_is_augmented
+        )
         self._guidance_scale, self._interrupt = guidance_scale, False
         any_size = allow_any_size or tile_size is not None  # tiles: any size
         self.check_inputs(
@@ -483,12 +515,11 @@ class SR3Pipeline(DiffusionPipeline):
                 "conditioning augmentation (low_res_is_augmented, truncate_alphabar) is not supported"
             )
 
-    def prepare_low_res(self, image, class_labels, num_images_per_prompt: int):
+    def prepare_low_res(self, image, class_labels, num_images_per_prompt: int, raw: bool = False):
         """The input batch as a tensor in [-1, 1], each image (and its label) repeated per prompt,
-        and the output size."""
-        x_lr = (
-            image_to_tensor(image).to(self._execution_device).repeat_interleave(num_images_per_prompt, dim=0)
-        )
+        and the output size. `raw`: a handed-over z_s, already in the model's range."""
+        x_lr = image_to_tensor(image, raw).to(self._execution_device)
+        x_lr = x_lr.repeat_interleave(num_images_per_prompt, dim=0)
         size = (x_lr.shape[-2] * self.scale_factor, x_lr.shape[-1] * self.scale_factor)
         if class_labels is None:
             return x_lr, None, size
@@ -544,6 +575,6 @@ class SR3Pipeline(DiffusionPipeline):
             latents = base.to(latents.dtype) + latents / self.config.residual_scale
         if alphabar is None and output_type != "latent":
             latents = latents.clamp(-1, 1)
-        elif alphabar is not None and output_type not in ("pt", "latent"):
-            raise ValueError(f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'pt'")
+        elif alphabar is not None and output_type != "latent":
+            raise ValueError(f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'latent'")
         return to_output_type(latents, output_type)

@@ -136,15 +136,17 @@ def save_samples(cfg, pipe, fixed, path: Path, num_classes: int) -> None:
     pipe.set_progress_bar_config(disable=True)
     if cfg.stage.kind == StageKind.base:
         out = pipe([i % num_classes for i in range(n)], guidance_scale=cfg.stage.sample.guidance_scale, **kw)
-        save_grid(list(out.images), path, ncols=min(n, 8))
+        save_grid(list(out.images * 2 - 1), path, ncols=min(n, 8))
         return
     target = fixed["images"][:n]
     x_lr = downsample(target, cfg.stage.resolution // cfg.stage.low_res)
     labels = fixed["labels"][:n].tolist() if cfg.stage.class_conditional else None
     kw["generator"] = gens[: len(target)]
-    out = pipe(x_lr, class_labels=labels, noise_level=cfg.stage.sample.aug_level, allow_any_size=True, **kw)
+    out = pipe(
+        (x_lr + 1) / 2, class_labels=labels, noise_level=cfg.stage.sample.aug_level, allow_any_size=True, **kw
+    )
     up = torch.nn.functional.interpolate(x_lr, size=target.shape[-2:], mode="bicubic").clamp(-1, 1)
-    rows = [img for triple in zip(up, out.images, target) for img in triple]
+    rows = [img for triple in zip(up, out.images * 2 - 1, target) for img in triple]
     save_grid(rows, path, ncols=3)
 
 
