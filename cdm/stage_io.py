@@ -19,7 +19,7 @@ from pathlib import Path
 
 import diffusers
 import torch
-from cdm_pipelines import CDMBasePipeline, SR3Pipeline
+from cdm_pipelines import CDMBasePipeline, SR3Pipeline, pipeline_cdm_cascade
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError
@@ -121,6 +121,8 @@ def find_stage_folder(path: Path) -> Path:
     """A training run folder (its export/) or a stage folder itself."""
     if not path.exists():
         raise UserError(f"{path}: no such folder")
+    if (path / CASCADE_FILE).is_file():
+        raise UserError(f"{path} is a cascade folder: expected a stage folder or a training run")
     if (path / "model_index.json").is_file():
         return path
     if (path / "config.json").is_file() or (path / "checkpoints").is_dir():
@@ -231,6 +233,25 @@ def write_cascade_json(
         **(extra or {}),
     }
     (Path(root) / CASCADE_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    write_root_pipeline(Path(root), names, settings)
+
+
+def write_root_pipeline(root: Path, names: list[str], settings: list[SamplingConfig]) -> None:
+    """The cascade root as one diffusers pipeline: model_index.json names each stage folder as a component
+    (its own pipeline class), and the installed root pipeline file, with this cascade's stage names."""
+    source = Path(inspect.getfile(pipeline_cdm_cascade)).read_text()
+    line = next(x for x in source.splitlines() if x.startswith("STAGES = "))
+    stages = f"STAGES = {tuple(names)!r}"
+    (root / "pipeline_cdm_cascade.py").write_text(
+        source.replace(line, stages + "  # this cascade's stages", 1)
+    )
+    index = {
+        "_class_name": ["pipeline_cdm_cascade", "CDMCascadePipeline"],
+        "_diffusers_version": diffusers.__version__,
+        **{n: read_model_index(root / n)["_class_name"] for n in names},
+        "settings": {n: asdict(s) for n, s in zip(names, settings)},
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 STAGE_INFO_FILE = "cdm_stage.json"

@@ -18,6 +18,7 @@ written for each cascade, in stage order; the first stage is the class-condition
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import diffusers
 import numpy as np
@@ -31,13 +32,15 @@ STAGES = ("base64", "sr64to256", "sr256to1024")  # written for each cascade
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 
+@dataclass
 class CDMCascadePipelineOutput(BaseOutput):
     """Output of a cascade.
 
     Args:
         images: the last stage's images: PIL images, a numpy array (B, H, W, 3) in [0, 1], or a
             tensor (B, 3, H, W) in [0, 1].
-        stage_images: with `return_all_stages=True`, each stage's images in the same format.
+        stage_images: with `return_all_stages=True`, each stage's images in the same format (for a
+            stage that hands over truncated, its noisy z_s mapped to [0, 1]).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -119,7 +122,7 @@ class CDMCascadePipeline(DiffusionPipeline):
         r"""Sample through every stage with the cascade's settings.
 
         Args:
-            class_labels: class ids or label names, one per image (see `self.base64.labels`).
+            class_labels: class ids or label names (see the base stage's `labels`).
             num_images_per_prompt: images per class label.
             generator: one generator, or one per image; every stage draws from it.
             output_type: "pil", "np" or "pt" (a tensor in [0, 1]).
@@ -132,45 +135,42 @@ class CDMCascadePipeline(DiffusionPipeline):
         for k, (name, stage) in enumerate(zip(STAGES, self.stages)):
             s = self.stage_settings(name)
             self.use_scheduler(stage, s.get("scheduler"))
+            truncate = self.truncation_alphabar(k)
             common = {
                 "num_inference_steps": s["steps"],
                 "guidance_scale": s["guidance_scale"],
                 "generator": generator,
-                "output_type": "latent",
-                "truncate_alphabar": self.truncation_alphabar(k),
+                "output_type": "pt" if truncate is None else "latent",  # [0, 1], or a truncated z_s
+                "truncate_alphabar": truncate,
             }
             if k == 0:
-                out = stage(class_labels, num_images_per_prompt=num_images_per_prompt, **common)
-                labels = list(
-                    np.repeat(np.atleast_1d(np.asarray(class_labels, dtype=object)), num_images_per_prompt)
-                )
+                ids = [i for i in stage.get_label_ids(class_labels) for _ in range(num_images_per_prompt)]
+                out = stage(ids, **common)
             else:
                 handed_over = alphabar is not None
-                level = (
-                    int((stage.image_noising_scheduler.alphas_cumprod - alphabar).abs().argmin())
-                    if handed_over
-                    else s["aug_level"]
-                )
+                level = s["aug_level"]
+                if handed_over:  # the level whose alphabar is closest to where the previous stage stopped
+                    level = int((stage.image_noising_scheduler.alphas_cumprod - alphabar).abs().argmin())
                 out = stage(
-                    x if handed_over else (x / 2 + 0.5).clamp(0, 1),
-                    class_labels=labels if stage.num_classes else None,
+                    x,
+                    class_labels=ids if stage.num_classes else None,
                     noise_level=level,
                     low_res_is_augmented=handed_over,
                     **common,
                 )
             x, alphabar = out.images, out.alphabar
-            per_stage.append(x)
+            per_stage.append(x if alphabar is None else (x / 2 + 0.5).clamp(0, 1))
         images = [self.to_output(y, output_type) for y in per_stage]
         if not return_dict:
             return (images[-1], images) if return_all_stages else (images[-1],)
         return CDMCascadePipelineOutput(images=images[-1], stage_images=images if return_all_stages else None)
 
     @staticmethod
-    def to_output(sample: torch.Tensor, output_type: str):
-        pt = (sample.float() / 2 + 0.5).clamp(0, 1)
+    def to_output(image: torch.Tensor, output_type: str):
+        """A (B, 3, H, W) batch in [0, 1] as "pt" (unchanged), "np" (B, H, W, 3) or PIL images."""
         if output_type == "pt":
-            return pt
-        array = pt.permute(0, 2, 3, 1).cpu().numpy()
+            return image
+        array = image.permute(0, 2, 3, 1).float().cpu().numpy()
         if output_type == "np":
             return array
         return [PIL.Image.fromarray((a * 255).round().astype("uint8")) for a in array]

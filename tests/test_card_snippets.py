@@ -1,6 +1,7 @@
 """Every python block of a generated model card runs: against a tiny exported cascade or stage, with the
 Hub replaced by the local folder, and the plain-diffusers blocks in a process where cdm cannot be imported."""
 
+import json
 import re
 import subprocess
 import sys
@@ -73,3 +74,36 @@ def test_every_python_block_of_a_generated_card_runs(tmp_path, kind):
         kinds.append(plain)
         assert result.returncode == 0, f"block {k}:\n{code}\n{result.stderr[-2000:]}"
     assert any(kinds)  # at least one plain-diffusers block, run without cdm
+
+
+@pytest.mark.parametrize("mode", ["non-truncated", "truncated"])
+def test_the_cascade_root_loads_as_one_pipeline_without_cdm(tmp_path, mode):
+    root = make_cascade(tmp_path / "c", sizes=(8, 32, 128), modes=(mode, mode), levels=(100, 100))
+    weights = sorted(p.relative_to(root) for p in root.rglob("*.safetensors"))
+    assert all(len(p.parts) > 1 for p in weights)  # every weight file in its stage's folder, none at the root
+    code = """
+import json, numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(ROOT, trust_remote_code=True)
+kw = dict(class_labels=[0, "two"], num_images_per_prompt=2, output_type="np")
+out = pipe(**kw, generator=torch.Generator().manual_seed(0), return_all_stages=True)
+again = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+other = pipe(**kw, generator=torch.Generator().manual_seed(1)).images
+print(json.dumps({
+    "cls": type(pipe).__name__,
+    "shapes": [list(x.shape) for x in out.stage_images],
+    "finite": bool(np.isfinite(out.images).all()),
+    "same_seed": bool((out.images == again).all()),
+    "other_seed": bool((out.images != other).any()),
+}))
+""".replace("ROOT", repr(str(root)))
+    plain, result = run_block(code + "# plain diffusers\n", {}, tmp_path, "root")
+    assert plain and result.returncode == 0, result.stderr[-2000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got == {
+        "cls": "CDMCascadePipeline",
+        "shapes": [[4, 8, 8, 3], [4, 32, 32, 3], [4, 128, 128, 3]],
+        "finite": True,
+        "same_seed": True,
+        "other_seed": True,
+    }

@@ -248,6 +248,17 @@ def test_demo_cascade_loads_and_its_pipeline_copies_match_the_package():
     for copy in copies:
         assert copy.read_text() == (package / copy.name).read_text(), copy
 
+    # the root pipeline: the installed file with this cascade's stage names, naming each stage folder
+    def body(path):
+        return [line for line in path.read_text().splitlines() if not line.startswith("STAGES = ")]
+
+    root_file = DEMO_CASCADE / "pipeline_cdm_cascade.py"
+    assert body(root_file) == body(package / root_file.name)
+    assert "STAGES = ('base64', 'sr64to256', 'sr256to1024')" in root_file.read_text()
+    index = json.loads((DEMO_CASCADE / "model_index.json").read_text())
+    assert index["base64"] == ["pipeline_cdm_base", "CDMBasePipeline"]
+    assert index["settings"]["base64"]["guidance_scale"] == cascade.settings[0].guidance_scale
+
 
 @pytest.mark.slow
 def test_two_process_generation_writes_the_same_files_as_one_process(tmp_path):

@@ -203,3 +203,24 @@ def test_sr_reads_tensors_in_zero_one_like_pil_images():
     torch.testing.assert_close(runs[0], runs[2])
     with pytest.raises(ValueError, match=r"image tensor values span \[-[\d.]+, [\d.]+\]: expected \[0, 1\]"):
         pipe(x * 2 - 1, generator=gens([0, 1]), **common)
+
+
+@pytest.mark.parametrize("offload", ["sequential", "model"])
+@pytest.mark.parametrize("kind", ["base", "sr"])
+def test_cpu_offload_gives_the_plain_run_images(kind, offload):
+    def build():
+        torch.manual_seed(0)
+        stage = base_stage() if kind == "base" else sr_stage(8, 32, class_conditional=True)
+        pipe = build_pipeline(stage, TINY, 3, LABELS)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    args = ([0, 2],) if kind == "base" else (torch.rand(2, 3, 8, 8), [0, 2])
+    kw = {"num_inference_steps": 2, "output_type": "np", "guidance_scale": 2.0}
+    plain = build()(*args, generator=gens([0, 1]), **kw).images
+    pipe = build()
+    getattr(pipe, f"enable_{offload}_cpu_offload")(device="cpu")
+    if offload == "sequential":  # the weights wait on the meta device until their module runs
+        assert pipe.unet.conv_in.weight.device.type == "meta"
+    offloaded = pipe(*args, generator=gens([0, 1]), **kw).images
+    np.testing.assert_allclose(offloaded, plain, atol=1e-6)

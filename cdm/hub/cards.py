@@ -202,7 +202,11 @@ out = cascade([{label_example}], seeds=[0])
             for name, s in zip(names[1:], settings[1:])
         )
         plain = template("cascade_plain").format(
-            repo=repo, base_name=names[0], base_args=base_args, sr_lines=lines
+            repo=repo,
+            base_name=names[0],
+            base_args=base_args,
+            sr_lines=lines,
+            label_example=label_example,
         )
         return f"### With cdm\n\n{cdm}\n\n### With plain diffusers\n\n{plain}"
     if stage_kind(pipes[0]) == "base":
