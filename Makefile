@@ -8,17 +8,22 @@ STAMP := $(VENV)/.cdm-installed
 DEMO := cdm/demo_cascade
 DEMO_RUNS := runs/demo
 
-.PHONY: install test test-slow lint bench demo demo-train demo-eval photo-train photo-eval clean
+.PHONY: install browser test test-slow lint bench demo demo-train demo-eval photo-train photo-eval clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[demo,fid,test]"
+	$(BIN)/python -m pip install -q -e ".[demo,fid,app,test]"
 	touch $(STAMP)
 
-test: install
+# headless Chromium and its driver, for the browser test of cdm-app (Debian packages)
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+test: install browser
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: install

@@ -285,6 +285,10 @@ def validate_data(cfg) -> None:
             f"data.path={cfg.data.path} is not read by data=hub: use data=imagefolder data.path=DIR, or "
             "data.name=imagefolder data.data_files=GLOB"
         )
+    if cfg.data.source == DataSource.imagefolder and cfg.data.path and not Path(cfg.data.path).is_dir():
+        raise UserError(
+            f"data.path={cfg.data.path}: no such folder (data=imagefolder reads a folder of images)"
+        )
     if cfg.data.num_classes < 0:
         raise UserError(f"data.num_classes={cfg.data.num_classes}: expected 0 (infer) or a positive count")
     if cfg.data.source == DataSource.hub and not cfg.data.name:

@@ -110,7 +110,34 @@ def _check_component(folder: Path, key: str, entry: list) -> str:
         raise UserError(f"{folder}: component folder {key}/ is missing")
     if class_name.endswith("Model") and not list(sub.glob("*.safetensors")):
         raise UserError(f"{sub}: no .safetensors weights found (cdm never loads pickled weights)")
+    if class_name.endswith("Model"):
+        check_model_config(sub / "config.json")
     return class_name
+
+
+MAX_SAMPLE_SIZE = 4096  # pixels on a side: a larger UNet input would not fit any device's memory
+MAX_CHANNELS = 8192
+
+
+def check_model_config(path: Path) -> None:
+    """Sane bounds before anything is allocated; quantized configs are refused (cdm loads plain safetensors)."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing: expected the model's config.json")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    if "quantization_config" in config:
+        raise UserError(f"{path}: quantization_config is not supported: cdm loads full-precision safetensors")
+    size = config.get("sample_size")
+    sizes = size if isinstance(size, list) else [size]
+    if not all(s is None or (isinstance(s, int) and 1 <= s <= MAX_SAMPLE_SIZE) for s in sizes):
+        raise UserError(f"{path}: sample_size={size}: expected an integer in 1..{MAX_SAMPLE_SIZE}")
+    channels = config.get("block_out_channels") or []
+    if not all(isinstance(c, int) and 1 <= c <= MAX_CHANNELS for c in channels):
+        raise UserError(f"{path}: block_out_channels={channels}: expected integers in 1..{MAX_CHANNELS}")
 
 
 HUB_FILES = ["*.json", "*.safetensors", "*.md", "*.png", "*.py"]  # what a cascade repo holds

@@ -20,6 +20,7 @@ from cdm.errors import UserError, cli
 from cdm.files import check_replaceable, mark_export, replace_folder
 from cdm.hub.cards import load_results, make_card
 from cdm.hub.publish import push_to_hub
+from cdm.hub.space import check_space, write_space
 from cdm.stage_io import (
     copy_stage,
     find_stage_folder,
@@ -157,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--half", action="store_true", help="store weights as fp16 (half the size; loaded as fp32)"
     )
+    p.add_argument(
+        "--space",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write a Gradio Space for the cascade here (app.py, requirements.txt, README.md)",
+    )
     p.add_argument("--overwrite", action="store_true")
     return p
 
@@ -170,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         and args.out is None
         and ((args.inputs[0] / "cascade.json").is_file() or (args.inputs[0] / "README.md").is_file())
     )
+    if args.space is not None:
+        check_space(args.space, args.overwrite)
     if assembled:
         folder = args.inputs[0]
     else:
@@ -187,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
             args.overrides,
         )
         print(f"wrote {folder}/ ({', '.join(sorted(p.name for p in folder.iterdir()))})")
+    if args.space is not None:
+        written = write_space(args.space, repo, args.overwrite)
+        print(f"wrote a Gradio Space to {args.space}/ ({', '.join(p.name for p in written)})")
     if args.push_to_hub:
         url = push_to_hub(folder, args.push_to_hub, args.private, args.token)
         print(f"pushed {folder}/ to {args.push_to_hub}: {url}")

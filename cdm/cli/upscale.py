@@ -119,6 +119,8 @@ def compare(pipe, images, names, args, tile: int, overlap: int, steps: int, size
 
 def check_arguments(args, pipe, settings) -> tuple[int, int, int]:
     """The tile, overlap and steps to use, each checked against the stage before any work."""
+    if args.tile is not None and args.tile < 1:
+        raise UserError(f"--tile={args.tile}: expected a positive tile size in input pixels")
     tile = args.tile or pipe.config.low_res_size
     overlap = tile // 4 if args.overlap is None else args.overlap
     if not 0 <= args.noise_level <= pipe.max_noise_level:
