@@ -51,15 +51,17 @@ def parse_class(cascade: Cascade, choice) -> int:
     return cascade.class_ids([int(head) if head.isdigit() else text])[0]
 
 
-def stage_settings(models: AppModels, steps, guidance, aug_level, aug_mode) -> list[SamplingConfig]:
-    """The cascade's settings with the UI's values; the same checks as cdm-generate."""
+def stage_settings(models: AppModels, guidance, aug_mode, stage_values) -> list[SamplingConfig]:
+    """The cascade's settings with the UI's values (steps per stage, then the augmentation level of
+    each SR stage); the same checks as cdm-generate."""
     cascade = models.cascade
-    sr = len(cascade.pipes) - 1
+    n = len(cascade.pipes)
+    steps, levels = stage_values[:n], stage_values[n:]
     return cascade.with_overrides(
         steps=[int(s) for s in steps],
         guidance_scale=[float(guidance)],
-        aug_level=[0] + [int(aug_level)] * sr if sr else None,
-        aug_mode=[cascade.settings[0].aug_mode] + [aug_mode] * sr if sr else None,
+        aug_level=[0] + [int(level) for level in levels] if n > 1 else None,
+        aug_mode=[cascade.settings[0].aug_mode] + [aug_mode] * (n - 1) if n > 1 else None,
     )
 
 
@@ -79,9 +81,7 @@ def run_cascade(models: AppModels, ids: list[int], seeds: list[int], settings, e
         events.put(("error", err))
 
 
-def generate(
-    models: AppModels, choice, num_images, seed, guidance, aug_level, aug_mode, *steps, progress=None
-):
+def generate(models: AppModels, choice, num_images, seed, guidance, aug_mode, *stage_values, progress=None):
     """Yields every stage's images as that stage finishes, with the time per stage."""
     cascade, n = models.cascade, len(models.cascade.pipes)
     try:
@@ -89,7 +89,7 @@ def generate(
         count = int(num_images)
         if not 1 <= count <= MAX_IMAGES:
             raise UserError(f"number of images {count}: expected 1..{MAX_IMAGES}")
-        settings = stage_settings(models, steps, guidance, aug_level, aug_mode)
+        settings = stage_settings(models, guidance, aug_mode, stage_values)
     except (UserError, ValueError, TypeError) as err:
         raise gr.Error(str(err)) from None
     seeds = [int(seed) + i for i in range(count)]
@@ -159,13 +159,16 @@ def generate_tab(models: AppModels) -> None:
             num_images = gr.Slider(1, MAX_IMAGES, value=2, step=1, label="Number of images")
             seed = gr.Number(0, precision=0, label="Seed")
             guidance = gr.Number(cascade.settings[0].guidance_scale, label="Guidance (base stage)")
-            aug_level = gr.Number(s0.aug_level, precision=0, label="Augmentation level (SR stages)")
             aug_mode = gr.Dropdown(
                 ["non-truncated", "truncated"], value=s0.aug_mode, label="Augmentation mode"
             )
             steps = [
                 gr.Number(s.steps, precision=0, label=f"Steps: {name}")
                 for name, s in zip(cascade.names, cascade.settings)
+            ]
+            levels = [
+                gr.Number(s.aug_level, precision=0, label=f"Augmentation level: {name}")
+                for name, s in zip(cascade.names[1:], cascade.settings[1:])
             ]
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=3):
@@ -180,7 +183,7 @@ def generate_tab(models: AppModels) -> None:
 
     button.click(
         run,
-        [choice, num_images, seed, guidance, aug_level, aug_mode, *steps],
+        [choice, num_images, seed, guidance, aug_mode, *steps, *levels],
         [*galleries, timing],
         api_name="generate",
     )

@@ -13,8 +13,9 @@ from conftest import make_cascade, run_cli
 
 from cdm.app import build_app
 
-# the Generate endpoint's inputs: class, images, seed, guidance, aug level, aug mode, steps per stage
-GENERATE = ("2: two, deuce", 2, 5, 1.0, 100, "non-truncated", 2, 2, 2)
+# the Generate endpoint's inputs: class, images, seed, guidance, aug mode, steps per stage, then the
+# augmentation level of each SR stage
+GENERATE = ("2: two, deuce", 2, 5, 1.0, "non-truncated", 2, 2, 2, 100, 50)
 
 
 def free_port() -> int:
@@ -78,10 +79,12 @@ def test_bad_inputs_show_a_message_and_the_server_lives_on(app_url):
     (tmp / "fake.png").write_text("not an image")
     with pytest.raises(AppError, match="fake.png"):
         client.predict(handle_file(str(tmp / "fake.png")), 1, 0, api_name="/upscale")
+    with pytest.raises(AppError, match="aug_level=5000"):
+        client.predict(*GENERATE[:8], 100, 5000, api_name="/generate")
     with pytest.raises(AppError, match="class id 9"):
         client.predict("9", *GENERATE[1:], api_name="/generate")
     with pytest.raises(AppError, match="steps=0"):
-        client.predict(*GENERATE[:6], 0, 2, 2, api_name="/generate")
+        client.predict(*GENERATE[:5], 0, *GENERATE[6:], api_name="/generate")
     assert len(client.predict(*GENERATE, api_name="/generate")) == 4  # still serving
 
 
