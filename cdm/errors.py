@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import os
 import sys
+
+# faults of the machine that a user fixes (space, permissions), reported in one line like bad input
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class UserError(ValueError):
@@ -15,8 +19,9 @@ class UserError(ValueError):
 def cli(fn):
     """Run a console entry point; bad input exits 2 with one line (CDM_DEBUG=1 shows the traceback).
 
-    Only `UserError` is bad input. Any other exception is a bug (or a fault of the machine) and keeps
-    its traceback: code that passes a user's value on converts the library's ValueError where it calls it.
+    Only `UserError` is bad input, and a full disk or a refused permission (`DISK_ERRORS`) is told the
+    same way. Any other exception is a bug and keeps its traceback: code that passes a user's value on
+    converts the library's ValueError where it calls it.
     """
 
     @functools.wraps(fn)
@@ -28,6 +33,12 @@ def cli(fn):
                 raise
             message = " ".join(str(err).split()) or type(err).__name__
             print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as err:
+            if err.errno not in DISK_ERRORS or os.environ.get("CDM_DEBUG"):
+                raise
+            where = f"{err.filename}: " if err.filename else ""
+            print(f"error: {where}{err.strerror or err}: nothing more was written", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

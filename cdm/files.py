@@ -42,7 +42,10 @@ def write_file(path: Path, save: Callable[[Path], None], overwrite: bool) -> Pat
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        save(Path(tmp))
+        try:
+            save(Path(tmp))
+        except OSError as err:  # name the file the user asked for, not its temporary name
+            raise OSError(err.errno, err.strerror, str(path)) from err
         if overwrite:
             os.replace(tmp, path)
         else:

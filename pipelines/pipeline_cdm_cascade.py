@@ -131,39 +131,44 @@ class CDMCascadePipeline(DiffusionPipeline):
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}")
+        ids = [i for i in self.stages[0].get_label_ids(class_labels) for _ in range(num_images_per_prompt)]
         x, alphabar, per_stage = None, None, []
-        for k, (name, stage) in enumerate(zip(STAGES, self.stages)):
-            s = self.stage_settings(name)
-            self.use_scheduler(stage, s.get("scheduler"))
-            truncate = self.truncation_alphabar(k)
-            common = {
-                "num_inference_steps": s["steps"],
-                "guidance_scale": s["guidance_scale"],
-                "generator": generator,
-                "output_type": "pt" if truncate is None else "latent",  # [0, 1], or a truncated z_s
-                "truncate_alphabar": truncate,
-            }
-            if k == 0:
-                ids = [i for i in stage.get_label_ids(class_labels) for _ in range(num_images_per_prompt)]
-                out = stage(ids, **common)
-            else:
-                handed_over = alphabar is not None
-                level = s["aug_level"]
-                if handed_over:  # the level whose alphabar is closest to where the previous stage stopped
-                    level = int((stage.image_noising_scheduler.alphas_cumprod - alphabar).abs().argmin())
-                out = stage(
-                    x,
-                    class_labels=ids if stage.num_classes else None,
-                    noise_level=level,
-                    low_res_is_augmented=handed_over,
-                    **common,
-                )
-            x, alphabar = out.images, out.alphabar
+        for k in range(len(STAGES)):
+            x, alphabar = self.run_stage(k, ids, x, alphabar, generator)
             per_stage.append(x if alphabar is None else (x / 2 + 0.5).clamp(0, 1))
         images = [self.to_output(y, output_type) for y in per_stage]
         if not return_dict:
             return (images[-1], images) if return_all_stages else (images[-1],)
         return CDMCascadePipelineOutput(images=images[-1], stage_images=images if return_all_stages else None)
+
+    def run_stage(self, k: int, ids: list[int], x, alphabar, generator):
+        """Stage k with its settings: the base stage on the labels; an SR stage on the previous output
+        (in [0, 1], noised to its augmentation level), or on its noisy z_s handed over (truncated)."""
+        stage, s = self.stages[k], self.stage_settings(STAGES[k])
+        self.use_scheduler(stage, s.get("scheduler"))
+        truncate = self.truncation_alphabar(k)
+        common = {
+            "num_inference_steps": s["steps"],
+            "guidance_scale": s["guidance_scale"],
+            "generator": generator,
+            "output_type": "pt" if truncate is None else "latent",  # [0, 1], or a truncated z_s
+            "truncate_alphabar": truncate,
+        }
+        if k == 0:
+            out = stage(ids, **common)
+            return out.images, out.alphabar
+        handed_over = alphabar is not None
+        level = s["aug_level"]
+        if handed_over:  # the level whose alphabar is closest to where the previous stage stopped
+            level = int((stage.image_noising_scheduler.alphas_cumprod - alphabar).abs().argmin())
+        out = stage(
+            x,
+            class_labels=ids if stage.num_classes else None,
+            noise_level=level,
+            low_res_is_augmented=handed_over,
+            **common,
+        )
+        return out.images, out.alphabar
 
     @staticmethod
     def to_output(image: torch.Tensor, output_type: str):

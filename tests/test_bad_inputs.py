@@ -125,6 +125,7 @@ CASES = [
     ("export-missing-input", ["cdm-export", "MISSING", "--out", "NEW"], "MISSING", None),
     ("export-cascade-as-stage", ["cdm-export", "CASCADE", "--out", "NEW"], "is a cascade folder", None),
     ("export-into-existing", [*EXPORT[:-1], "FILE"], "already exists", None),
+    ("export-push-offline", ["cdm-export", "CASCADE", "--push-to-hub", "someone/x"], "someone/x", None),
     # cdm-train
     ("train-zero-batch", [*TRAIN, "train.batch_size=0"], "train.batch_size=0", None),
     ("train-misspelt-key", [*TRAIN, "+train.max_stepz=5"], "max_stepz", None),

@@ -236,3 +236,35 @@ def test_high_bit_depth_grey_images_are_scaled_not_clipped(tmp_path, mode):
     image.save(path)
     decoded = np.asarray(decode_image({"path": str(path)}))
     assert decoded.shape == (4, 4, 3) and abs(int(decoded[0, 0, 0]) - 128) <= 1
+
+
+FULL_DISK = """
+import errno, PIL.Image
+_save, _calls = PIL.Image.Image.save, [0]
+def save(self, fp, *args, **kwargs):  # the disk fills up after {ok} images
+    _calls[0] += 1
+    if _calls[0] > {ok}:
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+    return _save(self, fp, *args, **kwargs)
+PIL.Image.Image.save = save
+"""
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_output(tmp_path):
+    root = make_cascade(tmp_path / "c", sizes=(8, 32))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FULL_DISK.format(ok=3))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's")
+    res = run_cli(
+        ["cdm-generate", "--model", str(root), "--class", "0", "--num-images", "4", "--out", str(out)],
+        tmp_path,
+        env_extra={"PYTHONPATH": str(site)},
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()  # progress bars of the stages that ran, then the error, last
+    assert "Traceback" not in res.stderr and [ln for ln in lines if ln.startswith("error:")] == lines[-1:]
+    assert "No space left on device" in lines[-1] and "-32px.png" in lines[-1]  # the final name
+    assert sorted(p.name for p in out.rglob("*")) == ["mine.txt"]  # the 3 PNGs written first are gone

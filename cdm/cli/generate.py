@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with state.split_between_processes(list(range(len(ids)))) as mine:
         mine = list(mine)
-    seconds = sample_share(cascade, ids, seeds, settings, files, mine, args)
+    seconds = sample_or_clean_up(cascade, ids, seeds, settings, files, mine, args)
     state.wait_for_everyone()
     if not state.is_main_process:
         return
@@ -135,6 +135,19 @@ def main(argv: list[str] | None = None) -> None:
     for name, res, sec in zip(cascade.names, cascade.resolutions, seconds):
         print(f"  {name:<12} {res:>5}px  {sec:7.1f}s  ({sec / max(len(mine), 1):.1f}s per image){share}")
     print(f"wrote {sum(len(v) for v in files.values())} PNGs and {grid_path} to {args.out}/")
+
+
+def sample_or_clean_up(cascade, ids, seeds, settings, files: dict, mine: list[int], args) -> list[float]:
+    """`sample_share`; if it stops (a full disk, Ctrl-C), the new files it wrote are removed again."""
+    planned = [group[i] for group in files.values() for i in mine]
+    existing = {p for p in planned if p.exists()}  # with --overwrite: the user's files, never removed
+    try:
+        return sample_share(cascade, ids, seeds, settings, files, mine, args)
+    except BaseException:
+        for path in planned:
+            if path not in existing:
+                path.unlink(missing_ok=True)
+        raise
 
 
 def sample_share(cascade, ids, seeds, settings, files: dict, mine: list[int], args) -> list[float]:

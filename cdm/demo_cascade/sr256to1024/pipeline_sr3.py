@@ -458,16 +458,14 @@ class SR3Pipeline(DiffusionPipeline):
         self.check_call(
             num_images_per_prompt, tensor_inputs, output_type, (tile_size, tile_overlap), truncating
         )
-        x_lr, class_ids, size = self.prepare_low_res(
-            image, class_labels, num_images_per_prompt, raw=low_res_is_augmented
+        x_lr, ids, size = self.prepare_low_res(
+            image, class_labels, num_images_per_prompt, low_res_is_augmented
         )
         self._guidance_scale, self._interrupt = guidance_scale, False
         any_size = allow_any_size or tile_size is not None  # tiles: any size
-        self.check_inputs(
-            x_lr, class_ids, noise_level, num_inference_steps, guidance_scale, generator, any_size
-        )
+        self.check_inputs(x_lr, ids, noise_level, num_inference_steps, guidance_scale, generator, any_size)
         cond, s_emb, labels = self.prepare_conditioning(
-            x_lr, size, class_ids, noise_level, low_res_is_augmented, generator
+            x_lr, size, ids, noise_level, low_res_is_augmented, generator
         )
         latents = self.prepare_latents((x_lr.shape[0], *size), num_inference_steps, generator, latents)
         step = (cond, labels, s_emb, step_kwargs(self.scheduler, generator, eta), (tile_size, tile_overlap))
