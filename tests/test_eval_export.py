@@ -384,3 +384,98 @@ def test_class_agreement_is_the_share_of_samples_the_judge_puts_in_the_requested
     images[4:, :, :, 8:] = 1
     agreement, _ = ev.class_agreement(images, [1, 1, 1, 0, 0, 0], None, 16)
     assert agreement == pytest.approx(5 / 6)  # only sample 3 (asked for 0, looks like 1) disagrees
+
+
+STOP_AFTER = """
+import os, cdm.cascade
+_call, _count = cdm.cascade.Cascade.__call__, [0]
+def call(self, *args, **kwargs):  # log every sampled batch; stop the run after {stop} of them
+    _count[0] += 1
+    with open({log!r}, "a") as f:
+        f.write(str(args[1][0]) + "\\n")  # the batch's first seed
+    if _count[0] > {stop}:
+        raise KeyboardInterrupt
+    return _call(self, *args, **kwargs)
+cdm.cascade.Cascade.__call__ = call
+"""
+
+
+def _eval_gen_args(root, data, out, *extra):
+    return [
+        "cdm-eval",
+        "gen",
+        "--model",
+        str(root),
+        "--stages",
+        "1",
+        "--num-per-class",
+        "2",
+        "--batch",
+        "2",
+        "--data",
+        "imagefolder",
+        "--data-path",
+        str(data),
+        "--out",
+        str(out),
+        "--fid",
+        *extra,
+    ]
+
+
+def test_a_stopped_eval_resumes_without_redoing_finished_batches(tmp_path, cache_env):
+    root = make_cascade(tmp_path / "c", sizes=(8, 32))
+    data = _split_imagefolder(tmp_path / "imgs", size=16)
+    site, log = tmp_path / "site", tmp_path / "batches.log"
+    site.mkdir()
+
+    def run(out, stop):
+        (site / "sitecustomize.py").write_text(STOP_AFTER.format(stop=stop, log=str(log)))
+        return run_cli(_eval_gen_args(root, data, out), tmp_path, {**cache_env, "PYTHONPATH": str(site)})
+
+    stopped = run(tmp_path / "g", stop=2)  # 3 batches of 2: stopped while sampling the third
+    assert stopped.returncode == 130 and not (tmp_path / "g" / "results.json").exists()
+    assert len(list((tmp_path / "g" / ".partial").glob("batch-*.npz"))) == 2
+    log.write_text("")
+    resumed = run(tmp_path / "g", stop=99)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert log.read_text().split() == ["4"]  # only the unfinished batch (seeds 4, 5) was sampled
+    assert not (tmp_path / "g" / ".partial").exists()
+    fresh = run(tmp_path / "fresh", stop=99)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["metrics"] for d in ("g", "fresh"))
+    assert a == pytest.approx(b, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_eval_gives_the_one_process_fid(tmp_path, cache_env):
+    import shutil
+    import sys
+    from pathlib import Path
+
+    root = make_cascade(tmp_path / "c", sizes=(8, 32))
+    data = _split_imagefolder(tmp_path / "imgs", size=16)
+    env = {**cache_env, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "MASTER_PORT": "29537"}
+    args = _eval_gen_args(root, data, tmp_path / "one")[1:]
+    one = run_cli([sys.executable, "-m", "cdm.cli.eval", *args], tmp_path, env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    launch = [
+        launcher,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "cdm.cli.eval",
+    ]
+    two = run_cli([*launch, *_eval_gen_args(root, data, tmp_path / "two")[1:]], tmp_path, env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["metrics"] for d in ("one", "two"))
+    assert a.keys() == b.keys() and a == pytest.approx(b, rel=1e-4)

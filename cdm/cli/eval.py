@@ -10,13 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from cdm.cascade import Cascade
@@ -314,7 +318,7 @@ def plot_sweep(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _cascade_and_ids(args):
+def _cascade_and_ids(args, device=None):
     cascade = Cascade.from_pretrained(args.model)
     n = args.stages or len(cascade.pipes)
     if not 1 <= n <= len(cascade.pipes):
@@ -323,29 +327,102 @@ def _cascade_and_ids(args):
         list(range(cascade.num_classes)) if not args.classes else cascade.class_ids(args.classes.split(","))
     )
     ids = [c for c in classes for _ in range(args.num_per_class)]
-    return cascade.to(args.device), n, ids
+    return cascade.to(device or args.device), n, ids
+
+
+PARTIAL = ".partial"  # per-batch results of an unfinished `cdm-eval gen`, for resuming and for ranks
+GRID_IMAGES = 100
+
+
+def eval_plan(args, cascade, n: int, ids: list[int], settings) -> dict:
+    """What the batch files depend on: a run with another plan starts afresh."""
+    return {
+        "model": str(args.model),
+        "stages": n,
+        "ids": ids,
+        "batch": args.batch,
+        "features": bool(args.fid or args.reference_stats or args.save_stats),
+        "settings": [vars(s) for s in settings[:n]],
+    }
+
+
+def open_partial(out: Path, plan: dict, state) -> Path:
+    """The folder of finished batches: kept when the plan matches (resume), else emptied (cdm's own files)."""
+    folder = out / PARTIAL
+    if state.is_main_process:
+        record = folder / "plan.json"
+        if folder.exists() and (not record.is_file() or json.loads(record.read_text()) != plan):
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(plan))
+    state.wait_for_everyone()
+    return folder
+
+
+def sample_batches(cascade, n, ids, settings, batches, folder: Path, judge, feature) -> None:
+    """Sample each batch not yet on disk and keep only what the metrics need: class predictions,
+    Inception features, and the first images for the grid. Memory stays flat for any count."""
+    sub = Cascade([replace(st, sampling=s) for st, s in zip(cascade.stages[:n], settings)], cascade.root)
+    for lo, hi in tqdm(batches, desc="generate", unit="batch"):
+        path = folder / f"batch-{lo:08d}.npz"
+        if path.is_file():
+            continue  # done by an earlier run
+        images = sub(ids[lo:hi], list(range(lo, hi)), progress=False).images[-1]
+        arrays = {"pred": predict(judge, prepare(images)).numpy()}
+        if feature is not None:
+            arrays["pool"] = inception_features(images, feature)
+        if lo < GRID_IMAGES:
+            arrays["images"] = ((images[: GRID_IMAGES - lo].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+        write_file(path, lambda tmp, a=arrays: np.savez(tmp, **a), overwrite=True)
+
+
+def load_batches(folder: Path, batches) -> dict:
+    parts = [np.load(folder / f"batch-{lo:08d}.npz", allow_pickle=False) for lo, _ in batches]
+    out = {"pred": np.concatenate([p["pred"] for p in parts])}
+    if "pool" in parts[0]:
+        out["pool"] = np.concatenate([p["pool"] for p in parts])
+    grid = [p["images"] for p in parts if "images" in p]
+    out["images"] = torch.from_numpy(np.concatenate(grid)).float() / 127.5 - 1
+    return out
 
 
 def cmd_gen(args) -> None:
     check_out(args.out, ["results.json"], args.overwrite)
     if args.save_stats:
         check_new([args.save_stats], args.overwrite)
-    cascade, n, ids = _cascade_and_ids(args)
+    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    cascade, n, ids = _cascade_and_ids(args, state.device if state.num_processes > 1 else args.device)
     settings = cascade.with_overrides(steps=args.steps, guidance_scale=args.guidance)
     data = data_config(args.data, args.data_path)
+    plan = eval_plan(args, cascade, n, ids, settings)
     start = time.perf_counter()
-    images = generate(cascade, ids, settings, args.batch, n)[-1]
-    metrics, notes = {}, []
-    agreement, meta = class_agreement(images, ids, data, cascade.resolutions[0])
-    metrics["class_agreement"] = agreement
+    with state.main_process_first():  # the first run trains and caches the judge once
+        judge, meta = get_classifier(data, cascade.resolutions[0])
+    feature = OfflineInception() if plan["features"] else None
+    folder = open_partial(args.out, plan, state)
+    batches = [(lo, min(lo + args.batch, len(ids))) for lo in range(0, len(ids), args.batch)]
+    with state.split_between_processes(batches) as mine:
+        sample_batches(cascade, n, ids, settings, list(mine), folder, judge, feature)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        found = load_batches(folder, batches)
+        report_gen(args, cascade, n, ids, settings, data, meta, found, time.perf_counter() - start)
+        shutil.rmtree(folder)
+
+
+def report_gen(args, cascade, n, ids, settings, data, meta, found: dict, seconds: float) -> None:
+    agreement = float((found["pred"] == np.asarray(ids)).mean())
+    metrics, notes = {"class_agreement": agreement}, []
     notes.append(
         f"Class agreement: a {meta['num_classes']}-class CNN trained on real {meta['data']} "
         f"({meta['held_out_accuracy']:.1%} accuracy on {meta['held_out_images']} held-out images) "
         f"agrees with the requested class on {agreement:.1%} of {len(ids)} samples."
     )
     floor = None
-    if args.fid or args.reference_stats or args.save_stats:
-        distances, floor, note = reference_distances(args, images, data, cascade.resolutions[n - 1], len(ids))
+    if "pool" in found:
+        distances, floor, note = reference_distances(
+            args, found["pool"], data, cascade.resolutions[n - 1], len(ids)
+        )
         metrics.update(distances)
         notes.append(note)
     result = {
@@ -359,27 +436,21 @@ def cmd_gen(args) -> None:
         "classifier": meta,
         "real_data_floor": floor,
         "notes": " ".join(notes),
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": round(seconds, 2),
     }
-
     table = results_table([result])
     write_results(args.out, "results", result, table)
-    save_grid(list(images[: min(len(images), 100)]), args.out / "samples.png", ncols=args.num_per_class)
+    save_grid(list(found["images"]), args.out / "samples.png", ncols=args.num_per_class)
     print(table)
-    print(
-        f"{len(ids)} samples in {result['seconds']:.1f}s; wrote {args.out}/results.json, results.md, samples.png"
-    )
+    print(f"{len(ids)} samples in {seconds:.1f}s; wrote {args.out}/results.json, results.md, samples.png")
 
 
-def reference_distances(
-    args, images: torch.Tensor, data, size: int, count: int
-) -> tuple[dict, dict | None, str]:
+def reference_distances(args, pool: np.ndarray, data, size: int, count: int) -> tuple[dict, dict | None, str]:
     """FID/KID/precision/recall of the samples against real images of `--data` at `size` px, or against
     `--reference-stats`; `--save-stats` writes the samples' statistics. Returns the metrics, the
     real-data floor (the same count of real images from another split; None with reference stats)
     and a note for the results."""
     feature = OfflineInception()
-    pool = inception_features(images, feature)
     if args.save_stats:
         write_file(args.save_stats, lambda tmp: save_stats(tmp, pool), args.overwrite)
     if args.reference_stats:
