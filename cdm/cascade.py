@@ -18,6 +18,8 @@ Conditioning augmentation at sampling, per SR stage, with level s:
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -188,6 +190,64 @@ class Cascade:
         for p in self.pipes:
             p.to(device)
         return self
+
+    def place(self, devices: list[str]) -> Cascade:
+        """Each stage on its own device (a device map), for cascades that one device cannot hold."""
+        if len(devices) != len(self.pipes):
+            raise UserError(
+                f"--device-map has {len(devices)} devices for {len(self.pipes)} stages ({', '.join(self.names)}): "
+                "expected one per stage"
+            )
+        for pipe, device in zip(self.pipes, devices):
+            pipe.to(device)
+        return self
+
+    def pipelined(self, class_labels, seeds: list[int], settings=None, chunk: int = 1, on_chunk_end=None):
+        """`__call__` with the stages at work at once, one thread per stage (one device per stage with
+        `place`): stage k+1 takes chunk i while stage k makes chunk i + 1. Each image is the one
+        `__call__` gives (per-image seeds). `on_chunk_end(k, lo, hi, images)` sees every chunk of every
+        stage; returns the seconds each stage worked."""
+        settings = settings or self.settings
+        ids = self.class_ids(class_labels)
+        if len(ids) != len(seeds):
+            raise UserError(f"got {len(seeds)} seeds for {len(ids)} images: expected one per image")
+        links = [queue.Queue() for _ in range(len(self.pipes) + 1)]
+        for lo in range(0, len(ids), chunk):
+            links[0].put((lo, min(lo + chunk, len(ids)), None, None))
+        links[0].put(None)
+        seconds, errors = [0.0] * len(self.pipes), []
+
+        def work(k: int) -> None:
+            pipe, sampling = self.pipes[k], settings[k]
+            pipe.scheduler = sampling_scheduler(sampling.scheduler, pipe.scheduler.config, sampling.steps)
+            pipe.set_progress_bar_config(disable=True)
+            truncate = self.truncation_alphabar(k, settings)
+            while (item := links[k].get()) is not None:
+                lo, hi, x, alphabar = item
+                start = time.perf_counter()
+                gens = [torch.Generator().manual_seed(stage_seed(seed, k)) for seed in seeds[lo:hi]]
+                try:
+                    images, out_alphabar = self.run_stage(
+                        k, sampling, ids[lo:hi], x, alphabar, gens, truncate
+                    )
+                except BaseException as err:  # stop the line; the caller raises it
+                    errors.append(err)
+                    break
+                images = images.float().cpu()
+                seconds[k] += time.perf_counter() - start
+                if on_chunk_end is not None:
+                    on_chunk_end(k, lo, hi, images)
+                links[k + 1].put((lo, hi, images, out_alphabar))
+            links[k + 1].put(None)
+
+        threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(len(self.pipes))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return seconds
 
     def class_ids(self, labels) -> list[int]:
         try:

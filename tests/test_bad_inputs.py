@@ -72,6 +72,8 @@ CASES = [
     ("gen-unknown-device", [*GEN, "--class", "0", "--device", "tpu9"], "tpu9", None),
     ("gen-out-is-a-file", [*GEN, "--class", "0", "--out", "FILE", "--overwrite"], "is a file", None),
     ("gen-too-many-stages", [*GEN, "--class", "0", "--stages", "7"], "--stages=7", None),
+    ("gen-device-map-count", [*GEN, "--class", "0", "--device-map", "cpu"], "1 devices for 2 stages", None),
+    ("gen-device-map-unknown", [*GEN, "--class", "0", "--device-map", "cpu,tpu9"], "tpu9", None),
     ("gen-stages-are-ints", [*GEN, "--class", "0"], "cascade.json", cascade_json('{"stages": [1, 2]}')),
     ("gen-cascade-not-json", [*GEN, "--class", "0"], "cascade.json", cascade_json("{ nope")),
     ("gen-stage-without-name", [*GEN, "--class", "0"], "name", stage_entry(lambda e: e.pop("name"))),

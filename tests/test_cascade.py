@@ -320,3 +320,37 @@ def test_two_process_generation_writes_the_same_files_as_one_process(tmp_path):
         b = np.asarray(PIL.Image.open(tmp_path / "two" / name), dtype=int)
         assert np.abs(a - b).max() == 0, name
     assert two.stdout.count("wrote 12 PNGs") == 1  # the main process alone reports
+
+
+@pytest.mark.parametrize("mode", ["non-truncated", "truncated"])
+def test_a_device_map_runs_the_stages_as_a_pipeline_with_the_same_images(tmp_path, mode):
+    root = make_cascade(tmp_path / "c", sizes=(8, 32, 128), modes=(mode, mode), levels=(100, 100))
+    common = ["--model", str(root), "--class", "0", "--class", "2", "--num-images", "3", "--quiet"]
+    common += ["--save-intermediates", "--steps", "2"]
+    plain = run_cli(["cdm-generate", *common, "--out", str(tmp_path / "plain")], tmp_path)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    mapped = run_cli(
+        ["cdm-generate", *common, "--device-map", "cpu,cpu,cpu", "--out", str(tmp_path / "mapped")], tmp_path
+    )
+    assert mapped.returncode == 0, mapped.stderr[-2000:]
+    files = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "mapped").iterdir()) and len(files) == 19
+    for name in files:
+        a = np.asarray(PIL.Image.open(tmp_path / "plain" / name), dtype=int)
+        b = np.asarray(PIL.Image.open(tmp_path / "mapped" / name), dtype=int)
+        assert np.abs(a - b).max() <= 1, name
+
+
+def test_pipelined_stages_see_every_chunk_and_match_the_sequential_cascade(tmp_path):
+    cascade = Cascade.from_pretrained(make_cascade(tmp_path / "c", sizes=(8, 32, 128)))
+    seen = []
+    cascade.pipelined(
+        [0, 1, 2, 0], [5, 6, 7, 8], chunk=1, on_chunk_end=lambda k, lo, hi, x: seen.append((k, lo))
+    )
+    assert sorted(seen) == [(k, lo) for k in range(3) for lo in range(4)]
+    assert [lo for k, lo in seen if k == 2] == [0, 1, 2, 3]  # each stage keeps the order of the chunks
+    got = {}
+    cascade.pipelined([0, 1], [5, 6], chunk=1, on_chunk_end=lambda k, lo, hi, x: got.setdefault((k, lo), x))
+    ref = cascade([0, 1], seeds=[5, 6], progress=False)
+    for k in range(3):
+        torch.testing.assert_close(torch.cat([got[(k, 0)], got[(k, 1)]]), ref.images[k], atol=1e-5, rtol=0)

@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-channels-last", action="store_true", help="keep the default memory layout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--device-map",
+        type=_csv(str),
+        default=None,
+        metavar="DEV,DEV,...",
+        help="one device per stage, e.g. cuda:0,cuda:1,cuda:1; the stages then run as a pipeline",
+    )
     return p
 
 
@@ -116,8 +123,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # one process, unless started by accelerate launch (which marks CPU-only launches in the environment)
     state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
-    device = state.device if state.num_processes > 1 else args.device
-    cascade.to(device).optimize(bf16=args.bf16, channels_last=not args.no_channels_last)
+    place(cascade, state, args)
     args.out.mkdir(parents=True, exist_ok=True)
     with state.split_between_processes(list(range(len(ids)))) as mine:
         mine = list(mine)
@@ -137,6 +143,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {sum(len(v) for v in files.values())} PNGs and {grid_path} to {args.out}/")
 
 
+def place(cascade, state, args) -> None:
+    """All stages on this process's device, or each on its own (--device-map, one process)."""
+    if args.device_map is None:
+        cascade.to(state.device if state.num_processes > 1 else args.device)
+    elif state.num_processes > 1:
+        raise UserError("--device-map places the stages of one process: run it without accelerate launch")
+    else:
+        cascade.place([resolve_device(d) for d in args.device_map])
+    cascade.optimize(bf16=args.bf16, channels_last=not args.no_channels_last)
+
+
 def sample_or_clean_up(cascade, ids, seeds, settings, files: dict, mine: list[int], args) -> list[float]:
     """`sample_share`; if it stops (a full disk, Ctrl-C), the new files it wrote are removed again."""
     planned = [group[i] for group in files.values() for i in mine]
@@ -153,6 +170,16 @@ def sample_or_clean_up(cascade, ids, seeds, settings, files: dict, mine: list[in
 def sample_share(cascade, ids, seeds, settings, files: dict, mine: list[int], args) -> list[float]:
     """Sample this process's images in chunks (memory stays flat), writing each stage's PNGs as they
     arrive; returns the seconds spent per stage."""
+    if args.device_map is not None:  # the stages as a pipeline, a few images at a time
+
+        def on_chunk_end(k, lo, hi, images):
+            for pos, img in zip(mine[lo:hi], images):
+                if k in files:
+                    write_file(files[k][pos], to_pil(img).save, args.overwrite)
+
+        chunk = min(s.max_batch for s in settings)
+        sub_ids, sub_seeds = [ids[p] for p in mine], [seeds[p] for p in mine]
+        return cascade.pipelined(sub_ids, sub_seeds, settings, chunk, on_chunk_end)
     seconds = [0.0] * len(cascade.pipes)
     for lo in range(0, len(mine), CHUNK):
         part = mine[lo : lo + CHUNK]
