@@ -205,6 +205,17 @@ def load_components(cls, folder: Path, torch_dtype=None) -> dict:
     return init
 
 
+# Copied from cdm_pipelines.pipeline_cdm_base.run_offload_hooks_on_cpu
+def run_offload_hooks_on_cpu(pipe) -> None:
+    """Sequential offload on CPU: diffusers names the device "cpu:0", and torch moves a parameter to
+    "cpu:0" as a copy that is no longer a `Parameter`, which accelerate's hooks then reject. Use "cpu"."""
+    modules = [m for c in pipe.components.values() if isinstance(c, torch.nn.Module) for m in c.modules()]
+    for hook in (getattr(m, "_hf_hook", None) for m in modules):
+        for h in getattr(hook, "hooks", [hook]):
+            if getattr(h, "execution_device", None) is not None:
+                h.execution_device = torch.device("cpu")
+
+
 class SR3Pipeline(DiffusionPipeline):
     r"""SR3 super-resolution from `low_res_size` to `unet.config.sample_size`.
 
@@ -324,17 +335,10 @@ class SR3Pipeline(DiffusionPipeline):
         }
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = "cuda"):
-        """diffusers' sequential offload. On CPU, the hooks run on "cpu" rather than "cpu:0": torch moves a
-        parameter to "cpu:0" as a copy that is no longer a `Parameter`, and the offload hooks then fail."""
+        """diffusers' sequential offload, which also runs on CPU (see `run_offload_hooks_on_cpu`)."""
         super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
         if torch.device(device).type == "cpu":
-            modules = [
-                m for c in self.components.values() if isinstance(c, torch.nn.Module) for m in c.modules()
-            ]
-            for hook in (getattr(m, "_hf_hook", None) for m in modules):
-                for h in getattr(hook, "hooks", [hook]):
-                    if getattr(h, "execution_device", None) is not None:
-                        h.execution_device = torch.device("cpu")
+            run_offload_hooks_on_cpu(self)
 
     @property
     def guidance_scale(self) -> float:

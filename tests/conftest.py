@@ -90,6 +90,16 @@ def run_cli(cmd: list[str], cwd, env_extra=None, timeout=600):
     )
 
 
+def two_process_launch(module: str) -> list[str]:
+    """`accelerate launch` of a cdm module in two CPU processes on this machine."""
+    import shutil
+    import sys
+
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    return [launcher, "launch", *flags, "--dynamo_backend", "no", "-m", module]
+
+
 def make_imagefolder(root: Path, classes=2, per_class=4, size=40, seed=0) -> Path:
     """A tiny labelled imagefolder of smooth random RGB images."""
     rng = np.random.default_rng(seed)

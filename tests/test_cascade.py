@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY, build_pipeline, make_cascade, run_cli, sr_stage
+from conftest import TINY, build_pipeline, make_cascade, run_cli, sr_stage, two_process_launch
 
 from cdm.cascade import Cascade, imagenet_labels
 from cdm.errors import UserError
@@ -262,10 +262,8 @@ def test_demo_cascade_loads_and_its_pipeline_copies_match_the_package():
 
 @pytest.mark.slow
 def test_two_process_generation_writes_the_same_files_as_one_process(tmp_path):
-    import shutil
     import subprocess
     import sys
-    from pathlib import Path
 
     root = make_cascade(tmp_path / "c", sizes=(8, 32))
     common = [
@@ -285,23 +283,10 @@ def test_two_process_generation_writes_the_same_files_as_one_process(tmp_path):
         [sys.executable, "-m", "cdm.cli.generate", *common, "--out", str(tmp_path / "one")], tmp_path, env
     )
     assert one.returncode == 0, one.stderr[-2000:]
-    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     try:
         two = run_cli(
             [
-                launcher,
-                "launch",
-                "--multi_gpu",
-                "--num_processes",
-                "2",
-                "--num_machines",
-                "1",
-                "--mixed_precision",
-                "no",
-                "--dynamo_backend",
-                "no",
-                "-m",
-                "cdm.cli.generate",
+                *two_process_launch("cdm.cli.generate"),
                 *common,
                 "--out",
                 str(tmp_path / "two"),

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY, build_pipeline, make_cascade, make_imagefolder, run_cli, sr_stage
+from conftest import (
+    TINY,
+    build_pipeline,
+    make_cascade,
+    make_imagefolder,
+    run_cli,
+    sr_stage,
+    two_process_launch,
+)
 from huggingface_hub import ModelCard
 
 from cdm.cli.export import main as export_main
@@ -449,9 +457,7 @@ def test_a_stopped_eval_resumes_without_redoing_finished_batches(tmp_path, cache
 
 @pytest.mark.slow
 def test_two_process_eval_gives_the_one_process_fid(tmp_path, cache_env):
-    import shutil
     import sys
-    from pathlib import Path
 
     root = make_cascade(tmp_path / "c", sizes=(8, 32))
     data = _split_imagefolder(tmp_path / "imgs", size=16)
@@ -459,22 +465,7 @@ def test_two_process_eval_gives_the_one_process_fid(tmp_path, cache_env):
     args = _eval_gen_args(root, data, tmp_path / "one")[1:]
     one = run_cli([sys.executable, "-m", "cdm.cli.eval", *args], tmp_path, env)
     assert one.returncode == 0, one.stderr[-2000:]
-    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    launch = [
-        launcher,
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "cdm.cli.eval",
-    ]
+    launch = two_process_launch("cdm.cli.eval")
     two = run_cli([*launch, *_eval_gen_args(root, data, tmp_path / "two")[1:]], tmp_path, env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = (json.loads((tmp_path / d / "results.json").read_text())["metrics"] for d in ("one", "two"))

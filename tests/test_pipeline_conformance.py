@@ -183,9 +183,14 @@ def test_copied_helpers_match_their_originals():
 
     text = inspect.getsource(sr3)
     names = re.findall(r"# Copied from cdm_pipelines\.pipeline_cdm_base\.(\w+)", text)
-    assert {"cfg_combine", "to_output_type", "step_kwargs", "load_components", "check_weight_files"} <= set(
-        names
-    )
+    assert {
+        "cfg_combine",
+        "to_output_type",
+        "step_kwargs",
+        "load_components",
+        "check_weight_files",
+        "run_offload_hooks_on_cpu",
+    } <= set(names)
     for name in names:
         assert inspect.getsource(getattr(sr3, name)) == inspect.getsource(getattr(base, name)), name
 

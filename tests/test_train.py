@@ -11,7 +11,7 @@ import cdm_pipelines.pipeline_sr3
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, make_imagefolder, run_cli, sr_stage
+from conftest import TINY, make_imagefolder, run_cli, sr_stage, two_process_launch
 from safetensors.torch import load_file
 
 from cdm.stage_io import load_stage
@@ -191,24 +191,8 @@ def test_bad_overrides_exit_2_with_one_line(tmp_path, cache_env, override, needl
 def test_two_process_data_parallel_run_keeps_ranks_identical(tmp_path, cache_env, one_core):
     """Two CPU ranks train in lock step and shut down cleanly, also when they share one core (which
     once exposed a shutdown deadlock between gloo's worker threads and the GIL)."""
-    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     args = train_args("base64", tmp_path / "run", 4)[1:]
-    cmd = [
-        launcher,
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "cdm.cli.train",
-        *args,
-    ]
+    cmd = [*two_process_launch("cdm.cli.train"), *args]
     if one_core:
         cpu = min(os.sched_getaffinity(0))
         pin = f"import os, sys; os.sched_setaffinity(0, {{{cpu}}}); os.execv(sys.argv[1], sys.argv[1:])"
