@@ -390,6 +390,7 @@ def cmd_gen(args) -> None:
     check_out(args.out, ["results.json"], args.overwrite)
     if args.save_stats:
         check_new([args.save_stats], args.overwrite)
+    args.reference = load_stats(args.reference_stats, OfflineInception()) if args.reference_stats else None
     state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
     cascade, n, ids = _cascade_and_ids(args, state.device if state.num_processes > 1 else args.device)
     settings = cascade.with_overrides(steps=args.steps, guidance_scale=args.guidance)
@@ -454,7 +455,7 @@ def reference_distances(args, pool: np.ndarray, data, size: int, count: int) -> 
     if args.save_stats:
         write_file(args.save_stats, lambda tmp: save_stats(tmp, pool), args.overwrite)
     if args.reference_stats:
-        ref = load_stats(args.reference_stats, feature)
+        ref = args.reference
         distances = {"fid": frechet_distance(*feature_stats(pool), ref["mu"], ref["sigma"])}
         if "pool" in ref:
             distances["kid"] = kernel_distance(pool, ref["pool"])
