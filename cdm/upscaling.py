@@ -64,8 +64,32 @@ def check_size(path, image: PIL.Image.Image, scale: int) -> None:
         )
 
 
-def upscale(pipe, image: PIL.Image.Image, tile: int, overlap: int, steps: int, noise_level: int, seed: int):
-    """Super-resolve a whole image; the UNet sees tiles of `tile` input pixels, blended at every step."""
+DIHEDRAL = [(k, flip) for k in range(4) for flip in (False, True)]  # the 8 rotations and mirror images
+
+
+def dihedral(x: torch.Tensor, k: int, flip: bool, inverse: bool = False) -> torch.Tensor:
+    """Rotate by k quarter turns after an optional left-right flip, or undo that."""
+    if inverse:
+        x = torch.rot90(x, -k, (-2, -1))
+        return x.flip(-1) if flip else x
+    return torch.rot90(x.flip(-1) if flip else x, k, (-2, -1))
+
+
+def upscale(
+    pipe,
+    image: PIL.Image.Image,
+    tile: int,
+    overlap: int,
+    steps: int,
+    noise_level: int,
+    seed: int,
+    self_ensemble: bool = False,
+):
+    """Super-resolve a whole image; the UNet sees tiles of `tile` input pixels, blended at every step.
+
+    `self_ensemble` averages the results for the 8 rotations and mirror images of the input (as in
+    EDSR's "+" models): 8x the time, a higher PSNR, and a smoother result.
+    """
     x = image_to_tensor(image)
     f = pipe.scale_factor
     mult = unet_stride(pipe.unet.config.block_out_channels)
@@ -76,14 +100,18 @@ def upscale(pipe, image: PIL.Image.Image, tile: int, overlap: int, steps: int, n
     noise = torch.randn(
         (1, 3, x.shape[-2] * f, x.shape[-1] * f), generator=torch.Generator().manual_seed(seed)
     )
-    out = pipe(
-        ((x + 1) / 2).clamp(0, 1).to(pipe.device),
-        noise_level=noise_level,
-        num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(seed),
-        latents=noise,
-        output_type="pt",
-        tile_size=tile * f,
-        tile_overlap=overlap * f,
-    ).images
+    total = 0
+    for k, flip in DIHEDRAL if self_ensemble else [(0, False)]:
+        out = pipe(
+            ((dihedral(x, k, flip) + 1) / 2).clamp(0, 1).to(pipe.device),
+            noise_level=noise_level,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+            latents=dihedral(noise, k, flip),
+            output_type="pt",
+            tile_size=tile * f,
+            tile_overlap=overlap * f,
+        ).images
+        total = total + dihedral(out.float().cpu(), k, flip, inverse=True)
+    out = total / (len(DIHEDRAL) if self_ensemble else 1)
     return to_pil(out[0, :, : h * f, : w * f] * 2 - 1)

@@ -317,3 +317,23 @@ def test_eval_sr_on_a_flat_folder_of_photos_reports_every_metric_and_a_sweep(tmp
     assert [r["steps"] for r in result["sweep"]] == [1, 2]
     assert (tmp_path / "ev" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert "| HF ratio | patch KID |" in (tmp_path / "ev" / "results.md").read_text()
+
+
+def test_self_ensemble_averages_the_eight_rotations_and_mirror_images():
+    from cdm.upscaling import DIHEDRAL, dihedral, upscale
+
+    x = torch.arange(24.0).reshape(1, 1, 4, 6)
+    for k, flip in DIHEDRAL:
+        assert torch.equal(dihedral(dihedral(x, k, flip), k, flip, inverse=True), x)
+    assert len({tuple(dihedral(x, k, flip).flatten().tolist()) for k, flip in DIHEDRAL}) == 8
+    torch.manual_seed(0)
+    pipe = build_pipeline(residual_stage(), TINY, 0)
+    pipe.scheduler = sampling_scheduler("DDIMScheduler", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 16, 3), dtype=np.uint8))
+    single = np.asarray(upscale(pipe, image, 8, 2, 1, 0, 0), dtype=float)
+    ensemble = np.asarray(upscale(pipe, image, 8, 2, 1, 0, 0, self_ensemble=True), dtype=float)
+    assert ensemble.shape == single.shape == (48, 64, 3)
+    # a random UNet is not equivariant: the average of 8 differs from one run, and is smoother
+    assert np.abs(ensemble - single).mean() > 0.5
+    assert np.abs(np.diff(ensemble, axis=1)).mean() < np.abs(np.diff(single, axis=1)).mean()

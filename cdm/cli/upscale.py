@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the stage's setting)")
     p.add_argument("--noise-level", type=int, default=0, help="augmentation level s of the input (default 0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--self-ensemble",
+        action="store_true",
+        help="average over the 8 rotations and mirror images: 8x the time, higher PSNR, smoother",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:N or mps")
     return p
@@ -95,7 +100,9 @@ def compare(pipe, images, names, args, tile: int, overlap: int, steps: int, size
         lr = downsample(original, f).clamp(-1, 1)
         start = time.perf_counter()
         model = image_to_tensor(
-            upscale(pipe, to_pil(lr[0]), tile, overlap, steps, args.noise_level, args.seed)
+            upscale(
+                pipe, to_pil(lr[0]), tile, overlap, steps, args.noise_level, args.seed, args.self_ensemble
+            )
         )
         seconds = time.perf_counter() - start
         bicubic = F.interpolate(lr, scale_factor=f, mode="bicubic", align_corners=False).clamp(-1, 1)
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for path, image, target in zip(args.inputs, images, outputs):
         start = time.perf_counter()
-        result = upscale(pipe, image, tile, overlap, steps, args.noise_level, args.seed)
+        result = upscale(pipe, image, tile, overlap, steps, args.noise_level, args.seed, args.self_ensemble)
         write_file(target, result.save, args.overwrite)
         print(
             f"{path} {image.width}x{image.height} -> {target} {result.width}x{result.height} "
