@@ -1,4 +1,4 @@
-"""One table of bad inputs across the five CLIs. Each case must exit 2 with exactly one stderr line
+"""One table of bad inputs across the CLIs. Each case must exit 2 with exactly one stderr line
 that names the bad value, show no traceback, and leave every file under the working folder as it was."""
 
 import json
@@ -128,6 +128,9 @@ CASES = [
     ("export-cascade-as-stage", ["cdm-export", "CASCADE", "--out", "NEW"], "is a cascade folder", None),
     ("export-into-existing", [*EXPORT[:-1], "FILE"], "already exists", None),
     ("export-push-offline", ["cdm-export", "CASCADE", "--push-to-hub", "someone/x"], "someone/x", None),
+    # cdm-app
+    ("app-missing-model", ["cdm-app", "--model", "MISSING"], "MISSING", None),
+    ("app-bad-port", ["cdm-app", "--model", "CASCADE", "--port", "0"], "--port=0", None),
     # cdm-train
     ("train-zero-batch", [*TRAIN, "train.batch_size=0"], "train.batch_size=0", None),
     ("train-misspelt-key", [*TRAIN, "+train.max_stepz=5"], "max_stepz", None),
