@@ -120,30 +120,18 @@ def test_sweep_writes_table_plot_and_best_level(tmp_path, cache_env):
     assert (stage["aug_level"], stage["aug_mode"]) == (sweep["best"]["aug_level"], sweep["best"]["aug_mode"])
 
 
+def _eval_gen_args(root, data, out, *extra):
+    """cdm-eval gen on the first stage of a tiny cascade: 2 samples for each of 3 classes."""
+    common = ["--stages", "1", "--num-per-class", "2", "--data", "imagefolder", "--data-path", str(data)]
+    return ["cdm-eval", "gen", "--model", str(root), *common, "--out", str(out), *extra]
+
+
 @pytest.mark.parametrize("fid", [False, True], ids=["agreement", "with-fid"])
 def test_eval_gen_reports_class_agreement_with_classifier_accuracy(tmp_path, cache_env, fid):
     root = make_cascade(tmp_path / "c", sizes=(8, 32))
     data = _split_imagefolder(tmp_path / "imgs", size=16)
     res = run_cli(
-        [
-            "cdm-eval",
-            "gen",
-            "--model",
-            str(root),
-            "--stages",
-            "1",
-            "--num-per-class",
-            "2",
-            "--data",
-            "imagefolder",
-            "--data-path",
-            str(data),
-            "--out",
-            str(tmp_path / "g"),
-            *(["--fid"] if fid else []),
-        ],
-        tmp_path,
-        cache_env,
+        _eval_gen_args(root, data, tmp_path / "g", *(["--fid"] if fid else [])), tmp_path, cache_env
     )
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "g" / "results.json").read_text())
@@ -394,6 +382,8 @@ def test_class_agreement_is_the_share_of_samples_the_judge_puts_in_the_requested
     assert agreement == pytest.approx(5 / 6)  # only sample 3 (asked for 0, looks like 1) disagrees
 
 
+BATCH_FID = ("--batch", "2", "--fid")  # three batches, with Inception features
+
 STOP_AFTER = """
 import os, cdm.cascade
 _call, _count = cdm.cascade.Cascade.__call__, [0]
@@ -408,29 +398,6 @@ cdm.cascade.Cascade.__call__ = call
 """
 
 
-def _eval_gen_args(root, data, out, *extra):
-    return [
-        "cdm-eval",
-        "gen",
-        "--model",
-        str(root),
-        "--stages",
-        "1",
-        "--num-per-class",
-        "2",
-        "--batch",
-        "2",
-        "--data",
-        "imagefolder",
-        "--data-path",
-        str(data),
-        "--out",
-        str(out),
-        "--fid",
-        *extra,
-    ]
-
-
 def test_a_stopped_eval_resumes_without_redoing_finished_batches(tmp_path, cache_env):
     root = make_cascade(tmp_path / "c", sizes=(8, 32))
     data = _split_imagefolder(tmp_path / "imgs", size=16)
@@ -439,7 +406,9 @@ def test_a_stopped_eval_resumes_without_redoing_finished_batches(tmp_path, cache
 
     def run(out, stop):
         (site / "sitecustomize.py").write_text(STOP_AFTER.format(stop=stop, log=str(log)))
-        return run_cli(_eval_gen_args(root, data, out), tmp_path, {**cache_env, "PYTHONPATH": str(site)})
+        return run_cli(
+            _eval_gen_args(root, data, out, *BATCH_FID), tmp_path, {**cache_env, "PYTHONPATH": str(site)}
+        )
 
     stopped = run(tmp_path / "g", stop=2)  # 3 batches of 2: stopped while sampling the third
     assert stopped.returncode == 130 and not (tmp_path / "g" / "results.json").exists()
@@ -462,11 +431,13 @@ def test_two_process_eval_gives_the_one_process_fid(tmp_path, cache_env):
     root = make_cascade(tmp_path / "c", sizes=(8, 32))
     data = _split_imagefolder(tmp_path / "imgs", size=16)
     env = {**cache_env, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "MASTER_PORT": "29537"}
-    args = _eval_gen_args(root, data, tmp_path / "one")[1:]
+    args = _eval_gen_args(root, data, tmp_path / "one", *BATCH_FID)[1:]
     one = run_cli([sys.executable, "-m", "cdm.cli.eval", *args], tmp_path, env)
     assert one.returncode == 0, one.stderr[-2000:]
     launch = two_process_launch("cdm.cli.eval")
-    two = run_cli([*launch, *_eval_gen_args(root, data, tmp_path / "two")[1:]], tmp_path, env, timeout=300)
+    two = run_cli(
+        [*launch, *_eval_gen_args(root, data, tmp_path / "two", *BATCH_FID)[1:]], tmp_path, env, timeout=300
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = (json.loads((tmp_path / d / "results.json").read_text())["metrics"] for d in ("one", "two"))
     assert a.keys() == b.keys() and a == pytest.approx(b, rel=1e-4)
