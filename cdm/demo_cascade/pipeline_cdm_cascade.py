@@ -3,9 +3,11 @@
 
 A cascade folder holds one pipeline folder per stage and, at its root, this file and a
 `model_index.json` that names each stage folder as a component. Plain diffusers loads the whole
-cascade from the root; every stage's weights stay in its own folder, nothing is duplicated::
+cascade from the root; every stage's weights stay in its own folder, nothing is duplicated. Loading
+runs this file and the stage folders' pipeline files, so diffusers needs the user's explicit
+`trust_remote_code` opt-in to `DiffusionPipeline.from_pretrained` (the model card shows the exact
+call). Once loaded::
 
-    pipe = DiffusionPipeline.from_pretrained("user/cdm-cascade", trust_remote_code=True)
     image = pipe(class_labels=[7]).images[0]
 
 Each stage's sampling defaults (scheduler, steps, guidance, conditioning augmentation level and
