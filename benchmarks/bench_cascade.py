@@ -20,8 +20,7 @@ CONFIGS = [
 
 
 def run_one(bf16: bool, channels_last: bool) -> dict:
-    from cdm.cascade import Cascade
-    from cdm.cli.generate import DEMO_CASCADE
+    from cdm.cascade import DEMO_CASCADE, Cascade
 
     cascade = Cascade.from_pretrained(DEMO_CASCADE).optimize(bf16=bf16, channels_last=channels_last)
     cascade([3], seeds=[0], progress=False)  # warm-up (kernels, allocator)
@@ -33,8 +32,7 @@ def run_one(bf16: bool, channels_last: bool) -> dict:
 
 def peak_1024(bf16: bool, channels_last: bool) -> dict:
     """Peak resident memory of a process that runs only the 1024 stage on one 256 px image."""
-    from cdm.cascade import Cascade
-    from cdm.cli.generate import DEMO_CASCADE
+    from cdm.cascade import DEMO_CASCADE, Cascade
 
     cascade = Cascade.from_pretrained(DEMO_CASCADE).optimize(bf16=bf16, channels_last=channels_last)
     pipe, s = cascade.pipes[-1], cascade.settings[-1]

@@ -16,15 +16,13 @@ from pathlib import Path
 import gradio as gr
 import PIL.Image
 
-from cdm.cascade import Cascade
+from cdm.cascade import DEMO_CASCADE, Cascade
 from cdm.config import SamplingConfig
 from cdm.errors import UserError
 from cdm.images import to_pil
 from cdm.models import sampling_scheduler
-from cdm.upscaling import check_size, load_sr_stage, read_image, upscale
+from cdm.upscaling import PHOTO_STAGE, check_size, load_sr_stage, read_image, upscale
 
-DEMO_CASCADE = Path(__file__).resolve().parent / "demo_cascade"
-PHOTO_STAGE = Path(__file__).resolve().parent / "photo_sr4x"
 MAX_IMAGES = 8
 
 

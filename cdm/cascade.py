@@ -54,9 +54,17 @@ def imagenet_labels() -> dict[str, str]:
     return json.loads((Path(__file__).parent / "imagenet_classes.json").read_text())
 
 
+DEMO_CASCADE = Path(__file__).resolve().parent / "demo_cascade"  # the shipped digit cascade
+
+
 def stage_seed(seed: int, stage_index: int) -> int:
     """Each image's seed drives every stage; stages draw from independent streams."""
     return derived_seed(seed, stage_index)
+
+
+def stage_generators(seeds: list[int], stage_index: int) -> list[torch.Generator]:
+    """One generator per image for this stage, from the image's seed: the same image in any batch."""
+    return [torch.Generator().manual_seed(stage_seed(seed, stage_index)) for seed in seeds]
 
 
 def nearest_level(alphabar: float, noising) -> int:
@@ -225,7 +233,7 @@ class Cascade:
             while (item := links[k].get()) is not None:
                 lo, hi, x, alphabar = item
                 start = time.perf_counter()
-                gens = [torch.Generator().manual_seed(stage_seed(seed, k)) for seed in seeds[lo:hi]]
+                gens = stage_generators(seeds[lo:hi], k)
                 try:
                     images, out_alphabar = self.run_stage(
                         k, sampling, ids[lo:hi], x, alphabar, gens, truncate
@@ -333,7 +341,7 @@ class Cascade:
             chunks, alphabars = [], []
             for lo in range(0, len(ids), sampling.max_batch):
                 hi = min(lo + sampling.max_batch, len(ids))
-                gens = [torch.Generator().manual_seed(stage_seed(seed, k)) for seed in seeds[lo:hi]]
+                gens = stage_generators(seeds[lo:hi], k)
                 low_res = None if k == 0 else x[lo:hi]
                 images, out_alphabar = self.run_stage(
                     k, sampling, ids[lo:hi], low_res, alphabar, gens, truncate

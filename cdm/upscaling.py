@@ -16,6 +16,8 @@ from cdm.errors import UserError
 from cdm.images import decode_image, to_pil
 from cdm.stage_io import CASCADE_FILE, load_stage, resolve_model, stage_info, stage_settings
 
+PHOTO_STAGE = Path(__file__).resolve().parent / "photo_sr4x"  # the shipped 4x photo SR stage
+
 
 def load_sr_stage(model: str, stage: str | None):
     """An SR3Pipeline from a stage folder or from a cascade (by name, or its first SR stage)."""

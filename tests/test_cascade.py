@@ -234,7 +234,7 @@ def test_tiled_upscale_matches_untiled_without_seams():
 def test_demo_cascade_loads_and_its_pipeline_copies_match_the_package():
     from pathlib import Path
 
-    from cdm.cli.generate import DEMO_CASCADE
+    from cdm.cascade import DEMO_CASCADE
 
     cascade = Cascade.from_pretrained(DEMO_CASCADE)
     assert cascade.resolutions == [64, 256, 1024] and cascade.num_classes == 10

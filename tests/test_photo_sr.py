@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, run_cli, sr_stage
 
-from cdm.cli.upscale import PHOTO_STAGE
 from cdm.measure.metrics import hf_ratio, patch_grid
 from cdm.models import build_pipeline, sampling_scheduler
 from cdm.stage_io import load_stage, save_stage
 from cdm.train.degradations import downsample
+from cdm.upscaling import PHOTO_STAGE
 
 
 def textured(size=64, seed=0) -> torch.Tensor:

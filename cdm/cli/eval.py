@@ -390,7 +390,10 @@ def cmd_gen(args) -> None:
     check_out(args.out, ["results.json"], args.overwrite)
     if args.save_stats:
         check_new([args.save_stats], args.overwrite)
-    args.reference = load_stats(args.reference_stats, OfflineInception()) if args.reference_stats else None
+    # one Inception for the samples, the reference statistics and the real images; the reference is read
+    # before any sampling, so a bad file writes nothing
+    feature = OfflineInception() if args.fid or args.reference_stats or args.save_stats else None
+    reference = load_stats(args.reference_stats, feature) if args.reference_stats else None
     state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
     cascade, n, ids = _cascade_and_ids(args, state.device if state.num_processes > 1 else args.device)
     settings = cascade.with_overrides(steps=args.steps, guidance_scale=args.guidance)
@@ -399,7 +402,6 @@ def cmd_gen(args) -> None:
     start = time.perf_counter()
     with state.main_process_first():  # the first run trains and caches the judge once
         judge, meta = get_classifier(data, cascade.resolutions[0])
-    feature = OfflineInception() if plan["features"] else None
     folder = open_partial(args.out, plan, state)
     batches = [(lo, min(lo + args.batch, len(ids))) for lo in range(0, len(ids), args.batch)]
     with state.split_between_processes(batches) as mine:
@@ -407,11 +409,17 @@ def cmd_gen(args) -> None:
     state.wait_for_everyone()
     if state.is_main_process:
         found = load_batches(folder, batches)
-        report_gen(args, cascade, n, ids, settings, data, meta, found, time.perf_counter() - start)
+        distances = (
+            reference_distances(args, found["pool"], data, cascade.resolutions[n - 1], feature, reference)
+            if feature is not None
+            else None
+        )
+        report_gen(args, cascade, n, ids, settings, data, meta, found, distances, time.perf_counter() - start)
         shutil.rmtree(folder)
 
 
-def report_gen(args, cascade, n, ids, settings, data, meta, found: dict, seconds: float) -> None:
+def report_gen(args, cascade, n, ids, settings, data, meta, found: dict, distances, seconds: float) -> None:
+    """Write results.json, results.md and the grid; `distances` is `reference_distances`' answer or None."""
     agreement = float((found["pred"] == np.asarray(ids)).mean())
     metrics, notes = {"class_agreement": agreement}, []
     notes.append(
@@ -420,11 +428,9 @@ def report_gen(args, cascade, n, ids, settings, data, meta, found: dict, seconds
         f"agrees with the requested class on {agreement:.1%} of {len(ids)} samples."
     )
     floor = None
-    if "pool" in found:
-        distances, floor, note = reference_distances(
-            args, found["pool"], data, cascade.resolutions[n - 1], len(ids)
-        )
-        metrics.update(distances)
+    if distances is not None:
+        values, floor, note = distances
+        metrics.update(values)
         notes.append(note)
     result = {
         "kind": "generation",
@@ -446,16 +452,17 @@ def report_gen(args, cascade, n, ids, settings, data, meta, found: dict, seconds
     print(f"{len(ids)} samples in {seconds:.1f}s; wrote {args.out}/results.json, results.md, samples.png")
 
 
-def reference_distances(args, pool: np.ndarray, data, size: int, count: int) -> tuple[dict, dict | None, str]:
+def reference_distances(
+    args, pool: np.ndarray, data, size: int, feature, reference
+) -> tuple[dict, dict | None, str]:
     """FID/KID/precision/recall of the samples against real images of `--data` at `size` px, or against
     `--reference-stats`; `--save-stats` writes the samples' statistics. Returns the metrics, the
     real-data floor (the same count of real images from another split; None with reference stats)
     and a note for the results."""
-    feature = OfflineInception()
     if args.save_stats:
         write_file(args.save_stats, lambda tmp: save_stats(tmp, pool), args.overwrite)
     if args.reference_stats:
-        ref = args.reference
+        ref = reference
         distances = {"fid": frechet_distance(*feature_stats(pool), ref["mu"], ref["sigma"])}
         if "pool" in ref:
             distances["kid"] = kernel_distance(pool, ref["pool"])
@@ -469,7 +476,7 @@ def reference_distances(args, pool: np.ndarray, data, size: int, count: int) -> 
     reference, _ = real_images(data, args.reference_split, size, None)
     ref_pool = inception_features(reference, feature)
     other = "train" if args.reference_split != "train" else "test"  # what a perfect model would score
-    real, _ = real_images(data, other, size, count)
+    real, _ = real_images(data, other, size, len(pool))
     floor = {
         "split": other,
         "num_images": len(real),

@@ -14,13 +14,12 @@ from pathlib import Path
 import PIL.Image
 from accelerate import PartialState
 
-from cdm.cascade import Cascade
+from cdm.cascade import DEMO_CASCADE, Cascade
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
 from cdm.files import check_new, check_out_dir, write_file
 from cdm.images import save_grid, to_pil, to_tensor
 
-DEMO_CASCADE = Path(__file__).resolve().parent.parent / "demo_cascade"
 CHUNK = 16  # images taken through the whole cascade at a time
 GRID_MAX = 64  # the grid shows at most this many final images
 

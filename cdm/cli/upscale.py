@@ -27,9 +27,7 @@ from cdm.measure.metrics import psnr
 from cdm.models import sampling_scheduler
 from cdm.train.data import open_dataset
 from cdm.train.degradations import downsample
-from cdm.upscaling import check_size, load_sr_stage, read_image, upscale
-
-PHOTO_STAGE = Path(__file__).resolve().parent.parent / "photo_sr4x"  # the shipped 4x photo SR stage
+from cdm.upscaling import PHOTO_STAGE, check_size, load_sr_stage, read_image, upscale
 
 
 def build_parser() -> argparse.ArgumentParser:
