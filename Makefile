@@ -8,7 +8,7 @@ STAMP := $(VENV)/.cdm-installed
 DEMO := cdm/demo_cascade
 DEMO_RUNS := runs/demo
 
-.PHONY: install browser test test-slow lint bench demo demo-train demo-eval photo-train photo-eval clean
+.PHONY: install browser test test-slow lint bench demo demo-train demo-eval photo-train photo-eval experiments clean
 
 install: $(STAMP)
 
@@ -96,3 +96,8 @@ photo-eval: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs samples
+
+# CDM's claims in miniature (docs/experiments.md): resumable; each experiment stores its points in
+# runs/experiments/ and rewrites its section and plot. `make experiments EXPERIMENTS=guidance` runs one.
+experiments: install
+	$(BIN)/python -m cdm.experiments $(EXPERIMENTS)

@@ -1,0 +1,53 @@
+"""The experiment suite's bookkeeping: resumable points, the diversity measure, the report."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cdm import experiments
+
+
+def test_class_diversity_is_the_mean_within_class_pairwise_distance():
+    pool = np.array([[0.0, 0.0], [3.0, 4.0], [10.0, 10.0], [10.0, 10.0], [10.0, 12.0]])
+    ids = [0, 0, 1, 1, 1]
+    # class 0: one pair at distance 5; class 1: pairs at 0, 2, 2 -> mean 4/3
+    assert experiments.class_diversity(pool, ids) == pytest.approx((5 + 4 / 3) / 2)
+    # identical samples within every class have no diversity, whatever the classes' spread
+    assert experiments.class_diversity(np.array([[1.0], [1.0], [9.0], [9.0]]), [0, 0, 1, 1]) == 0
+
+
+def test_a_stored_point_is_not_measured_again(tmp_path):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return {"kid": 0.5}
+
+    path = tmp_path / "guidance" / "w1-seed0.json"
+    first = experiments.stored(path, measure)
+    again = experiments.stored(path, measure)
+    assert calls == [1]
+    assert first == again and first["kid"] == 0.5 and first["seconds"] >= 0
+    assert json.loads(path.read_text()) == first
+    assert not path.with_suffix(".tmp").exists()
+
+
+def test_spread_is_the_seed_mean_and_half_range():
+    assert experiments.spread([{"fid": 10.0}, {"fid": 14.0}], "fid") == (12.0, 2.0)
+
+
+def test_the_report_lists_run_and_missing_experiments(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "DOCS", tmp_path)
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "guidance.md").write_text("## Guidance sweep\n\n| w | FID |\n")
+    text = experiments.write_report().read_text()
+    assert "## Guidance sweep" in text and "![guidance](experiments/guidance.png)" in text
+    assert "Not run yet: `python -m cdm.experiments aug`" in text
+
+
+def test_an_unknown_experiment_is_one_clear_line(capsys):
+    with pytest.raises(SystemExit) as err:
+        experiments.main(["guidence"])
+    assert err.value.code == 2
+    assert "unknown experiment 'guidence'" in capsys.readouterr().err
