@@ -121,7 +121,7 @@ def cell(points: list[dict], key: str, fmt: str) -> str:
 # -- guidance sweep (base stage) ---------------------------------------------------------------------
 
 GUIDANCE = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-GUIDANCE_PER_CLASS = 20
+GUIDANCE_PER_CLASS = 10
 
 
 def run_guidance(judges: Judges) -> dict:
@@ -169,7 +169,7 @@ def report_guidance(result: dict) -> list[str]:
 # -- conditioning augmentation ablation (64 -> 256) ---------------------------------------------------
 
 AUG_LEVELS = (0, 50, 100, 250)
-AUG_PER_CLASS = 10
+AUG_PER_CLASS = 5
 AUG_REAL_IMAGES = 50
 AUG_STAGES = {  # the shipped stage and its twin trained without augmentation, same recipe and seed
     "augmented": (DEMO_CASCADE / "sr64to256", None),
@@ -226,8 +226,9 @@ def run_aug(judges: Judges) -> dict:
     ids = [c for c in range(cascade.num_classes) for _ in range(AUG_PER_CLASS)]
     real = list(real_images(judges.data, "test", 256, AUG_REAL_IMAGES)[0].split(1))
     points = {}
-    for name, (folder, recipe) in AUG_STAGES.items():
+    for folder, recipe in AUG_STAGES.values():  # train first: the slow part, and resumable
         train_missing(folder, recipe)
+    for name, (folder, _) in AUG_STAGES.items():
         pipe = load_stage(folder)
         pipe.set_progress_bar_config(disable=True)
         pipe.scheduler = sampling_scheduler(s.scheduler, pipe.scheduler.config, s.steps)
