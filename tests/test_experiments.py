@@ -51,3 +51,17 @@ def test_an_unknown_experiment_is_one_clear_line(capsys):
         experiments.main(["guidence"])
     assert err.value.code == 2
     assert "unknown experiment 'guidence'" in capsys.readouterr().err
+
+
+def test_a_missing_stage_is_trained_with_its_recipe_and_resumed(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(experiments.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    export = tmp_path / "run" / "export"
+    experiments.train_missing(export, "ablate_sr64to256_noaug")
+    assert calls[-1][-1] == "experiment=ablate_sr64to256_noaug"
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    experiments.train_missing(export, "ablate_sr64to256_noaug")
+    assert calls[-1][-2:] == ["experiment=ablate_sr64to256_noaug", "train.resume=latest"]
+    export.mkdir()
+    experiments.train_missing(export, "ablate_sr64to256_noaug")
+    assert len(calls) == 2  # an exported stage is not trained again

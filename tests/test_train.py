@@ -394,3 +394,21 @@ def test_hydra_config_dir_adds_experiments_and_unknown_ones_are_refused(tmp_path
         res = run_cli(["cdm-train", *argv], tmp_path)
         assert res.returncode == 2 and "no such experiment" in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_sr_training_samples_accept_inputs_whose_downsample_overshoots(tmp_path):
+    """Bicubic downsampling of sharp edges overshoots [-1, 1]; the training sample grid must still render."""
+    from types import SimpleNamespace
+
+    from cdm.models import build_pipeline
+    from cdm.train.degradations import downsample
+    from cdm.train.loop import save_samples
+
+    stage = sr_stage()  # 8 -> 32
+    pipe = build_pipeline(stage, TINY, 0, None)
+    edges = torch.ones(2, 3, 32, 32)
+    edges[..., 10:12, :] = -1  # a thin dark line: the anti-aliased bicubic downsample rings past +1
+    assert downsample(edges, 4).abs().max() > 1
+    cfg = SimpleNamespace(train=SimpleNamespace(num_samples=2), stage=stage)
+    save_samples(cfg, pipe, {"images": edges, "labels": torch.zeros(2, dtype=torch.long)}, tmp_path / "s.png", 0)
+    assert (tmp_path / "s.png").is_file()
