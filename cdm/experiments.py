@@ -121,7 +121,7 @@ def cell(points: list[dict], key: str, fmt: str) -> str:
 # -- guidance sweep (base stage) ---------------------------------------------------------------------
 
 GUIDANCE = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-GUIDANCE_PER_CLASS = 10
+GUIDANCE_PER_CLASS = 5
 
 
 def run_guidance(judges: Judges) -> dict:
