@@ -65,3 +65,25 @@ def test_a_missing_stage_is_trained_with_its_recipe_and_resumed(tmp_path, monkey
     export.mkdir()
     experiments.train_missing(export, "ablate_sr64to256_noaug")
     assert len(calls) == 2  # an exported stage is not trained again
+
+
+def test_guidance_findings_pick_the_tied_w_with_the_best_agreement(tmp_path):
+    from cdm.config import SamplingConfig
+
+    kid = {1.0: 0.030, 1.5: 0.020, 2.0: 0.0205, 3.0: 0.025, 4.0: 0.030, 6.0: 0.040}
+    agree = {1.0: 0.90, 1.5: 0.95, 2.0: 0.98, 3.0: 0.99, 4.0: 1.0, 6.0: 1.0}
+    points = {
+        (w, seed): {"fid": 50.0, "kid": kid[w] + 0.001 * seed, "class_agreement": agree[w], "diversity": 10 - w,
+                    "seconds": 1.0}
+        for w in experiments.GUIDANCE
+        for seed in experiments.SEEDS
+    }
+    floor = {"fid": 30.0, "kid": 0.0, "diversity": 12.0, "seconds": 1.0}
+    result = {"points": points, "floor": floor, "samples": 50, "settings": SamplingConfig()}
+    text = "\n".join(experiments.report_guidance(result))
+    # 1.5 has the lowest KID; 2.0 is within its 0.0005 seed spread and agrees more often
+    assert "The lowest KID is at w = 1.5; within the seed spread of it: w = 1.5, 2" in text
+    assert "of which w = 2 has the highest class agreement (0.980)" in text
+    assert "| 1.5 | 50.0 ± 0.0 | 0.0205 ± 0.0005 |" in text
+    experiments.plot_guidance(result, tmp_path / "guidance.png")
+    assert (tmp_path / "guidance.png").stat().st_size > 0
