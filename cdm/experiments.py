@@ -167,13 +167,14 @@ def report_guidance(result: dict) -> list[str]:
 
 
 def guidance_findings(result: dict) -> list[str]:
-    """The best w by KID (a w within its seed spread of the lowest ties; the tie goes to agreement)."""
+    """The best w by KID (a KID within the larger seed spread of the lowest ties; the tie goes to agreement)."""
     stats = {
         w: {k: spread([result["points"][(w, seed)] for seed in SEEDS], k) for k in ("kid", "class_agreement")}
         for w in GUIDANCE
     }
     lowest = min(v["kid"][0] for v in stats.values())
-    tied = [w for w in GUIDANCE if stats[w]["kid"][0] - lowest <= max(stats[w]["kid"][1], 1e-4)]
+    low = min(GUIDANCE, key=lambda w: stats[w]["kid"][0])
+    tied = [w for w in GUIDANCE if stats[w]["kid"][0] - lowest <= max(stats[w]["kid"][1], stats[low]["kid"][1])]
     best = max(tied, key=lambda w: stats[w]["class_agreement"][0])
     top = max(GUIDANCE, key=lambda w: stats[w]["class_agreement"][0])
     return [
@@ -313,7 +314,8 @@ def aug_findings(result: dict) -> list[str]:
         for n in AUG_STAGES
     )
     lowest = min(on.values())[0]
-    tied = [level for level in AUG_LEVELS if on[level][0] - lowest <= max(on[level][1], 1e-4)]
+    low = min(AUG_LEVELS, key=lambda level: on[level][0])
+    tied = [level for level in AUG_LEVELS if on[level][0] - lowest <= max(on[level][1], on[low][1])]
     best = min(tied, key=lambda level: spread([points[("augmented", level, seed)] for seed in SEEDS], "fid")[0])
     real_on, real_off = (points[(n, "real")]["model"] for n in AUG_STAGES)
     trained = json.loads((AUG_STAGES["not augmented"][0] / "cdm_stage.json").read_text())["run"]

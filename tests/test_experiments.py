@@ -81,7 +81,7 @@ def test_guidance_findings_pick_the_tied_w_with_the_best_agreement(tmp_path):
     floor = {"fid": 30.0, "kid": 0.0, "diversity": 12.0, "seconds": 1.0}
     result = {"points": points, "floor": floor, "samples": 50, "settings": SamplingConfig()}
     text = "\n".join(experiments.report_guidance(result))
-    # 1.5 has the lowest KID; 2.0 is within its 0.0005 seed spread and agrees more often
+    # 1.5 has the lowest KID; 2.0 is within the 0.0005 seed spread and agrees more often
     assert "The lowest KID is at w = 1.5; within the seed spread of it: w = 1.5, 2" in text
     assert "of which w = 2 has the highest class agreement (0.980)" in text
     assert "| 1.5 | 50.0 ± 0.0 | 0.0205 ± 0.0005 |" in text
