@@ -332,6 +332,15 @@ def aug_findings(result: dict) -> list[str]:
     ]
 
 
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_lines(path: Path, xs, series: dict, xlabel: str, ylabel: str, floor: float | None = None) -> None:
     """One line per series, each point the seeds' mean with half their range as the error bar."""
     import matplotlib
@@ -348,10 +357,7 @@ def plot_lines(path: Path, xs, series: dict, xlabel: str, ylabel: str, floor: fl
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_guidance(result: dict, path: Path) -> None:
@@ -373,10 +379,7 @@ def plot_guidance(result: dict, path: Path) -> None:
         ax.set_xlabel("guidance scale w")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_aug(result: dict, path: Path) -> None:
