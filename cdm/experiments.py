@@ -40,12 +40,17 @@ class Judges:
     feature: OfflineInception
     data: object
     refs: dict
+    classifier: torch.nn.Module | None = None
 
     def reference(self, size: int) -> np.ndarray:
         if size not in self.refs:
-            images, labels = real_images(self.data, "test", size, None)
-            self.refs[size] = (inception_features(images, self.feature), labels)
-        return self.refs[size][0]
+            self.refs[size] = inception_features(real_images(self.data, "test", size, None)[0], self.feature)
+        return self.refs[size]
+
+    def agreement(self, images: torch.Tensor, ids: list[int]) -> float:
+        if self.classifier is None:
+            self.classifier = get_classifier(self.data, 64)[0]
+        return float((predict(self.classifier, prepare(images)) == torch.tensor(ids)).float().mean())
 
     def floor(self, size: int, count: int) -> dict:
         """What a perfect model would score: `count` real train images against the test reference."""
@@ -73,11 +78,9 @@ def class_diversity(pool: np.ndarray, ids: list[int]) -> float:
 def score_samples(images: torch.Tensor, ids: list[int], judges: Judges) -> dict:
     """FID/KID against the real test digits at the samples' size, class agreement and diversity."""
     pool = inception_features(images, judges.feature)
-    model, _ = get_classifier(judges.data, 64)
-    agreement = float((predict(model, prepare(images)) == torch.tensor(ids)).float().mean())
     return {
         **feature_distances(pool, judges.reference(images.shape[-1])),
-        "class_agreement": agreement,
+        "class_agreement": judges.agreement(images, ids),
         "diversity": class_diversity(pool, ids),
     }
 
@@ -111,6 +114,13 @@ def spread(points: list[dict], key: str) -> tuple[float, float]:
     """Mean over the seeds and half the range (the spread reported beside each mean)."""
     values = [p[key] for p in points]
     return float(np.mean(values)), (max(values) - min(values)) / 2
+
+
+def tied_lowest(stats: dict) -> list:
+    """The keys whose mean is within the larger seed spread of the lowest mean: `stats` maps a key to
+    `spread`'s (mean, half range). Differences smaller than the seeds' own spread are not findings."""
+    low = min(stats, key=lambda k: stats[k][0])
+    return [k for k, (mean, half) in stats.items() if mean - stats[low][0] <= max(half, stats[low][1])]
 
 
 def cell(points: list[dict], key: str, fmt: str) -> str:
@@ -172,14 +182,13 @@ def guidance_findings(result: dict) -> list[str]:
         w: {k: spread([result["points"][(w, seed)] for seed in SEEDS], k) for k in ("kid", "class_agreement")}
         for w in GUIDANCE
     }
-    lowest = min(v["kid"][0] for v in stats.values())
-    low = min(GUIDANCE, key=lambda w: stats[w]["kid"][0])
-    tied = [w for w in GUIDANCE if stats[w]["kid"][0] - lowest <= max(stats[w]["kid"][1], stats[low]["kid"][1])]
+    tied = tied_lowest({w: stats[w]["kid"] for w in GUIDANCE})
     best = max(tied, key=lambda w: stats[w]["class_agreement"][0])
     top = max(GUIDANCE, key=lambda w: stats[w]["class_agreement"][0])
+    low = min(tied, key=lambda w: stats[w]["kid"][0])
     return [
-        f"The lowest KID is at w = {min(GUIDANCE, key=lambda w: stats[w]['kid'][0]):g}; within the seed "
-        f"spread of it: w = {', '.join(f'{w:g}' for w in tied)}, of which w = {best:g} has the highest class "
+        f"The lowest KID is at w = {low:g}; within the seed spread of it: w = {', '.join(f'{w:g}' for w in tied)}, "
+        f"of which w = {best:g} has the highest class "
         f"agreement ({stats[best]['class_agreement'][0]:.3f}). The highest agreement overall is at w = {top:g} "
         f"({stats[top]['class_agreement'][0]:.3f}, KID {stats[top]['kid'][0]:.4f})."
     ]
@@ -247,17 +256,19 @@ def run_aug(judges: Judges) -> dict:
     points = {}
     for folder, recipe in AUG_STAGES.values():  # train first: the slow part, and resumable
         train_missing(folder, recipe)
+    lows = {}
+    for seed in SEEDS:  # both stages upscale the same base samples
+        lows[seed], points[("base", seed)] = base_samples(cascade, ids, seed)
     for name, (folder, _) in AUG_STAGES.items():
         pipe = load_stage(folder)
         pipe.set_progress_bar_config(disable=True)
         pipe.scheduler = sampling_scheduler(s.scheduler, pipe.scheduler.config, s.steps)
         slug = name.replace(" ", "-")
         for seed in SEEDS:
-            low, points[("base", seed)] = base_samples(cascade, ids, seed)
             for level in AUG_LEVELS:
                 points[(name, level, seed)] = stored(
                     RUNS / "aug" / f"{slug}-s{level}-seed{seed}.json",
-                    lambda: score_samples(upscale_samples(pipe, low, level, seed, s.steps), ids, judges),
+                    lambda: score_samples(upscale_samples(pipe, lows[seed], level, seed, s.steps), ids, judges),
                 )
         points[(name, "real")] = stored(
             RUNS / "aug" / f"{slug}-real.json", lambda: evaluate_sr(pipe, real, s.steps, 0, 0)
@@ -313,9 +324,7 @@ def aug_findings(result: dict) -> list[str]:
         {level: spread([points[(n, level, seed)] for seed in SEEDS], "kid") for level in AUG_LEVELS}
         for n in AUG_STAGES
     )
-    lowest = min(on.values())[0]
-    low = min(AUG_LEVELS, key=lambda level: on[level][0])
-    tied = [level for level in AUG_LEVELS if on[level][0] - lowest <= max(on[level][1], on[low][1])]
+    tied = tied_lowest(on)
     best = min(tied, key=lambda level: spread([points[("augmented", level, seed)] for seed in SEEDS], "fid")[0])
     real_on, real_off = (points[(n, "real")]["model"] for n in AUG_STAGES)
     trained = json.loads((AUG_STAGES["not augmented"][0] / "cdm_stage.json").read_text())["run"]
