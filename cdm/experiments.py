@@ -26,11 +26,13 @@ from cdm.cascade import DEMO_CASCADE, Cascade
 from cdm.cli.eval import data_config, evaluate_sr, real_images
 from cdm.measure.classifier import get_classifier, predict, prepare
 from cdm.measure.fid import OfflineInception, feature_distances, inception_features
+from cdm.models import sampling_scheduler
 
 RUNS = Path("runs/experiments")
 DOCS = Path("docs")
 SEEDS = (0, 1)
 SEED_STRIDE = 100_000  # seed s uses per-image seeds s * SEED_STRIDE + i
+REFERENCE_LIMIT = {1024: 200}  # real test digits per reference; all 500 at 1024 px would take 6 GB
 
 
 @dataclass
@@ -44,7 +46,8 @@ class Judges:
 
     def reference(self, size: int) -> np.ndarray:
         if size not in self.refs:
-            self.refs[size] = inception_features(real_images(self.data, "test", size, None)[0], self.feature)
+            real = real_images(self.data, "test", size, REFERENCE_LIMIT.get(size))[0]
+            self.refs[size] = inception_features(real, self.feature)
         return self.refs[size]
 
     def agreement(self, images: torch.Tensor, ids: list[int]) -> float:
@@ -216,22 +219,28 @@ def train_missing(folder: Path, experiment: str | None) -> None:
     subprocess.run(cmd, check=True)
 
 
-def base_samples(cascade: Cascade, ids: list[int], seed: int) -> tuple[torch.Tensor, dict]:
-    """The base stage's 64 px samples for this seed at its shipped settings, stored once (and timed)."""
+def stored_samples(path: Path, make) -> tuple[torch.Tensor, dict]:
+    """Images made by `make()` and kept at `path` (safetensors), with their timed JSON record."""
     from safetensors.torch import load_file, save_file
 
-    path = RUNS / "aug" / f"base-seed{seed}.safetensors"
-
-    def make() -> dict:
-        images = sample(cascade[:1], ids, seed, cascade.settings[:1])[0]
+    def measure() -> dict:
+        images = make()
         save_file({"images": images.contiguous()}, str(path))
         return {"samples": len(images)}
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.is_file():  # a record without its images is measured again
         path.with_suffix(".json").unlink(missing_ok=True)
-    record = stored(path.with_suffix(".json"), make)
+    record = stored(path.with_suffix(".json"), measure)
     return load_file(str(path))["images"], record
+
+
+def base_samples(cascade: Cascade, ids: list[int], seed: int, experiment: str = "aug") -> tuple[torch.Tensor, dict]:
+    """The base stage's 64 px samples for this seed at its shipped settings, stored once (and timed)."""
+    return stored_samples(
+        RUNS / experiment / f"base-seed{seed}.safetensors",
+        lambda: sample(cascade[:1], ids, seed, cascade.settings[:1])[0],
+    )
 
 
 def upscale_samples(pipe, low: torch.Tensor, level: int, seed: int, steps: int, batch: int = 10):
@@ -246,7 +255,6 @@ def upscale_samples(pipe, low: torch.Tensor, level: int, seed: int, steps: int, 
 
 
 def run_aug(judges: Judges) -> dict:
-    from cdm.models import sampling_scheduler
     from cdm.stage_io import load_stage
 
     cascade = Cascade.from_pretrained(DEMO_CASCADE)
@@ -341,6 +349,250 @@ def aug_findings(result: dict) -> list[str]:
     ]
 
 
+# -- truncated vs non-truncated augmentation (64 -> 256) ---------------------------------------------
+
+TRUNC_LEVELS = (50, 100, 250)
+TRUNC_MODES = ("non-truncated", "truncated")
+TRUNC_STAGE = (RUNS / "sr64to256-whole" / "export", "ablate_sr64to256_whole")
+
+
+def run_trunc(judges: Judges) -> dict:
+    """A whole-image 64 -> 256 stage behind the shipped base stage, its input augmented to level s
+    either by noising the finished base sample (non-truncated) or by stopping the base stage at s."""
+    from cdm.cascade import Stage
+    from cdm.stage_io import load_stage
+
+    folder, recipe = TRUNC_STAGE
+    train_missing(folder, recipe)
+    demo = Cascade.from_pretrained(DEMO_CASCADE)
+    whole = Stage("sr64to256-whole", load_stage(folder), demo.settings[1])
+    cascade = Cascade([demo.stages[0], whole])
+    s = cascade.settings[1]
+    ids = [c for c in range(cascade.num_classes) for _ in range(AUG_PER_CLASS)]
+    points = {}
+    whole.pipe.set_progress_bar_config(disable=True)
+    whole.pipe.scheduler = sampling_scheduler(s.scheduler, whole.pipe.scheduler.config, s.steps)
+    for seed in SEEDS:
+        low, points[("base", seed)] = base_samples(cascade, ids, seed, "trunc")
+        for level in (0, *TRUNC_LEVELS):  # non-truncated: every level upscales the same base samples
+            points[("non-truncated", level, seed)] = stored(
+                RUNS / "trunc" / f"non-truncated-s{level}-seed{seed}.json",
+                lambda: score_samples(upscale_samples(whole.pipe, low, level, seed, s.steps), ids, judges),
+            )
+        for level in TRUNC_LEVELS:  # truncated: the base stage stops at level s (its time included)
+            settings = cascade.with_overrides(aug_level=[0, level], aug_mode=["non-truncated", "truncated"])
+            points[("truncated", level, seed)] = stored(
+                RUNS / "trunc" / f"truncated-s{level}-seed{seed}.json",
+                lambda: score_samples(sample(cascade, ids, seed, settings)[1], ids, judges),
+            )
+        points[("truncated", 0, seed)] = points[("non-truncated", 0, seed)]  # s = 0 never truncates
+    real = list(real_images(judges.data, "test", 256, AUG_REAL_IMAGES)[0].split(1))
+    points["real"] = stored(RUNS / "trunc" / "real.json", lambda: evaluate_sr(whole.pipe, real, s.steps, 0, 0))
+    floor = stored(RUNS / "aug" / "floor.json", lambda: judges.floor(256, len(ids)))
+    return {"points": points, "floor": floor, "samples": len(ids), "settings": s, "real": len(real)}
+
+
+def report_trunc(result: dict) -> list[str]:
+    points, floor, s = result["points"], result["floor"], result["settings"]
+    base = np.mean([points[("base", seed)]["seconds"] for seed in SEEDS])
+    lines = [
+        "## Truncated vs non-truncated augmentation (64 → 256)",
+        "",
+        "A 64 → 256 stage that predicts the whole image, as in SR3 and CDM (the demo recipe with "
+        "`stage.residual=false`: `conf/experiment/ablate_sr64to256_whole.yaml`; the shipped stages predict the "
+        "residual over bicubic, which a truncated handover cannot feed), behind the shipped base stage at its "
+        f"defaults. Non-truncated: the base sample is finished ({base:.0f} s per seed), then noised to level s. "
+        "Truncated: the base stage stops at the first of its timesteps whose noise is at or below level s and "
+        "hands over its noisy z_s (its time is included in the row). "
+        f"{result['samples']} samples per seed ({AUG_PER_CLASS} per class), seeds {list(SEEDS)}, the SR stage "
+        f"sampled with {s.scheduler} at {s.steps} steps. FID/KID against all real 256 px test digits; each "
+        "value is the mean over the seeds ± half their difference.",
+        "",
+        "| mode | s | FID | KID | class agreement | seconds per seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    p0 = [points[("non-truncated", 0, seed)] for seed in SEEDS]
+    lines.append(
+        f"| either (s = 0) | 0 | {cell(p0, 'fid', '.1f')} | {cell(p0, 'kid', '.4f')} "
+        f"| {cell(p0, 'class_agreement', '.3f')} | {np.mean([x['seconds'] for x in p0]):.0f} |"
+    )
+    for mode in TRUNC_MODES:
+        for level in TRUNC_LEVELS:
+            p = [points[(mode, level, seed)] for seed in SEEDS]
+            lines.append(
+                f"| {mode} | {level} | {cell(p, 'fid', '.1f')} | {cell(p, 'kid', '.4f')} "
+                f"| {cell(p, 'class_agreement', '.3f')} | {np.mean([x['seconds'] for x in p]):.0f} |"
+            )
+    real = points["real"]
+    m, b = real["model"], real["bicubic"]
+    lines += [
+        f"| real train digits (floor) | | {floor['fid']:.1f} | {floor['kid']:.4f} | | |",
+        "",
+        f"The whole-image stage on real low-res inputs ({result['real']} test digits, s = 0): "
+        f"{m['psnr']:.2f} dB PSNR, SSIM {m['ssim']:.3f}, consistency {m['consistency']:.2e} "
+        f"(bicubic: {b['psnr']:.2f} dB, {b['ssim']:.3f}, {b['consistency']:.2e}).",
+        "",
+        *trunc_findings(result),
+    ]
+    return lines
+
+
+def trunc_findings(result: dict) -> list[str]:
+    """Which mode wins at each level, by more than the seeds' spread, computed from the table."""
+    points = result["points"]
+    kid = {
+        (mode, level): spread([points[(mode, level, seed)] for seed in SEEDS], "kid")
+        for mode in TRUNC_MODES
+        for level in (0, *TRUNC_LEVELS)
+    }
+    verdicts = []
+    for level in TRUNC_LEVELS:
+        tied = tied_lowest({mode: kid[(mode, level)] for mode in TRUNC_MODES})
+        verdicts.append(f"s = {level}: " + ("tie" if len(tied) > 1 else f"{tied[0]} better"))
+    best = tied_lowest(kid)
+    return [
+        "By KID, level by level (a difference within the larger seed spread is a tie): "
+        + "; ".join(verdicts)
+        + ". The lowest KID overall: "
+        + ", ".join(f"{mode} at s = {level}" for mode, level in best)
+        + f" ({min(v[0] for v in kid.values()):.4f}); s = 0 (no augmentation) scores {kid[('non-truncated', 0)][0]:.4f}."
+    ]
+
+
+def plot_trunc(result: dict, path: Path) -> None:
+    pts = result["points"]
+    levels = [0, *TRUNC_LEVELS]
+    series = {
+        mode: [spread([pts[(mode, level, seed)] for seed in SEEDS], "kid") for level in levels]
+        for mode in TRUNC_MODES
+    }
+    plot_lines(path, levels, series, "augmentation level s at sampling", "KID at 256 px", result["floor"]["kid"])
+
+
+# -- blur augmentation (256 -> 1024) -----------------------------------------------------------------
+
+BLUR_PER_CLASS = 2
+BLUR_REAL_IMAGES = 20
+BLUR_STAGES = {  # the demo recipe, with and without CDM's blur of the low-res input, same machine and seed
+    "blur": (RUNS / "sr256to1024-blur" / "export", "ablate_sr256to1024_blur"),
+    "no blur": (RUNS / "sr256to1024-noblur" / "export", "ablate_sr256to1024_noblur"),
+}
+
+
+def run_blur(judges: Judges) -> dict:
+    """Both 1024 stages on the shipped cascade's own 256 px outputs (FID/KID, class agreement) and on
+    real low-res test digits (PSNR, SSIM, consistency, HF ratio, against bicubic)."""
+    from cdm.stage_io import load_stage
+
+    for folder, recipe in BLUR_STAGES.values():
+        train_missing(folder, recipe)
+    cascade = Cascade.from_pretrained(DEMO_CASCADE)
+    s = cascade.settings[2]
+    ids = [c for c in range(cascade.num_classes) for _ in range(BLUR_PER_CLASS)]
+    points, lows = {}, {}
+    for seed in SEEDS:  # what the 1024 stage sees in use: the first two stages' samples
+        lows[seed], points[("inputs", seed)] = stored_samples(
+            RUNS / "blur" / f"inputs-seed{seed}.safetensors",
+            lambda: sample(cascade[:2], ids, seed, cascade.settings[:2])[1],
+        )
+    real = list(real_images(judges.data, "test", 1024, BLUR_REAL_IMAGES)[0].split(1))
+    for name, (folder, _) in BLUR_STAGES.items():
+        pipe = load_stage(folder)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = sampling_scheduler(s.scheduler, pipe.scheduler.config, s.steps)
+        slug = name.replace(" ", "-")
+        for seed in SEEDS:
+            points[(name, seed)] = stored(
+                RUNS / "blur" / f"{slug}-seed{seed}.json",
+                lambda: score_samples(upscale_samples(pipe, lows[seed], s.aug_level, seed, s.steps, 2), ids, judges),
+            )
+        points[(name, "real")] = stored(
+            RUNS / "blur" / f"{slug}-real.json", lambda: evaluate_sr(pipe, real, s.steps, 0, 0)
+        )
+    floor = stored(RUNS / "blur" / "floor.json", lambda: judges.floor(1024, len(ids)))
+    return {"points": points, "floor": floor, "samples": len(ids), "settings": s, "real": len(real)}
+
+
+def report_blur(result: dict) -> list[str]:
+    points, floor, s = result["points"], result["floor"], result["settings"]
+    inputs = np.mean([points[("inputs", seed)]["seconds"] for seed in SEEDS])
+    lines = [
+        "## Blur augmentation (256 → 1024)",
+        "",
+        "Two 256 → 1024 stages trained with the demo recipe on this machine, same seed and steps: one with "
+        "CDM's blur of half the low-res inputs (σ ∈ [0.4, 0.6]; `conf/experiment/ablate_sr256to1024_blur.yaml`, "
+        "the shipped recipe) and one without (`conf/experiment/ablate_sr256to1024_noblur.yaml`). "
+        f"Both upscale the shipped cascade's own 256 px samples ({result['samples']} per seed, "
+        f"{BLUR_PER_CLASS} per class, seeds {list(SEEDS)}; making them took {inputs:.0f} s per seed), "
+        f"noised to the shipped level s = {s.aug_level}, sampled with {s.scheduler} at {s.steps} steps. "
+        f"FID/KID against {REFERENCE_LIMIT.get(1024, 'all')} real 1024 px test digits; each value is the mean "
+        "over the seeds ± half their difference.",
+        "",
+        "| stage | FID | KID | class agreement | seconds per seed |",
+        "|---|---|---|---|---|",
+    ]
+    for name in BLUR_STAGES:
+        p = [points[(name, seed)] for seed in SEEDS]
+        lines.append(
+            f"| {name} | {cell(p, 'fid', '.1f')} | {cell(p, 'kid', '.4f')} | {cell(p, 'class_agreement', '.3f')} "
+            f"| {np.mean([x['seconds'] for x in p]):.0f} |"
+        )
+    lines += [
+        f"| real train digits (floor) | {floor['fid']:.1f} | {floor['kid']:.4f} | | |",
+        "",
+        f"`cdm-eval sr` on real low-res inputs ({result['real']} test digits downsampled from 1024 px, s = 0):",
+        "",
+        "| stage | PSNR (dB) | SSIM | consistency (MSE) | HF ratio | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in BLUR_STAGES:
+        r = points[(name, "real")]
+        m = r["model"]
+        lines.append(
+            f"| {name} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['consistency']:.2e} | {m['hf_ratio']:.2f} "
+            f"| {r['seconds']:.0f} |"
+        )
+    b = points[(next(iter(BLUR_STAGES)), "real")]["bicubic"]
+    lines.append(f"| bicubic | {b['psnr']:.2f} | {b['ssim']:.3f} | {b['consistency']:.2e} | {b['hf_ratio']:.2f} | |")
+    return lines + ["", *blur_findings(result)]
+
+
+def blur_findings(result: dict) -> list[str]:
+    points = result["points"]
+    kid = {name: spread([points[(name, seed)] for seed in SEEDS], "kid") for name in BLUR_STAGES}
+    tied = tied_lowest(kid)
+    on, off = (points[(name, "real")]["model"] for name in BLUR_STAGES)
+    verdict = (
+        "tie: the difference is within the seeds' spread" if len(tied) > 1 else f"the stage with {tied[0]} is better"
+    )
+    return [
+        f"On the cascade's own samples, KID {kid['blur'][0]:.4f} with blur and {kid['no blur'][0]:.4f} without "
+        f"({verdict}). On real inputs: {on['psnr']:.2f} against {off['psnr']:.2f} dB, SSIM {on['ssim']:.3f} "
+        f"against {off['ssim']:.3f}, HF ratio {on['hf_ratio']:.2f} against {off['hf_ratio']:.2f} (with blur first)."
+    ]
+
+
+def plot_blur(result: dict, path: Path) -> None:
+    """KID on generated inputs and HF ratio on real ones, per stage, beside bicubic's HF ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts, names = result["points"], list(BLUR_STAGES)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
+    kid = [spread([pts[(n, seed)] for seed in SEEDS], "kid") for n in names]
+    a.bar(names, [m for m, _ in kid], yerr=[h for _, h in kid], capsize=4, color=["C0", "C1"])
+    a.axhline(result["floor"]["kid"], color="grey", linestyle="--", label="real digits")
+    a.set_ylabel("KID at 1024 px (generated inputs)")
+    a.legend(fontsize=8)
+    hf = [pts[(n, "real")]["model"]["hf_ratio"] for n in names] + [pts[(names[0], "real")]["bicubic"]["hf_ratio"]]
+    b.bar([*names, "bicubic"], hf, color=["C0", "C1", "grey"])
+    b.axhline(1.0, color="black", linewidth=0.8)
+    b.set_ylabel("HF ratio (real inputs; 1 = original)")
+    save_figure(fig, path)
+
+
 def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -403,22 +655,13 @@ def plot_aug(result: dict, path: Path) -> None:
 
 EXPERIMENTS = {  # name: (run, report, plot)
     "aug": (run_aug, report_aug, plot_aug),
+    "trunc": (run_trunc, report_trunc, plot_trunc),
+    "blur": (run_blur, report_blur, plot_blur),
     "guidance": (run_guidance, report_guidance, plot_guidance),
 }
 
 
 PENDING = {  # experiments of the suite that have no runner yet, and what they need
-    "Truncated vs non-truncated augmentation": (
-        "Not run yet. The shipped SR stages diffuse the residual over the bicubic upsample of the clean "
-        "input, and a truncated handover gives the next stage only the noisy z_s, so there is no clean "
-        "input to add the residual to: cdm refuses truncated mode for residual stages. The comparison "
-        "needs a whole-image (SR3-style) 64 → 256 stage trained with the demo recipe and `stage.residual=false` "
-        "(about 35 min on 2 cores), then the same scoring as the ablation above at s ∈ {50, 100, 250}."
-    ),
-    "Blur augmentation (256 → 1024)": (
-        "Not run yet: it needs two 256 → 1024 stages, with and without blur augmentation; the shipped one "
-        "was trained on a GPU and one training run at 1024 px does not fit in a CPU session."
-    ),
     "Sampler budget": (
         "Not run yet for the digit stages. For the photo stage, PSNR and HF ratio against steps for DDIM and "
         "DPM-Solver++ against DDPM at 1000 steps are in [photo_sr.md](photo_sr.md): 2 UNet evaluations match "

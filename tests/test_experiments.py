@@ -87,3 +87,60 @@ def test_guidance_findings_pick_the_tied_w_with_the_best_agreement(tmp_path):
     assert "| 1.5 | 50.0 ± 0.0 | 0.0205 ± 0.0005 |" in text
     experiments.plot_guidance(result, tmp_path / "guidance.png")
     assert (tmp_path / "guidance.png").stat().st_size > 0
+
+
+def test_trunc_findings_call_ties_within_the_seed_spread(tmp_path):
+    from cdm.config import SamplingConfig
+
+    kid = {  # truncated clearly better at 250, a tie at 100 (0.0005 apart, spread 0.001), worse at 50
+        ("non-truncated", 0): 0.050,
+        ("non-truncated", 50): 0.040,
+        ("non-truncated", 100): 0.0400,
+        ("non-truncated", 250): 0.060,
+        ("truncated", 50): 0.045,
+        ("truncated", 100): 0.0405,
+        ("truncated", 250): 0.030,
+    }
+    points = {
+        (mode, level, seed): {"fid": 80.0, "kid": v + 0.002 * seed, "class_agreement": 1.0, "seconds": 2.0}
+        for (mode, level), v in kid.items()
+        for seed in experiments.SEEDS
+    }
+    for seed in experiments.SEEDS:
+        points[("truncated", 0, seed)] = points[("non-truncated", 0, seed)]
+        points[("base", seed)] = {"samples": 50, "seconds": 100.0}
+    real = {"psnr": 30.0, "ssim": 0.9, "consistency": 1e-4, "hf_ratio": 0.5}
+    points["real"] = {"model": real, "bicubic": real, "seconds": 5.0}
+    floor = {"fid": 30.0, "kid": 0.0, "seconds": 1.0}
+    result = {"points": points, "floor": floor, "samples": 50, "settings": SamplingConfig(), "real": 50}
+    text = "\n".join(experiments.report_trunc(result))
+    assert "s = 50: non-truncated better; s = 100: tie; s = 250: truncated better" in text
+    assert "The lowest KID overall: truncated at s = 250 (0.0310)" in text
+    assert "| either (s = 0) | 0 | 80.0 ± 0.0 | 0.0510 ± 0.0010 |" in text
+    experiments.plot_trunc(result, tmp_path / "trunc.png")
+    assert (tmp_path / "trunc.png").stat().st_size > 0
+
+
+def test_blur_report_names_the_better_stage_only_beyond_the_seed_spread(tmp_path):
+    from cdm.config import SamplingConfig
+
+    def result_with(kid_blur: float, kid_noblur: float) -> dict:
+        points = {("inputs", seed): {"samples": 20, "seconds": 60.0} for seed in experiments.SEEDS}
+        for name, kid in (("blur", kid_blur), ("no blur", kid_noblur)):
+            for seed in experiments.SEEDS:
+                points[(name, seed)] = {"fid": 90.0, "kid": kid + 0.002 * seed, "class_agreement": 1.0, "seconds": 9.0}
+            model = {"psnr": 39.0, "ssim": 0.96, "consistency": 3e-5, "hf_ratio": 0.8 if name == "blur" else 0.9}
+            bicubic = {"psnr": 35.5, "ssim": 0.99, "consistency": 5e-5, "hf_ratio": 0.1}
+            points[(name, "real")] = {"model": model, "bicubic": bicubic, "seconds": 100.0}
+        floor = {"fid": 40.0, "kid": 0.0, "seconds": 1.0}
+        return {"points": points, "floor": floor, "samples": 20, "settings": SamplingConfig(aug_level=200), "real": 20}
+
+    text = "\n".join(experiments.report_blur(result_with(0.050, 0.060)))
+    assert "(the stage with blur is better)" in text
+    assert "HF ratio 0.80 against 0.90" in text
+    assert "| bicubic | 35.50 | 0.990 | 5.00e-05 | 0.10 | |" in text
+    assert "tie: the difference is within the seeds' spread" in "\n".join(
+        experiments.report_blur(result_with(0.0500, 0.0505))
+    )
+    experiments.plot_blur(result_with(0.05, 0.06), tmp_path / "blur.png")
+    assert (tmp_path / "blur.png").stat().st_size > 0
