@@ -73,8 +73,13 @@ def test_guidance_findings_pick_the_tied_w_with_the_best_agreement(tmp_path):
     kid = {1.0: 0.030, 1.5: 0.020, 2.0: 0.0205, 3.0: 0.025, 4.0: 0.030, 6.0: 0.040}
     agree = {1.0: 0.90, 1.5: 0.95, 2.0: 0.98, 3.0: 0.99, 4.0: 1.0, 6.0: 1.0}
     points = {
-        (w, seed): {"fid": 50.0, "kid": kid[w] + 0.001 * seed, "class_agreement": agree[w], "diversity": 10 - w,
-                    "seconds": 1.0}
+        (w, seed): {
+            "fid": 50.0,
+            "kid": kid[w] + 0.001 * seed,
+            "class_agreement": agree[w],
+            "diversity": 10 - w,
+            "seconds": 1.0,
+        }
         for w in experiments.GUIDANCE
         for seed in experiments.SEEDS
     }
@@ -128,12 +133,28 @@ def test_blur_report_names_the_better_stage_only_beyond_the_seed_spread(tmp_path
         points = {("inputs", seed): {"samples": 20, "seconds": 60.0} for seed in experiments.SEEDS}
         for name, kid in (("blur", kid_blur), ("no blur", kid_noblur)):
             for seed in experiments.SEEDS:
-                points[(name, seed)] = {"fid": 90.0, "kid": kid + 0.002 * seed, "class_agreement": 1.0, "seconds": 9.0}
-            model = {"psnr": 39.0, "ssim": 0.96, "consistency": 3e-5, "hf_ratio": 0.8 if name == "blur" else 0.9}
+                points[(name, seed)] = {
+                    "fid": 90.0,
+                    "kid": kid + 0.002 * seed,
+                    "class_agreement": 1.0,
+                    "seconds": 9.0,
+                }
+            model = {
+                "psnr": 39.0,
+                "ssim": 0.96,
+                "consistency": 3e-5,
+                "hf_ratio": 0.8 if name == "blur" else 0.9,
+            }
             bicubic = {"psnr": 35.5, "ssim": 0.99, "consistency": 5e-5, "hf_ratio": 0.1}
             points[(name, "real")] = {"model": model, "bicubic": bicubic, "seconds": 100.0}
         floor = {"fid": 40.0, "kid": 0.0, "seconds": 1.0}
-        return {"points": points, "floor": floor, "samples": 20, "settings": SamplingConfig(aug_level=200), "real": 20}
+        return {
+            "points": points,
+            "floor": floor,
+            "samples": 20,
+            "settings": SamplingConfig(aug_level=200),
+            "real": 20,
+        }
 
     text = "\n".join(experiments.report_blur(result_with(0.050, 0.060)))
     assert "(the stage with blur is better)" in text
@@ -144,3 +165,42 @@ def test_blur_report_names_the_better_stage_only_beyond_the_seed_spread(tmp_path
     )
     experiments.plot_blur(result_with(0.05, 0.06), tmp_path / "blur.png")
     assert (tmp_path / "blur.png").stat().st_size > 0
+
+
+def test_sampler_budget_finds_the_fewest_evaluations_that_reach_the_reference(tmp_path):
+    stages = ["base64", "sr64to256"]
+    kid_at = {5: 0.08, 10: 0.04, 25: 0.021, 50: 0.020, 100: 0.020, 1000: 0.020}
+    psnr_at = {5: 30.0, 10: 31.5, 25: 31.8, 50: 31.9, 100: 31.9, 1000: 32.0}
+    points = {}
+    for name, steps in experiments.budget_grid():
+        ddpm = name == "DDPMScheduler" and steps < 1000  # DDPM lags: at n steps, the others' KID at n / 2
+        kid = kid_at[{5: 5, 10: 5, 25: 10, 50: 25, 100: 50}[steps] if ddpm else steps]
+        psnr = psnr_at[steps] - (1.0 if ddpm else 0.0)
+        for seed in experiments.SEEDS:
+            points[("base64", name, steps, seed)] = {
+                "fid": 70.0,
+                "kid": kid + 0.001 * seed,
+                "class_agreement": 1.0,
+            }
+            model = {"psnr": psnr, "ssim": 0.9, "consistency": 1e-5, "hf_ratio": 0.8}
+            points[("sr64to256", name, steps, seed)] = {"model": model, "bicubic": model}
+    result = {
+        "points": points,
+        "floor": {"kid": 0.0},
+        "samples": 50,
+        "stages": stages,
+        "guidance": 2.0,
+        "real": 5,
+    }
+    text = "\n".join(experiments.report_sampler(result))
+    # base (two evaluations a step): KID 0.0215 at 25 steps is 0.001 above the reference's 0.0205, beyond the
+    # 0.0005 spread; 0.0205 at 50 steps ties: 100 evaluations, DDPM 200
+    assert (
+        "- base64: UNet evaluations to reach the 2000-evaluation quality (KID within the seed spread): "
+        "DDPM 200, DDIM 100, DPM-Solver++ 100, UniPC 100." in text
+    )
+    # SR: PSNR within 0.3 dB of 32.0 from 10 steps (31.5 is not; 31.8 is): 25 evaluations; DDPM never
+    assert "DDPM not within 100 steps, DDIM 25, DPM-Solver++ 25, UniPC 25." in text
+    assert "| DDPM, 1000 steps | 0.0205 ± 0.0005 |" in text
+    experiments.plot_sampler(result, tmp_path / "sampler.png")
+    assert (tmp_path / "sampler.png").stat().st_size > 0

@@ -410,5 +410,7 @@ def test_sr_training_samples_accept_inputs_whose_downsample_overshoots(tmp_path)
     edges[..., 10:12, :] = -1  # a thin dark line: the anti-aliased bicubic downsample rings past +1
     assert downsample(edges, 4).abs().max() > 1
     cfg = SimpleNamespace(train=SimpleNamespace(num_samples=2), stage=stage)
-    save_samples(cfg, pipe, {"images": edges, "labels": torch.zeros(2, dtype=torch.long)}, tmp_path / "s.png", 0)
+    save_samples(
+        cfg, pipe, {"images": edges, "labels": torch.zeros(2, dtype=torch.long)}, tmp_path / "s.png", 0
+    )
     assert (tmp_path / "s.png").is_file()
