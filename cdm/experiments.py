@@ -247,6 +247,13 @@ def base_samples(
     )
 
 
+def sampling_pipe(pipe, s):
+    """A stage pipeline set to sample with the settings `s`, quietly."""
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = sampling_scheduler(s.scheduler, pipe.scheduler.config, s.steps)
+    return pipe
+
+
 def upscale_samples(pipe, low: torch.Tensor, level: int, seed: int, steps: int, batch: int = 10):
     """An SR stage on a batch of 64 px samples with augmentation level `level`, seeds as `sample`."""
     outs = []
@@ -272,9 +279,7 @@ def run_aug(judges: Judges) -> dict:
     for seed in SEEDS:  # both stages upscale the same base samples
         lows[seed], points[("base", seed)] = base_samples(cascade, ids, seed)
     for name, (folder, _) in AUG_STAGES.items():
-        pipe = load_stage(folder)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.scheduler = sampling_scheduler(s.scheduler, pipe.scheduler.config, s.steps)
+        pipe = sampling_pipe(load_stage(folder), s)
         slug = name.replace(" ", "-")
         for seed in SEEDS:
             for level in AUG_LEVELS:
@@ -380,8 +385,7 @@ def run_trunc(judges: Judges) -> dict:
     s = cascade.settings[1]
     ids = [c for c in range(cascade.num_classes) for _ in range(AUG_PER_CLASS)]
     points = {}
-    whole.pipe.set_progress_bar_config(disable=True)
-    whole.pipe.scheduler = sampling_scheduler(s.scheduler, whole.pipe.scheduler.config, s.steps)
+    sampling_pipe(whole.pipe, s)
     for seed in SEEDS:
         low, points[("base", seed)] = base_samples(cascade, ids, seed, "trunc")
         for level in (0, *TRUNC_LEVELS):  # non-truncated: every level upscales the same base samples
@@ -511,9 +515,7 @@ def run_blur(judges: Judges) -> dict:
         )
     real = list(real_images(judges.data, "test", 1024, BLUR_REAL_IMAGES)[0].split(1))
     for name, (folder, _) in BLUR_STAGES.items():
-        pipe = load_stage(folder)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.scheduler = sampling_scheduler(s.scheduler, pipe.scheduler.config, s.steps)
+        pipe = sampling_pipe(load_stage(folder), s)
         slug = name.replace(" ", "-")
         for seed in SEEDS:
             points[(name, seed)] = stored(
