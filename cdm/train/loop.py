@@ -139,9 +139,8 @@ def save_samples(cfg, pipe, fixed, path: Path, num_classes: int) -> None:
         save_grid(list(out.images * 2 - 1), path, ncols=min(n, 8))
         return
     target = fixed["images"][:n]
-    x_lr = downsample(target, cfg.stage.resolution // cfg.stage.low_res).clamp(
-        -1, 1
-    )  # bicubic rings past [-1, 1]
+    # the anti-aliased bicubic downsample rings past [-1, 1], which the pipeline refuses
+    x_lr = downsample(target, cfg.stage.resolution // cfg.stage.low_res).clamp(-1, 1)
     labels = fixed["labels"][:n].tolist() if cfg.stage.class_conditional else None
     kw["generator"] = gens[: len(target)]
     out = pipe(
