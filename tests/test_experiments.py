@@ -46,7 +46,10 @@ def test_the_report_lists_run_and_missing_experiments(tmp_path, monkeypatch):
     (tmp_path / "experiments" / "guidance.md").write_text("## Guidance sweep\n\n| w | FID |\n")
     text = experiments.write_report().read_text()
     assert "## Guidance sweep" in text and "![guidance](experiments/guidance.png)" in text
-    assert "## Conditioning augmentation ablation (64 → 256)\n\nNot finished yet: `python -m cdm.experiments aug`" in text
+    assert (
+        "## Conditioning augmentation ablation (64 → 256)\n\nNot finished yet: `python -m cdm.experiments aug`"
+        in text
+    )
     assert "1 points were stored under `runs/experiments/aug/`" in text
     assert set(experiments.TITLES) == set(experiments.COSTS) == set(experiments.EXPERIMENTS)
 
