@@ -400,12 +400,39 @@ def run_trunc(judges: Judges) -> dict:
                 lambda: score_samples(sample(cascade, ids, seed, settings)[1], ids, judges),
             )
         points[("truncated", 0, seed)] = points[("non-truncated", 0, seed)]  # s = 0 never truncates
+    points["handover"] = stored(RUNS / "trunc" / "handover.json", lambda: handover_noise(cascade))
     real = list(real_images(judges.data, "test", 256, AUG_REAL_IMAGES)[0].split(1))
     points["real"] = stored(
         RUNS / "trunc" / "real.json", lambda: evaluate_sr(whole.pipe, real, s.steps, 0, 0)
     )
     floor = stored(RUNS / "aug" / "floor.json", lambda: judges.floor(256, len(ids)))
     return {"points": points, "floor": floor, "samples": len(ids), "settings": s, "real": len(real)}
+
+
+def handover_noise(cascade: Cascade, count: int = 10) -> dict:
+    """Is a truncated handover noised as the forward process would noise the finished sample? For each
+    level: the alphabar the base stage stopped at, and the std of z_s - sqrt(alphabar) x0 (x0: the same
+    run finished) against the forward process's sqrt(1 - alphabar)."""
+    base, noising, s = cascade.pipes[0], cascade.pipes[1].image_noising_scheduler, cascade.settings[0]
+    ids = [c % cascade.num_classes for c in range(count)]
+
+    def run(truncate):
+        base.scheduler = sampling_scheduler(s.scheduler, base.scheduler.config, s.steps)
+        base.set_progress_bar_config(disable=True)
+        gens = [torch.Generator().manual_seed(i) for i in range(count)]
+        kw = {"output_type": "latent", "truncate_alphabar": truncate} if truncate else {"output_type": "pt"}
+        return base(ids, num_inference_steps=s.steps, guidance_scale=s.guidance_scale, generator=gens, **kw)
+
+    x0 = run(None).images * 2 - 1
+    out = {}
+    for level in TRUNC_LEVELS:
+        z = run(float(noising.alphas_cumprod[level]))
+        out[f"s{level}"] = {
+            "alphabar": z.alphabar,
+            "expected_std": (1 - z.alphabar) ** 0.5,
+            "measured_std": float((z.images - z.alphabar**0.5 * x0).std()),
+        }
+    return out
 
 
 def report_trunc(result: dict) -> list[str]:
@@ -450,6 +477,18 @@ def report_trunc(result: dict) -> list[str]:
         "",
         *trunc_findings(result),
     ]
+    if "handover" in points:
+        h = points["handover"]
+        lines += [
+            "",
+            "The handover itself is checked: for each level, z_s minus sqrt(alphabar) times the same run's "
+            "finished sample should be noise of std sqrt(1 - alphabar). Measured on 10 base samples: "
+            + "; ".join(
+                f"s = {level}: {h[f's{level}']['measured_std']:.4f} against {h[f's{level}']['expected_std']:.4f}"
+                for level in TRUNC_LEVELS
+            )
+            + ".",
+        ]
     return lines
 
 

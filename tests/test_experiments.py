@@ -124,9 +124,14 @@ def test_trunc_findings_call_ties_within_the_seed_spread(tmp_path):
         points[("base", seed)] = {"samples": 50, "seconds": 100.0}
     real = {"psnr": 30.0, "ssim": 0.9, "consistency": 1e-4, "hf_ratio": 0.5}
     points["real"] = {"model": real, "bicubic": real, "seconds": 5.0}
+    points["handover"] = {
+        f"s{level}": {"alphabar": 0.9, "expected_std": 0.3162, "measured_std": 0.3 + level / 1e4}
+        for level in experiments.TRUNC_LEVELS
+    }
     floor = {"fid": 30.0, "kid": 0.0, "seconds": 1.0}
     result = {"points": points, "floor": floor, "samples": 50, "settings": SamplingConfig(), "real": 50}
     text = "\n".join(experiments.report_trunc(result))
+    assert "s = 250: 0.3250 against 0.3162." in text
     assert "s = 50: non-truncated better; s = 100: tie; s = 250: truncated better" in text
     assert "The lowest KID overall: truncated at s = 250 (0.0310)" in text
     assert "| either (s = 0) | 0 | 80.0 ± 0.0 | 0.0510 ± 0.0010 |" in text
