@@ -306,6 +306,12 @@ class Cascade:
                 f"aug_mode=truncated for stage {self.names[k + 1]}: a residual SR stage needs the finished "
                 "previous stage, expected non-truncated"
             )
+        if not self.pipes[k + 1].config.get("noise_at_low_res", False):
+            raise UserError(
+                f"aug_mode=truncated for stage {self.names[k + 1]}: it was trained with its augmentation noise "
+                "added after upsampling, and a truncated handover is noisy at the low resolution; expected "
+                "non-truncated, or a stage trained with stage.noise_at_low_res=true"
+            )
 
     # -- sampling ------------------------------------------------------------------------------
 

@@ -96,6 +96,9 @@ class StageConfig:
     # the whole image (SRDiff, Li et al. 2022). The low frequencies are then exact from step one.
     residual: bool = False
     residual_scale: float = 1.0
+    # SR stages: add the augmentation noise to the low-res input before upsampling (CDM), not after.
+    # Only such a stage can take a truncated handover (the previous stage's noisy z_s).
+    noise_at_low_res: bool = False
     sample: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -230,6 +233,11 @@ def validate_stage(cfg) -> None:
         raise UserError(
             "stage.sample.aug_mode=truncated: a residual SR stage needs the finished previous stage, "
             "expected non-truncated"
+        )
+    if s.sample.aug_mode == "truncated" and s.kind == StageKind.sr and not s.noise_at_low_res:
+        raise UserError(
+            "stage.sample.aug_mode=truncated: a truncated handover is noisy at the low resolution, so the "
+            "stage must be trained with stage.noise_at_low_res=true"
         )
     if s.sample.aug_mode not in AUG_MODES:
         raise UserError(

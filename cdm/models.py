@@ -133,6 +133,7 @@ def build_pipeline(
         id2label=labels,
         residual=stage.residual,
         residual_scale=stage.residual_scale,
+        noise_at_low_res=stage.noise_at_low_res,
     )
 
 

@@ -130,8 +130,10 @@ def make_cascade(
     label_set=None,
     modes=("non-truncated", "non-truncated"),
     levels=(100, 100),
+    noise_at_low_res=True,
 ) -> Path:
-    """A tiny random cascade folder: base at sizes[0], then 4x SR stages, saved as cdm-export does."""
+    """A tiny random cascade folder: base at sizes[0], then 4x SR stages, saved as cdm-export does.
+    The SR stages add their augmentation noise at the low resolution, so they take truncated handovers."""
     from cdm.config import SamplingConfig
     from cdm.stage_io import save_stage, write_cascade_json
 
@@ -142,6 +144,7 @@ def make_cascade(
     save_stage(build_pipeline(base_stage(sizes[0]), TINY, num_classes, labels), root / names[0])
     for k in range(1, len(sizes)):
         stage = sr_stage(sizes[k - 1], sizes[k], class_conditional=sr_classes[k - 1], name=names[k])
+        stage.noise_at_low_res = noise_at_low_res
         save_stage(build_pipeline(stage, TINY, num_classes, labels), root / names[k])
         settings.append(
             SamplingConfig(

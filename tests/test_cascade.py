@@ -55,6 +55,21 @@ def test_truncated_hand_over_stops_the_previous_stage_early(tmp_path):
     assert len(calls) == 10
 
 
+def test_truncation_needs_a_stage_trained_with_its_noise_at_low_res(tmp_path):
+    """A handover's noise lives at the low resolution; a stage trained on noise added after upsampling
+    never saw such input, so the cascade refuses to hand it one (and still samples it non-truncated)."""
+    cascade = Cascade.from_pretrained(make_cascade(tmp_path / "c", sizes=(8, 32), noise_at_low_res=False))
+    assert not cascade.pipes[1].config.noise_at_low_res
+    with pytest.raises(UserError, match="aug_mode=truncated for stage sr64to256: it was trained with its"):
+        cascade.with_overrides(aug_mode=["non-truncated", "truncated"], aug_level=[0, 100])
+    with pytest.raises(ValueError, match="expected a stage trained with noise_at_low_res=True"):
+        cascade.pipes[1](torch.zeros(1, 3, 8, 8), num_inference_steps=1, low_res_is_augmented=True)
+    assert cascade([0], seeds=[0], progress=False).images[-1].shape == (1, 3, 32, 32)
+    loaded = Cascade.from_pretrained(make_cascade(tmp_path / "d", sizes=(8, 32)))
+    assert loaded.pipes[1].config.noise_at_low_res  # saved and loaded with the stage
+    loaded.with_overrides(aug_mode=["non-truncated", "truncated"], aug_level=[0, 100])
+
+
 def test_mismatched_chain_fails_before_any_compute(tmp_path):
     root = make_cascade(tmp_path / "c")
     shutil.rmtree(root / "sr256to1024")

@@ -56,6 +56,27 @@ def test_augmentation_matches_forward_process_statistics(level):
     assert out.std().item() == pytest.approx((1 - ab).sqrt().item(), rel=0.02)
 
 
+def test_augmentation_at_low_res_noises_before_upsampling():
+    """CDM's form: z_s at the input size, then upsampled, so the noise is as smooth as a truncated
+    handover's; the default adds white noise after upsampling."""
+    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    x = low_res_batch()
+    low = augment_low_res(x, 32, 400, sched, torch.Generator().manual_seed(2), at_low_res=True)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    z = sched.add_noise(x, eps, torch.tensor([400, 400]))
+    up = torch.nn.functional.interpolate(z, size=(32, 32), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(low, up)
+    high = augment_low_res(x, 32, 400, sched, torch.Generator().manual_seed(2))
+    clean = torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False)
+    ab = sched.alphas_cumprod[400]
+
+    def roughness(y):  # mean squared difference of neighbouring pixels of the noise
+        n = y - ab.sqrt() * clean
+        return (n[..., 1:] - n[..., :-1]).pow(2).mean()
+
+    assert roughness(low) < 0.3 * roughness(high)
+
+
 def test_augmentation_levels_are_per_sample():
     sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
     x = torch.zeros(2, 3, 8, 8)

@@ -44,7 +44,8 @@ def train_args(stage, out, steps, *extra):
     ]
 
 
-def test_training_conditions_on_what_the_pipeline_augmentation_gives():
+@pytest.mark.parametrize("at_low_res", [False, True], ids=["noise-upsampled", "noise-at-low-res"])
+def test_training_conditions_on_what_the_pipeline_augmentation_gives(at_low_res):
     """The SR UNet's training input is the pipeline's augment_low_res of the downsampled image, at the
     level and with the noise that training drew: train and sample see the same kind of input."""
     from omegaconf import OmegaConf
@@ -58,6 +59,7 @@ def test_training_conditions_on_what_the_pipeline_augmentation_gives():
         {"stage": OmegaConf.structured(sr_stage(4, 16)), "unet": OmegaConf.structured(TINY)},
     )
     cfg.stage.aug_max_level = 500
+    cfg.stage.noise_at_low_res = at_low_res
     x0 = torch.rand(2, 3, 16, 16) * 2 - 1
     noising = build_noise_scheduler(cfg.stage)
     unet = build_unet(cfg.stage, cfg.unet, 0)
@@ -72,7 +74,9 @@ def test_training_conditions_on_what_the_pipeline_augmentation_gives():
     model_fn(torch.zeros_like(x0), torch.tensor([10, 10]))
     replay = torch.Generator().manual_seed(3)  # blur_prob is 0: the levels are the first draw
     s = sample_levels(2, 500, replay)
-    expected = cdm_pipelines.pipeline_sr3.augment_low_res(downsample(x0, 4), (16, 16), s, noising, replay)
+    expected = cdm_pipelines.pipeline_sr3.augment_low_res(
+        downsample(x0, 4), (16, 16), s, noising, replay, at_low_res
+    )
     assert s.max() > 0  # the check covers a noised input, not only the clean upsample
     torch.testing.assert_close(seen["cond"], expected)
 
@@ -174,6 +178,10 @@ def test_bad_images_are_converted_or_counted(tmp_path, cache_env):
         (["train.mixed_precision=fp8"], "fp8"),
         (["train.batchsize=3"], "batchsize"),
         (["data=imagefolder", "data.path=/no/such/folder"], "data.path=/no/such/folder: no such folder"),
+        (
+            ["stage=sr64to256", "stage.sample.aug_mode=truncated"],
+            "the stage must be trained with stage.noise_at_low_res=true",
+        ),
     ],
 )
 def test_bad_overrides_exit_2_with_one_line(tmp_path, cache_env, override, needle):

@@ -111,7 +111,8 @@ def stage_model_fn(unet, cfg, batch, noising, num_classes, generator):
         downsample(x0, stage.resolution // stage.low_res), stage.blur_prob, stage.blur_sigma, generator
     )
     aug_level = sample_levels(x0.shape[0], stage.aug_max_level, generator).to(x0.device)
-    cond = augment_low_res(x_lr, x0.shape[-2:], aug_level, noising, generator).to(x0.dtype)
+    cond = augment_low_res(x_lr, x0.shape[-2:], aug_level, noising, generator, stage.noise_at_low_res)
+    cond = cond.to(x0.dtype)
     if stage.residual:  # the target is the scaled residual over the clean upsample (as the pipeline adds it)
         x0 = (x0 - augment_low_res(x_lr, x0.shape[-2:], 0, noising).to(x0.dtype)) * stage.residual_scale
     level_emb = level_embedding(aug_level, cfg.unet.level_embed_dim).to(x0.device, x0.dtype)

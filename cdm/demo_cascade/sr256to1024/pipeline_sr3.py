@@ -69,18 +69,23 @@ def level_embedding(level: torch.Tensor, dim: int) -> torch.Tensor:
     return get_timestep_embedding(level.float().flatten(), dim, flip_sin_to_cos=True, downscale_freq_shift=0)
 
 
-def augment_low_res(x_lr, size, level, noising_scheduler, generator=None) -> torch.Tensor:
-    """CDM Gaussian conditioning augmentation: bicubic upsample, then z = sqrt(ab_s) x + sqrt(1-ab_s) eps.
+def augment_low_res(x_lr, size, level, noising_scheduler, generator=None, at_low_res=False) -> torch.Tensor:
+    """CDM Gaussian conditioning augmentation: z = sqrt(ab_s) x + sqrt(1-ab_s) eps, and bicubic upsampling.
 
+    By default the image is upsampled first and the noise is white at the output size. With
+    `at_low_res` the noise is added at the input size and upsampled with the image, as CDM defines it;
+    that is what a truncated handover (the previous stage's noisy z_s) looks like.
     `level` is an int or a (B,) tensor of integer levels s; s = 0 means no noise at all. `generator`
     may be a list with one generator per sample. Training and sampling both call this function.
     """
     size = (size, size) if isinstance(size, int) else tuple(size)
-    x = F.interpolate(x_lr.float(), size=size, mode="bicubic", align_corners=False)
+    x = x_lr.float() if at_low_res else F.interpolate(x_lr.float(), size=size, mode="bicubic", align_corners=False)
     s = torch.as_tensor(level, device=x.device).long().expand(x.shape[0])
     eps = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    noised = noising_scheduler.add_noise(x, eps, s.clamp(min=0))
-    return torch.where((s > 0).view(-1, 1, 1, 1), noised, x)
+    noised = torch.where((s > 0).view(-1, 1, 1, 1), noising_scheduler.add_noise(x, eps, s.clamp(min=0)), x)
+    if at_low_res:
+        return F.interpolate(noised, size=size, mode="bicubic", align_corners=False)
+    return noised
 
 
 # Copied from cdm_pipelines.pipeline_cdm_base.cfg_combine
@@ -232,6 +237,9 @@ class SR3Pipeline(DiffusionPipeline):
             low-res input, times `residual_scale` (SRDiff, Li et al. 2022); the image is
             `upsample + sample / residual_scale`. `False`: the sample is the whole image (SR3).
         residual_scale (`float`): brings the small residual closer to unit scale for the schedule.
+        noise_at_low_res (`bool`): conditioning augmentation adds its noise to the low-res input before
+            upsampling (CDM), rather than to the upsampled image. Only such a stage can take a truncated
+            handover, whose noise is the previous stage's, at the low resolution.
 
     Call arguments (`pipe(image, ...)`):
         image: PIL image, list of PIL, numpy (B, H, W, 3) in [0, 1], or a tensor (B, 3, H, W) or list
@@ -276,6 +284,7 @@ class SR3Pipeline(DiffusionPipeline):
         id2label: dict | None = None,
         residual: bool = False,
         residual_scale: float = 1.0,
+        noise_at_low_res: bool = False,
     ):
         super().__init__()
         if unet.config.in_channels != 2 * unet.config.out_channels:
@@ -297,6 +306,7 @@ class SR3Pipeline(DiffusionPipeline):
             id2label={str(k): str(v) for k, v in (id2label or {}).items()},
             residual=bool(residual),
             residual_scale=float(residual_scale),
+            noise_at_low_res=bool(noise_at_low_res),
         )
 
     @property
@@ -331,7 +341,7 @@ class SR3Pipeline(DiffusionPipeline):
         """The modules and the stored settings, so that `type(pipe)(**pipe.components)` rebuilds this pipeline."""
         return {
             **super().components,
-            **{k: self.config[k] for k in ("low_res_size", "id2label", "residual", "residual_scale")},
+            **{k: self.config[k] for k in ("low_res_size", "id2label", "residual", "residual_scale", "noise_at_low_res")},
         }
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = "cuda"):
@@ -458,7 +468,7 @@ class SR3Pipeline(DiffusionPipeline):
         """
         # checks, conditioning (upsampled input noised to level s), initial noise, denoising, output
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        truncating = low_res_is_augmented or truncate_alphabar is not None
+        truncating = (low_res_is_augmented, truncate_alphabar is not None)
         self.check_call(
             num_images_per_prompt, tensor_inputs, output_type, (tile_size, tile_overlap), truncating
         )
@@ -493,8 +503,10 @@ class SR3Pipeline(DiffusionPipeline):
         return latents.to(device) * self.scheduler.init_noise_sigma
 
     def check_call(self, num_images_per_prompt, tensor_inputs, output_type, tiles, truncating):
-        """Checks of the call's own arguments, before any work (the input image: `check_inputs`)."""
+        """Checks of the call's own arguments, before any work (the input image: `check_inputs`).
+        `truncating`: (takes a handed-over z_s, stops early to hand one over)."""
         tile_size, tile_overlap = tiles
+        low_res_handover, truncating = truncating[0], any(truncating)
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt}: expected an integer >= 1")
         bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
@@ -516,6 +528,12 @@ class SR3Pipeline(DiffusionPipeline):
                 "a residual SR stage adds its output to the upsampled clean input: truncated "
                 "conditioning augmentation (low_res_is_augmented, truncate_alphabar) is not supported"
             )
+        if low_res_handover and not self.config.noise_at_low_res:
+            raise ValueError(
+                "low_res_is_augmented=True: this stage was trained with its augmentation noise added after "
+                "upsampling, and a truncated handover's noise is the previous stage's, at the low resolution; "
+                "expected a stage trained with noise_at_low_res=True"
+            )
 
     def prepare_low_res(self, image, class_labels, num_images_per_prompt: int, raw: bool = False):
         """The input batch as a tensor in [-1, 1], each image (and its label) repeated per prompt,
@@ -532,7 +550,9 @@ class SR3Pipeline(DiffusionPipeline):
         """The UNet's extra input channels, level embedding and labels (doubled for guidance). An input
         already noised to `noise_level` (truncated handover) is upsampled without further noise."""
         device, level = x_lr.device, 0 if already_noised else noise_level
-        cond = augment_low_res(x_lr, size, level, self.image_noising_scheduler, generator=generator)
+        cond = augment_low_res(
+            x_lr, size, level, self.image_noising_scheduler, generator, self.config.noise_at_low_res
+        )
         cond = cond.to(self.unet.dtype)
         s = torch.full((x_lr.shape[0],), noise_level, device=device)
         s_emb = level_embedding(s, self.unet.config.time_cond_proj_dim).to(device, self.unet.dtype)
