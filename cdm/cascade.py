@@ -12,7 +12,8 @@ Conditioning augmentation at sampling, per SR stage, with level s:
   timesteps t with alphabar_prev(t) >= alphabar_noise(s), and the SR stage is told the level s'
   whose alphabar_noise(s') is closest to alphabar_prev(t). Any scheduler works: sigma-scaled
   samplers (Euler) are converted to the variance-preserving form by `scale_model_input`.
-  s = 0 never truncates, so it equals non-truncated sampling at level 0.
+  s = 0 never truncates, so it equals non-truncated sampling at level 0. z_s is noisy at the previous
+  stage's resolution: only an SR stage trained with `noise_at_low_res` takes it.
 """
 
 from __future__ import annotations

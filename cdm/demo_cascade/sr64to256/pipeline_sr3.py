@@ -11,7 +11,8 @@ folder's. Once loaded::
 
 Conditioning. The low-res image is upsampled (bicubic) to the output size, noised to the
 augmentation level s with `image_noising_scheduler` (`augment_low_res`, the same function that
-training uses), and concatenated to the noisy sample, so the UNet takes 6 input channels.
+training uses; with `noise_at_low_res` the noise is added before upsampling, as in CDM), and
+concatenated to the noisy sample, so the UNet takes 6 input channels.
 The level s reaches the UNet through `timestep_cond`: a sinusoidal embedding of s
 (`level_embedding`) that `UNet2DConditionModel` projects (`time_cond_proj_dim`) and adds to the
 timestep embedding. That leaves the model's `class_labels` input free for an optional class
