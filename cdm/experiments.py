@@ -133,6 +133,15 @@ def cell(points: list[dict], key: str, fmt: str) -> str:
     return f"{mean:{fmt}} ± {half:{fmt}}"
 
 
+def score_row(labels: list, points: list[dict], extra: tuple = ()) -> str:
+    """One table row of sample scores: the labels, FID, KID, class agreement, any `extra` (key, format)
+    cells, and the mean seconds per seed."""
+    cells = [cell(points, "fid", ".1f"), cell(points, "kid", ".4f"), cell(points, "class_agreement", ".3f")]
+    cells += [cell(points, key, fmt) for key, fmt in extra]
+    seconds = f"{np.mean([x['seconds'] for x in points]):.0f}"
+    return "| " + " | ".join([*map(str, labels), *cells, seconds]) + " |"
+
+
 # -- guidance sweep (base stage) ---------------------------------------------------------------------
 
 GUIDANCE = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -170,10 +179,7 @@ def report_guidance(result: dict) -> list[str]:
     ]
     for w in GUIDANCE:
         p = [points[(w, seed)] for seed in SEEDS]
-        lines.append(
-            f"| {w:g} | {cell(p, 'fid', '.1f')} | {cell(p, 'kid', '.4f')} | {cell(p, 'class_agreement', '.3f')} "
-            f"| {cell(p, 'diversity', '.2f')} | {np.mean([x['seconds'] for x in p]):.0f} |"
-        )
+        lines.append(score_row([f"{w:g}"], p, (("diversity", ".2f"),)))
     lines.append(
         f"| real train digits (floor) | {floor['fid']:.1f} | {floor['kid']:.4f} | | {floor['diversity']:.2f} "
         f"| |"
@@ -314,10 +320,7 @@ def report_aug(result: dict) -> list[str]:
     for name in AUG_STAGES:
         for level in AUG_LEVELS:
             p = [points[(name, level, seed)] for seed in SEEDS]
-            lines.append(
-                f"| {name} | {level} | {cell(p, 'fid', '.1f')} | {cell(p, 'kid', '.4f')} "
-                f"| {cell(p, 'class_agreement', '.3f')} | {np.mean([x['seconds'] for x in p]):.0f} |"
-            )
+            lines.append(score_row([name, level], p))
     lines += [
         f"| real train digits (floor) | | {floor['fid']:.1f} | {floor['kid']:.4f} | | |",
         "",
@@ -456,17 +459,11 @@ def report_trunc(result: dict) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     p0 = [points[("non-truncated", 0, seed)] for seed in SEEDS]
-    lines.append(
-        f"| either (s = 0) | 0 | {cell(p0, 'fid', '.1f')} | {cell(p0, 'kid', '.4f')} "
-        f"| {cell(p0, 'class_agreement', '.3f')} | {np.mean([x['seconds'] for x in p0]):.0f} |"
-    )
+    lines.append(score_row(["either (s = 0)", 0], p0))
     for mode in TRUNC_MODES:
         for level in TRUNC_LEVELS:
             p = [points[(mode, level, seed)] for seed in SEEDS]
-            lines.append(
-                f"| {mode} | {level} | {cell(p, 'fid', '.1f')} | {cell(p, 'kid', '.4f')} "
-                f"| {cell(p, 'class_agreement', '.3f')} | {np.mean([x['seconds'] for x in p]):.0f} |"
-            )
+            lines.append(score_row([mode, level], p))
     real = points["real"]
     m, b = real["model"], real["bicubic"]
     lines += [
@@ -605,10 +602,7 @@ def report_blur(result: dict) -> list[str]:
     ]
     for name in BLUR_STAGES:
         p = [points[(name, seed)] for seed in SEEDS]
-        lines.append(
-            f"| {name} | {cell(p, 'fid', '.1f')} | {cell(p, 'kid', '.4f')} | {cell(p, 'class_agreement', '.3f')} "
-            f"| {np.mean([x['seconds'] for x in p]):.0f} |"
-        )
+        lines.append(score_row([name], p))
     lines += [
         f"| real train digits (floor) | {floor['fid']:.1f} | {floor['kid']:.4f} | | |",
         "",
