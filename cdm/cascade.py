@@ -307,7 +307,7 @@ class Cascade:
                 f"aug_mode=truncated for stage {self.names[k + 1]}: a residual SR stage needs the finished "
                 "previous stage, expected non-truncated"
             )
-        if not self.pipes[k + 1].config.get("noise_at_low_res", False):
+        if not self.pipes[k + 1].config.noise_at_low_res:
             raise UserError(
                 f"aug_mode=truncated for stage {self.names[k + 1]}: it was trained with its augmentation noise "
                 "added after upsampling, and a truncated handover is noisy at the low resolution; expected "

@@ -475,30 +475,30 @@ def report_trunc(result: dict) -> list[str]:
         "",
         *trunc_findings(result),
     ]
-    lines += [
+    return lines + trunc_diagnosis(points["handover"])
+
+
+def trunc_diagnosis(handover: dict) -> list[str]:
+    """What the first run found (a mismatch, now refused) and the measured noise of the handover."""
+    return [
         "",
         "A first run of this experiment used a stage that, like the shipped ones, added its augmentation "
         "noise after upsampling. Truncated handovers then scored worse than non-truncated ones, the more so "
-        "the higher s (seed 0: "
-        "KID 0.147 against 0.137 at s = 50, 0.197 against 0.138 at s = 100). The cause: z_s is noisy at "
-        "64 px, and bicubic upsampling turns that white noise into blobs about 4 px wide (with 0.86 of its "
-        "per-pixel std), an input such a stage never saw at any level. cdm now records where a stage adds its "
-        "noise (`noise_at_low_res`) and refuses truncated handovers to stages trained the other way; the "
-        "table above is the re-trained stage.",
+        "the higher s (seed 0: KID 0.147 against 0.137 at s = 50, 0.197 against 0.138 at s = 100). The "
+        "cause: z_s is noisy at 64 px, and bicubic upsampling turns that white noise into blobs about 4 px "
+        "wide (with 0.86 of its per-pixel std), an input such a stage never saw at any level. cdm now records "
+        "where a stage adds its noise (`noise_at_low_res`) and refuses truncated handovers to stages trained "
+        "the other way; the table above is the re-trained stage.",
+        "",
+        "The handover itself is checked: for each level, z_s minus sqrt(alphabar) times the same run's "
+        "finished sample should be noise of std sqrt(1 - alphabar). Measured on 10 base samples: "
+        + "; ".join(
+            f"s = {level}: {handover[f's{level}']['measured_std']:.4f} against "
+            f"{handover[f's{level}']['expected_std']:.4f}"
+            for level in TRUNC_LEVELS
+        )
+        + ".",
     ]
-    if "handover" in points:
-        h = points["handover"]
-        lines += [
-            "",
-            "The handover itself is checked: for each level, z_s minus sqrt(alphabar) times the same run's "
-            "finished sample should be noise of std sqrt(1 - alphabar). Measured on 10 base samples: "
-            + "; ".join(
-                f"s = {level}: {h[f's{level}']['measured_std']:.4f} against {h[f's{level}']['expected_std']:.4f}"
-                for level in TRUNC_LEVELS
-            )
-            + ".",
-        ]
-    return lines
 
 
 def trunc_findings(result: dict) -> list[str]:

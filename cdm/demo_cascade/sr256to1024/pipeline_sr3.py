@@ -80,7 +80,11 @@ def augment_low_res(x_lr, size, level, noising_scheduler, generator=None, at_low
     may be a list with one generator per sample. Training and sampling both call this function.
     """
     size = (size, size) if isinstance(size, int) else tuple(size)
-    x = x_lr.float() if at_low_res else F.interpolate(x_lr.float(), size=size, mode="bicubic", align_corners=False)
+    x = (
+        x_lr.float()
+        if at_low_res
+        else F.interpolate(x_lr.float(), size=size, mode="bicubic", align_corners=False)
+    )
     s = torch.as_tensor(level, device=x.device).long().expand(x.shape[0])
     eps = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     noised = torch.where((s > 0).view(-1, 1, 1, 1), noising_scheduler.add_noise(x, eps, s.clamp(min=0)), x)
@@ -342,7 +346,10 @@ class SR3Pipeline(DiffusionPipeline):
         """The modules and the stored settings, so that `type(pipe)(**pipe.components)` rebuilds this pipeline."""
         return {
             **super().components,
-            **{k: self.config[k] for k in ("low_res_size", "id2label", "residual", "residual_scale", "noise_at_low_res")},
+            **{
+                k: self.config[k]
+                for k in ("low_res_size", "id2label", "residual", "residual_scale", "noise_at_low_res")
+            },
         }
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = "cuda"):
@@ -469,9 +476,12 @@ class SR3Pipeline(DiffusionPipeline):
         """
         # checks, conditioning (upsampled input noised to level s), initial noise, denoising, output
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        truncating = (low_res_is_augmented, truncate_alphabar is not None)
         self.check_call(
-            num_images_per_prompt, tensor_inputs, output_type, (tile_size, tile_overlap), truncating
+            num_images_per_prompt,
+            tensor_inputs,
+            output_type,
+            (tile_size, tile_overlap),
+            (low_res_is_augmented, truncate_alphabar is not None),
         )
         x_lr, ids, size = self.prepare_low_res(
             image, class_labels, num_images_per_prompt, low_res_is_augmented
@@ -503,11 +513,11 @@ class SR3Pipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         return latents.to(device) * self.scheduler.init_noise_sigma
 
-    def check_call(self, num_images_per_prompt, tensor_inputs, output_type, tiles, truncating):
+    def check_call(self, num_images_per_prompt, tensor_inputs, output_type, tiles, handover):
         """Checks of the call's own arguments, before any work (the input image: `check_inputs`).
-        `truncating`: (takes a handed-over z_s, stops early to hand one over)."""
+        `handover`: (takes a truncated z_s as input, stops early to hand one over)."""
         tile_size, tile_overlap = tiles
-        low_res_handover, truncating = truncating[0], any(truncating)
+        takes_handover, gives_handover = handover
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt}: expected an integer >= 1")
         bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
@@ -524,12 +534,12 @@ class SR3Pipeline(DiffusionPipeline):
                 raise ValueError(
                     f"tile_overlap={tile_overlap}: expected 0 <= overlap < tile_size={tile_size}"
                 )
-        if self.config.residual and truncating:
+        if self.config.residual and (takes_handover or gives_handover):
             raise ValueError(
                 "a residual SR stage adds its output to the upsampled clean input: truncated "
                 "conditioning augmentation (low_res_is_augmented, truncate_alphabar) is not supported"
             )
-        if low_res_handover and not self.config.noise_at_low_res:
+        if takes_handover and not self.config.noise_at_low_res:
             raise ValueError(
                 "low_res_is_augmented=True: this stage was trained with its augmentation noise added after "
                 "upsampling, and a truncated handover's noise is the previous stage's, at the low resolution; "
