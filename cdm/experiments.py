@@ -24,6 +24,7 @@ import torch
 
 from cdm.cascade import DEMO_CASCADE, Cascade
 from cdm.cli.eval import data_config, evaluate_sr, real_images
+from cdm.cli.upscale import centre_crop
 from cdm.measure.classifier import get_classifier, predict, prepare
 from cdm.measure.fid import OfflineInception, feature_distances, inception_features
 from cdm.models import sampling_scheduler
@@ -686,11 +687,6 @@ def budget_grid() -> list[tuple[str, int]]:
     ]
 
 
-def centre_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    return x[..., top : top + size, left : left + size]
-
-
 def run_sampler(judges: Judges) -> dict:
     """The base stage by KID of its samples; each SR stage by PSNR and SSIM on real low-res crops."""
     cascade = Cascade.from_pretrained(DEMO_CASCADE)
@@ -699,7 +695,9 @@ def run_sampler(judges: Judges) -> dict:
     for stage in cascade.stages[1:]:
         size = stage.pipe.unet.config.sample_size
         real = real_images(judges.data, "test", size, BUDGET_REAL)[0]
-        crops[stage.name] = [centre_crop(x, BUDGET_CROP[size]) for x in real.split(1)]
+        crops[stage.name] = [
+            centre_crop(x, BUDGET_CROP[size], stage.pipe.scale_factor) for x in real.split(1)
+        ]
         stage.pipe.set_progress_bar_config(disable=True)
     base, points = cascade[:1], {}
     for name, steps in budget_grid():  # every stage at one point before the next, cheap points first
