@@ -28,9 +28,10 @@ from cdm.train.degradations import random_crop_box, render_crisp
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGITS_HELD_OUT_PER_CLASS = 50
-# Every natural photo that the installed wheels ship, as "library:name". Synthetic images
-# (colour wheels, logos, phantoms), scanned text and motion- or focus-blurred photos are left out; a
-# stereo pair contributes one view. Grey photos (textures, the moon, coins) become grey RGB. The last
+# Every natural photo that scikit-image, scikit-learn and matplotlib ship, as "library:name".
+# Synthetic images (colour wheels, logos, phantoms), scanned text and motion- or focus-blurred photos
+# are left out; a stereo pair contributes one view. gradio's demo photos are not used: an optional
+# extra, and small web JPEGs whose compression blocks would become training targets. Grey photos (textures, the moon, coins) become grey RGB. The last
 # `data.holdout` entries are the test split.
 PHOTO_SOURCES = [
     "skimage:astronaut",
