@@ -48,7 +48,7 @@ from cdm.measure.metrics import consistency, hf_ratio, patch_grid, psnr, ssim
 from cdm.models import sampling_scheduler
 from cdm.stage_io import CASCADE_FILE
 from cdm.train.data import StageDataset, collate, open_dataset
-from cdm.train.degradations import downsample
+from cdm.train.degradations import downsample, gaussian_blur
 from cdm.upscaling import load_sr_stage
 
 DEFAULT_RESIZE = {"digits": ResizeMode.crisp, "photos": ResizeMode.none, "imagefolder": ResizeMode.resize}
@@ -98,12 +98,19 @@ SR_METRICS = ("psnr", "ssim", "consistency", "hf_ratio")
 KID_PATCH, KID_PATCHES_PER_IMAGE = 64, 64
 
 
-def sr_outputs(pipe, images: list[torch.Tensor], steps: int, noise_level: int, seed: int, tile=None, eta=0.0):
-    """The stage's output and bicubic upsampling for the downsampled `images` (the SR3 degradation)."""
+def sr_outputs(
+    pipe, images: list[torch.Tensor], steps: int, noise_level: int, seed: int, tile=None, eta=0.0, blur=0.0
+):
+    """The stage's output and bicubic upsampling for the downsampled `images` (the SR3 degradation).
+
+    `blur` > 0 also blurs each low-res input by a Gaussian of that sigma, in low-res pixels: the soft
+    input a lower stage hands over, which CDM's blur augmentation trains a stage to expect.
+    """
     pipe.set_progress_bar_config(disable=True)
     outs = {"model": [], "bicubic": [], "lr": []}
     for i, target in enumerate(tqdm(images, desc=f"sr eval, {steps} steps", unit="img", leave=False)):
         lr = downsample(target, pipe.scale_factor).clamp(-1, 1)
+        lr = gaussian_blur(lr, torch.tensor([float(blur)])) if blur > 0 else lr
         out = (
             pipe(
                 ((lr + 1) / 2).to(pipe.device),
@@ -153,9 +160,11 @@ def score_sr(
     return result
 
 
-def evaluate_sr(pipe, images, steps: int, noise_level: int, seed: int, tile=None, kid: bool = False) -> dict:
+def evaluate_sr(
+    pipe, images, steps: int, noise_level: int, seed: int, tile=None, kid: bool = False, blur: float = 0.0
+) -> dict:
     """PSNR, SSIM, consistency, HF ratio (and patch KID) of the stage and of bicubic on the same inputs."""
-    outs = sr_outputs(pipe, images, steps, noise_level, seed, tile)
+    outs = sr_outputs(pipe, images, steps, noise_level, seed, tile, blur=blur)
     return {m: score_sr(outs[m], images, outs["lr"], kid) for m in ("model", "bicubic")}
 
 
@@ -211,6 +220,8 @@ def cmd_sr(args) -> None:
         )
     if not 0 <= args.noise_level <= pipe.max_noise_level:
         raise UserError(f"--noise-level={args.noise_level}: expected 0..{pipe.max_noise_level}")
+    if not 0 <= args.blur <= 4:
+        raise UserError(f"--blur={args.blur}: expected a Gaussian sigma in low-res pixels, 0..4")
     if args.tile is not None and (args.tile < mult or args.tile % mult):
         raise UserError(f"--tile={args.tile}: expected a positive multiple of {mult} (output pixels)")
     grid = [
@@ -244,7 +255,7 @@ def sr_sweep(pipe, images: list, grid: list[tuple[str, int]], args) -> tuple[lis
     sweep, bicubic = [], None
     for name, steps in grid:
         pipe.scheduler = sampling_scheduler(name, base_config, steps)
-        outs = sr_outputs(pipe, images, steps, args.noise_level, args.seed, args.tile, args.eta)
+        outs = sr_outputs(pipe, images, steps, args.noise_level, args.seed, args.tile, args.eta, args.blur)
         if bicubic is None:
             bicubic = score_sr(outs["bicubic"], images, outs["lr"], kid)
         row = {"scheduler": name, "steps": steps, **score_sr(outs["model"], images, outs["lr"], kid)}
@@ -278,6 +289,7 @@ def sr_result(args, data, images: list, size: int, sweep: list[dict], bicubic: d
             "steps": sweep[0]["steps"],
             "noise_level": args.noise_level,
             "eta": args.eta,
+            "blur": args.blur,
             "scheduler": sweep[0]["scheduler"],
         },
         "metrics": {
@@ -625,6 +637,12 @@ def add_sr_arguments(sr: argparse.ArgumentParser) -> None:
     sr.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; 1: ancestral noise)")
     sr.add_argument("--no-kid", action="store_true", help="skip patch KID (needs: pip install 'cdm[fid]')")
     sr.add_argument("--noise-level", type=int, default=0)
+    sr.add_argument(
+        "--blur",
+        type=float,
+        default=0.0,
+        help="also blur each low-res input by a Gaussian of this sigma, in low-res pixels (default 0)",
+    )
     sr.add_argument("--tile", type=int, default=None, help="tile size in output pixels, to bound memory")
 
 

@@ -90,6 +90,11 @@ SR_COLUMNS = {
 }
 
 
+def blur_note(settings: dict) -> str:
+    """How the low-res inputs were softened, when they were (`cdm-eval sr --blur`)."""
+    return f", inputs blurred (sigma {settings['blur']:g} low-res px)" if settings.get("blur") else ""
+
+
 def sr_table(res: dict) -> list[str]:
     """An SR result as markdown: the stage and bicubic side by side, then any steps sweep."""
     settings = res["settings"]
@@ -99,7 +104,8 @@ def sr_table(res: dict) -> list[str]:
     crop = f", {where['crop']} px crops" if where.get("crop") else ", whole images"
     lines = [
         f"**{res['stage']}** on {where['name']} ({where.get('split', '')}, {where['num_images']} images{crop}), "
-        f"{settings.get('scheduler', '')} {settings['steps']} steps, noise level {settings['noise_level']}:",
+        f"{settings.get('scheduler', '')} {settings['steps']} steps, noise level {settings['noise_level']}"
+        f"{blur_note(settings)}:",
         "",
     ]
     if where.get("kid_patches"):
