@@ -116,6 +116,7 @@ CASES = [
     ("eval-zero-batch", [*EVAL_GEN, "--batch", "0"], "--batch=0", None),
     ("eval-zero-images", [*SR, "--num-images", "0"], "--num-images=0", None),
     ("eval-negative-noise-level", [*SR, "--noise-level", "-3"], "--noise-level=-3", None),
+    ("eval-negative-blur", [*SR, "--blur", "-1"], "--blur=-1.0", None),
     ("eval-bad-tile", [*SR, "--tile", "7"], "--tile=7", None),
     ("eval-unknown-scheduler", [*SR, "--scheduler", "NopeScheduler"], "NopeScheduler", None),
     ("eval-missing-reference-stats", [*EVAL_GEN, "--reference-stats", "MISSING.npz"], "MISSING.npz", None),

@@ -84,6 +84,30 @@ def test_eval_sr_reports_finite_metrics_for_model_and_bicubic(tmp_path, cache_en
     assert "| bicubic upsampling |" in (tmp_path / "ev" / "results.md").read_text()
 
 
+def test_eval_sr_blur_softens_the_low_res_input_and_says_so():
+    from cdm.cli.eval import evaluate_sr, sr_outputs
+    from cdm.hub.cards import sr_table
+    from cdm.measure.metrics import high_frequency_energy
+
+    pipe = build_pipeline(sr_stage(8, 32), TINY, 0)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(1, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2)]
+    sharp = sr_outputs(pipe, images, 1, 0, 0)
+    soft = sr_outputs(pipe, images, 1, 0, 0, blur=1.0)
+    for a, b in zip(sharp["lr"], soft["lr"]):
+        assert high_frequency_energy(b, 0.25).item() < 0.5 * high_frequency_energy(a, 0.25).item()
+    plain, blurred = evaluate_sr(pipe, images, 1, 0, 0), evaluate_sr(pipe, images, 1, 0, 0, blur=1.0)
+    assert blurred["bicubic"]["psnr"] < plain["bicubic"]["psnr"] - 0.1
+    res = {
+        "stage": "s",
+        "dataset": {"name": "d", "num_images": 2},
+        "settings": {"steps": 1, "noise_level": 0, "blur": 1.0},
+        "metrics": blurred,
+    }
+    assert "inputs blurred (sigma 1 low-res px)" in sr_table(res)[0]
+    assert "blurred" not in sr_table({**res, "settings": {"steps": 1, "noise_level": 0, "blur": 0.0}})[0]
+
+
 def test_sweep_writes_table_plot_and_best_level(tmp_path, cache_env):
     root = make_cascade(tmp_path / "c", sizes=(8, 32))
     data = _split_imagefolder(tmp_path / "imgs", size=16)
