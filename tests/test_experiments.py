@@ -160,6 +160,10 @@ def test_blur_report_names_the_better_stage_only_beyond_the_seed_spread(tmp_path
             }
             bicubic = {"psnr": 35.5, "ssim": 0.99, "consistency": 5e-5, "hf_ratio": 0.1}
             points[(name, "real")] = {"model": model, "bicubic": bicubic, "seconds": 100.0}
+            soft = {**model, "psnr": 38.0 if name == "blur" else 33.0}
+            soft_bicubic = {**bicubic, "psnr": 31.25}
+            points[(name, "blurred")] = {"model": soft, "bicubic": soft_bicubic, "seconds": 100.0}
+        points["sharpness"] = {"samples": 0.62, "blurred": 0.41}
         floor = {"fid": 40.0, "kid": 0.0, "seconds": 1.0}
         return {
             "points": points,
@@ -170,9 +174,14 @@ def test_blur_report_names_the_better_stage_only_beyond_the_seed_spread(tmp_path
         }
 
     text = "\n".join(experiments.report_blur(result_with(0.050, 0.060)))
-    assert "(the stage with blur is better)" in text
+    assert "(the stage with blur is better;" in text
     assert "HF ratio 0.80 against 0.90" in text
-    assert "| bicubic | 35.50 | 0.990 | 5.00e-05 | 0.10 | |" in text
+    assert "| bicubic | clean | 35.50 | 0.990 | 5.00e-05 | 0.10 | |" in text
+    assert "| no blur | blurred, σ = 0.5 | 33.00 |" in text
+    assert "| bicubic | blurred, σ = 0.5 | 31.25 |" in text
+    assert "On blurred real inputs: 38.00 against 33.00 dB" in text
+    assert "the cascade's 256 px samples 0.62, real digits blurred by σ = 0.5 0.41" in text
+    assert "within each seed: -0.0100, -0.0100" in text
     assert "tie: the difference is within the seeds' spread" in "\n".join(
         experiments.report_blur(result_with(0.0500, 0.0505))
     )
