@@ -52,11 +52,7 @@ demo-train: install
 	$(MAKE) demo-eval DEMO_SOURCES="$(DEMO_RUNS)/base64 $(DEMO_RUNS)/sr64to256 $(DEMO_RUNS)/sr256to1024"
 
 DEMO_SOURCES ?= $(DEMO)/base64 $(DEMO)/sr64to256 $(DEMO)/sr256to1024
-# Sampling defaults: ancestral DDPM sampling gives the base stage cleaner digits than 25 DPM-Solver
-# steps; the residual SR stages sample best with 5 DDIM steps (1 step leaves faint grain in flat
-# regions). The 64 -> 256 level s = 50 is the best of the augmentation ablation in docs/experiments.md
-# (KID 0.113 at s = 0-100, 0.130 at s = 250); the 1024 stage's s = 200 has not been swept. Guidance
-# w = 2 is the best of the guidance sweep (KID 0.017 against 0.024 at w = 4, class agreement 1.0 at both).
+# Sampling defaults, and how each was chosen: docs/demo_cascade_notes.md (it goes into the card).
 DEMO_SET := --set base64.scheduler=DDPMScheduler --set base64.steps=50 --set base64.guidance_scale=2.0 \
 	--set sr64to256.aug_level=50 --set sr256to1024.aug_level=200 \
 	--set sr64to256.scheduler=DDIMScheduler --set sr64to256.steps=5 \
@@ -72,7 +68,7 @@ demo-eval: install
 	$(BIN)/cdm-generate --model $(EVAL)/cascade --class 0 --class 1 --class 2 --class 3 --class 4 --class 5 \
 		--class 6 --class 7 --class 8 --class 9 --out $(EVAL)/grid --overwrite --quiet
 	$(BIN)/cdm-export $(addprefix $(EVAL)/cascade/,base64 sr64to256 sr256to1024) --out $(DEMO) --half --overwrite \
-		--license apache-2.0 $(DEMO_SET) \
+		--license apache-2.0 $(DEMO_SET) --notes docs/demo_cascade_notes.md \
 		--eval $(EVAL)/gen/results.json --eval $(EVAL)/sr64to256/results.json \
 		--eval $(EVAL)/sr256to1024/results.json --samples $(EVAL)/grid/grid.png
 

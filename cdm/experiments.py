@@ -1010,7 +1010,7 @@ TITLES = {
 COSTS = {  # measured on 2 CPU cores
     "aug": "about 35 min of training and 40 min of measuring",
     "trunc": "about 35 min of training and 45 min of measuring",
-    "blur": "two trainings of about 14 min and 30 min of measuring",
+    "blur": "two trainings of about 14 min and 45 min of measuring",
     "guidance": "about 21 min",
     "sampler": "126 points, about 4 hours, most of it DDPM at 1000 steps; the photo stage's curve is in "
     "[photo_sr.md](photo_sr.md)",

@@ -126,6 +126,7 @@ CASES = [
     ("export-unknown-scheduler", [*EXPORT, "--set", "base64.scheduler=Foo"], "Foo", None),
     ("export-unknown-stage-in-set", [*EXPORT, "--set", "nope.steps=3"], "nope", None),
     ("export-missing-input", ["cdm-export", "MISSING", "--out", "NEW"], "MISSING", None),
+    ("export-missing-notes", [*EXPORT, "--notes", "MISSING.md"], "--notes MISSING.md", None),
     ("export-cascade-as-stage", ["cdm-export", "CASCADE", "--out", "NEW"], "is a cascade folder", None),
     ("export-into-existing", [*EXPORT[:-1], "FILE"], "already exists", None),
     ("export-push-offline", ["cdm-export", "CASCADE", "--push-to-hub", "someone/x"], "someone/x", None),

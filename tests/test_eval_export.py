@@ -233,6 +233,8 @@ def test_export_cascade_writes_a_card_that_parses_with_every_field(tmp_path, cac
     from PIL import Image
 
     Image.new("RGB", (4, 4)).save(grid)
+    notes = tmp_path / "notes.md"
+    notes.write_text("## How the defaults were chosen\n\nThe steps were swept.\n", encoding="utf-8")
     out = tmp_path / "cascade"
     res = run_cli(
         [
@@ -251,6 +253,8 @@ def test_export_cascade_writes_a_card_that_parses_with_every_field(tmp_path, cac
             "base64.steps=7",
             "--set",
             "sr64to256.aug_mode=truncated",
+            "--notes",
+            str(notes),
         ],
         tmp_path,
         cache_env,
@@ -280,6 +284,8 @@ def test_export_cascade_writes_a_card_that_parses_with_every_field(tmp_path, cac
         "| 23.00 |",
     ):
         assert needle in body, needle
+    notes_at = body.index("## How the defaults were chosen\n\nThe steps were swept.")
+    assert body.index("## Conditioning augmentation") < notes_at < body.index("## Results")
     spec = json.loads((out / "cascade.json").read_text())
     assert [s["name"] for s in spec["stages"]] == ["base64", "sr64to256"]
     assert spec["stages"][0]["sampling"]["steps"] == 7

@@ -60,6 +60,7 @@ def assemble(
     overwrite: bool,
     half: bool = False,
     overrides: list[str] = (),
+    notes: str | None = None,
 ) -> Path:
     """Build the folder under a temporary name and move it into place only when complete."""
     if out.exists() and not overwrite:
@@ -86,7 +87,9 @@ def assemble(
             with PIL.Image.open(grid) as image:
                 image.thumbnail((2048, 2048), PIL.Image.LANCZOS)
                 image.convert("RGB").save(tmp / "samples.png", optimize=True)
-        card = make_card(names, pipes, settings, infos, results, repo, license, has_samples=grid is not None)
+        card = make_card(
+            names, pipes, settings, infos, results, repo, license, has_samples=grid is not None, notes=notes
+        )
         card.save(tmp / "README.md")
         mark_export(tmp, {"written_by": "cdm-export", "inputs": [str(p) for p in inputs]})
         replace_folder(tmp, out)
@@ -142,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--samples", type=Path, default=None, help="a sample grid image to show in the card")
     p.add_argument(
+        "--notes",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="markdown to add to the card after the method sections (e.g. how the defaults were chosen)",
+    )
+    p.add_argument(
         "--license", default=None, help="license id for the card (default: from the training config)"
     )
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
@@ -170,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @cli
+def read_notes(path: Path | None) -> str | None:
+    """The text of `--notes FILE`, checked before any work."""
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"--notes {path}: expected a readable UTF-8 markdown file ({e.__class__.__name__})"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     repo = args.push_to_hub or (args.out.name if args.out else args.inputs[0].name)
@@ -195,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             args.overwrite,
             args.half,
             args.overrides,
+            read_notes(args.notes),
         )
         print(f"wrote {folder}/ ({', '.join(sorted(p.name for p in folder.iterdir()))})")
     if args.space is not None:

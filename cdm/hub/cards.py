@@ -246,8 +246,10 @@ def make_card(
     repo: str,
     license: str = "apache-2.0",
     has_samples: bool = False,
+    notes: str | None = None,
 ) -> ModelCard:
-    """A model card for a cascade (several stages) or a single stage."""
+    """A model card for a cascade (several stages) or a single stage; `notes` (markdown) follow the
+    method sections, e.g. how the sampling defaults were chosen."""
     model_name = repo.split("/")[-1]
     data = card_data(pipes, infos, results, model_name, license)
     labels = pipes[0].config.get("id2label") or {}
@@ -256,6 +258,7 @@ def make_card(
     if has_samples:
         body += ["## Samples", "", "![samples](samples.png)", ""]
     body += method_sections(names, pipes, infos, settings)
+    body += [notes.strip(), ""] if notes and notes.strip() else []
     body += ["## Results", ""]
     body += [results_table(results)] if results else ["No evaluation has been run for this model yet.", ""]
     body += ["## Usage", "", usage(repo, names, pipes, settings, len(pipes) > 1, label_example), ""]
