@@ -179,7 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli
 def read_notes(path: Path | None) -> str | None:
     """The text of `--notes FILE`, checked before any work."""
     if path is None:
@@ -192,6 +191,7 @@ def read_notes(path: Path | None) -> str | None:
         ) from None
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     repo = args.push_to_hub or (args.out.name if args.out else args.inputs[0].name)
