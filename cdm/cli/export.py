@@ -121,6 +121,21 @@ def load_inputs(inputs: list[Path], overrides: list[str]):
     return folders, infos, pipes, names, settings
 
 
+def add_card_arguments(p: argparse.ArgumentParser) -> None:
+    """What goes into the model card besides the measured results."""
+    p.add_argument("--samples", type=Path, default=None, help="a sample grid image to show in the card")
+    p.add_argument(
+        "--notes",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="markdown to add to the card after the method sections (e.g. how the defaults were chosen)",
+    )
+    p.add_argument(
+        "--license", default=None, help="license id for the card (default: from the training config)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cdm-export", description="Assemble a cascade or stage folder with a card."
@@ -143,17 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="cdm-eval results.json to put in the card (repeatable)",
     )
-    p.add_argument("--samples", type=Path, default=None, help="a sample grid image to show in the card")
-    p.add_argument(
-        "--notes",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="markdown to add to the card after the method sections (e.g. how the defaults were chosen)",
-    )
-    p.add_argument(
-        "--license", default=None, help="license id for the card (default: from the training config)"
-    )
+    add_card_arguments(p)
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
     p.add_argument("--private", action="store_true")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in token)")

@@ -476,13 +476,8 @@ class SR3Pipeline(DiffusionPipeline):
         """
         # checks, conditioning (upsampled input noised to level s), initial noise, denoising, output
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        self.check_call(
-            num_images_per_prompt,
-            tensor_inputs,
-            output_type,
-            (tile_size, tile_overlap),
-            (low_res_is_augmented, truncate_alphabar is not None),
-        )
+        tiles, handover = (tile_size, tile_overlap), (low_res_is_augmented, truncate_alphabar is not None)
+        self.check_call(num_images_per_prompt, tensor_inputs, output_type, tiles, handover)
         x_lr, ids, size = self.prepare_low_res(
             image, class_labels, num_images_per_prompt, low_res_is_augmented
         )
@@ -493,7 +488,7 @@ class SR3Pipeline(DiffusionPipeline):
             x_lr, size, ids, noise_level, low_res_is_augmented, generator
         )
         latents = self.prepare_latents((x_lr.shape[0], *size), num_inference_steps, generator, latents)
-        step = (cond, labels, s_emb, step_kwargs(self.scheduler, generator, eta), (tile_size, tile_overlap))
+        step = (cond, labels, s_emb, step_kwargs(self.scheduler, generator, eta), tiles)
         latents, alphabar = self.denoise(
             latents, step, (callback_on_step_end, tensor_inputs), truncate_alphabar
         )
