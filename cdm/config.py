@@ -88,6 +88,8 @@ class StageConfig:
     prediction_type: PredictionType = PredictionType.epsilon
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
+    # Training draws t = floor(T u^p): p = 1 is uniform (DDPM); p > 1 trains low noise levels more.
+    timestep_power: float = 1.0
     crop_size: int = 0  # high-res training crop for SR stages; 0 trains on whole images
     aug_max_level: int = 250  # conditioning augmentation: s ~ U{0..aug_max_level}
     blur_prob: float = 0.0
@@ -225,6 +227,8 @@ def validate(cfg) -> None:
 def validate_stage(cfg) -> None:
     """Stage rules: residual scale, augmentation levels and modes, SR sizes and crops."""
     s = cfg.stage
+    if not 0.25 <= s.timestep_power <= 8:
+        raise UserError(f"stage.timestep_power={s.timestep_power}: expected a value in 0.25..8 (1 is uniform)")
     if not s.residual_scale > 0:
         raise UserError(f"stage.residual_scale={s.residual_scale}: expected a value > 0")
     if not 0 < cfg.data.min_scale <= 1:

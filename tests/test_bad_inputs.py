@@ -141,6 +141,7 @@ CASES = [
     ("train-unknown-experiment", [*TRAIN, "experiment=nope"], "nope", None),
     ("train-missing-imagefolder", [*TRAIN, "data=imagefolder", "data.path=MISSING"], "MISSING", None),
     ("train-negative-learning-rate", [*TRAIN, "train.learning_rate=-1"], "learning_rate", None),
+    ("train-zero-timestep-power", [*TRAIN, "stage.timestep_power=0"], "stage.timestep_power=0.0", None),
 ]
 
 

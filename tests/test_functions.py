@@ -87,6 +87,17 @@ def test_diffusion_loss_is_zero_for_the_exact_target(prediction_type):
     assert DiffusionLoss(sched, prediction_type)(lambda x_t, t: torch.zeros_like(x_t), x0, g(1)).item() > 0.1
 
 
+def test_timestep_power_moves_training_to_low_noise_and_one_is_the_uniform_draw():
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    uniform = DiffusionLoss(sched, timestep_power=1.0).timesteps(4000, g(3))
+    assert torch.equal(uniform, torch.randint(0, 1000, (4000,), generator=g(3)))  # existing runs unchanged
+    low = DiffusionLoss(sched, timestep_power=3.0).timesteps(4000, g(3))
+    assert low.dtype == torch.long and low.min() >= 0 and low.max() <= 999
+    # P(t < 90) is 0.09 for the uniform draw and 0.09 ** (1/3) = 0.45 for p = 3
+    assert abs((uniform < 90).float().mean() - 0.09) < 0.02
+    assert abs((low < 90).float().mean() - 0.45) < 0.03
+
+
 def test_optimizer_state_roundtrips_through_flat_form():
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

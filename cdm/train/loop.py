@@ -248,7 +248,7 @@ def setup_model(tr: Trainer, resume_from: Path | None) -> None:
     cfg, t, acc = tr.cfg, tr.cfg.train, tr.accelerator
     unet = build_unet(cfg.stage, cfg.unet, tr.num_classes)
     tr.noising = build_noise_scheduler(cfg.stage)
-    tr.loss_fn = DiffusionLoss(tr.noising, cfg.stage.prediction_type.value)
+    tr.loss_fn = DiffusionLoss(tr.noising, cfg.stage.prediction_type.value, cfg.stage.timestep_power)
     tr.ema = EMAModel(
         unet.parameters(),
         decay=t.ema_decay,
