@@ -753,6 +753,13 @@ def budget_grid() -> list[tuple[str, int]]:
     ]
 
 
+def budget_order(num_stages: int) -> list[tuple[str, int, int]]:
+    """(sampler, steps, stage index): every stage at one point before the next, cheap points first,
+    and the base stage's 1000-step reference last of all (it costs more than everything else)."""
+    jobs = [(name, steps, k) for name, steps in budget_grid() for k in range(num_stages)]
+    return sorted(jobs, key=lambda job: job[1] == REFERENCE_STEPS and job[2] == 0)
+
+
 def run_sampler(judges: Judges) -> dict:
     """The base stage by KID of its samples; each SR stage by PSNR and SSIM on real low-res crops."""
     cascade = Cascade.from_pretrained(DEMO_CASCADE)
@@ -766,21 +773,21 @@ def run_sampler(judges: Judges) -> dict:
         ]
         stage.pipe.set_progress_bar_config(disable=True)
     base, points = cascade[:1], {}
-    for name, steps in budget_grid():  # every stage at one point before the next, cheap points first
-        for k, stage in enumerate(cascade.stages):
-            for seed in SEEDS:
-                path = RUNS / "sampler" / f"{stage.name}-{SAMPLERS[name]}-{steps}-seed{seed}.json"
-                if k == 0:
-                    settings = base.with_overrides(scheduler=[name], steps=[steps])
-                    measure = lambda: score_samples(sample(base, ids, seed, settings)[0], ids, judges)  # noqa: E731
-                else:
-                    pipe = stage.pipe
+    for name, steps, k in budget_order(len(cascade.stages)):
+        stage = cascade.stages[k]
+        for seed in SEEDS:
+            path = RUNS / "sampler" / f"{stage.name}-{SAMPLERS[name]}-{steps}-seed{seed}.json"
+            if k == 0:
+                settings = base.with_overrides(scheduler=[name], steps=[steps])
+                measure = lambda: score_samples(sample(base, ids, seed, settings)[0], ids, judges)  # noqa: E731
+            else:
+                pipe = stage.pipe
 
-                    def measure():
-                        pipe.scheduler = sampling_scheduler(name, pipe.scheduler.config, steps)
-                        return evaluate_sr(pipe, crops[stage.name], steps, 0, seed * SEED_STRIDE)
+                def measure():
+                    pipe.scheduler = sampling_scheduler(name, pipe.scheduler.config, steps)
+                    return evaluate_sr(pipe, crops[stage.name], steps, 0, seed * SEED_STRIDE)
 
-                points[(stage.name, name, steps, seed)] = stored(path, measure)
+            points[(stage.name, name, steps, seed)] = stored(path, measure)
     floor = stored(RUNS / "guidance" / "floor.json", lambda: judges.floor(64, len(ids)))
     return {
         "points": points,

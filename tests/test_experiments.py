@@ -226,3 +226,12 @@ def test_sampler_budget_finds_the_fewest_evaluations_that_reach_the_reference(tm
     assert "| DDPM, 1000 steps | 0.0205 ± 0.0005 |" in text
     experiments.plot_sampler(result, tmp_path / "sampler.png")
     assert (tmp_path / "sampler.png").stat().st_size > 0
+
+
+def test_sampler_budget_runs_cheap_points_first_and_the_base_reference_last():
+    order = experiments.budget_order(3)
+    assert len(order) == len(set(order)) == 3 * len(experiments.budget_grid())
+    assert order[-1] == ("DDPMScheduler", experiments.REFERENCE_STEPS, 0)  # the base stage's reference
+    steps = [s for _, s, _ in order[:-1]]
+    assert steps == sorted(steps)  # every other point in rising cost, the SR references before the base's
+    assert order[:3] == [("DDPMScheduler", experiments.BUDGET_STEPS[0], k) for k in range(3)]
