@@ -228,7 +228,9 @@ def validate_stage(cfg) -> None:
     """Stage rules: residual scale, augmentation levels and modes, SR sizes and crops."""
     s = cfg.stage
     if not 0.25 <= s.timestep_power <= 8:
-        raise UserError(f"stage.timestep_power={s.timestep_power}: expected a value in 0.25..8 (1 is uniform)")
+        raise UserError(
+            f"stage.timestep_power={s.timestep_power}: expected a value in 0.25..8 (1 is uniform)"
+        )
     if not s.residual_scale > 0:
         raise UserError(f"stage.residual_scale={s.residual_scale}: expected a value > 0")
     if not 0 < cfg.data.min_scale <= 1:

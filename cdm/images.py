@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 
@@ -84,12 +85,22 @@ def comparison_figure(rows: list[dict[str, torch.Tensor]], zoom: int = 4, pad: i
     return figure
 
 
-def decode_image(record) -> PIL.Image.Image:
-    """Decode an undecoded `datasets` image; RGBA is composited on white and grey becomes RGB."""
+def open_image(record) -> PIL.Image.Image:
+    """Open and load an undecoded `datasets` image, turned upright by its EXIF orientation (as viewers show it)."""
     raw = record.get("bytes") if isinstance(record, dict) else None
     source = io.BytesIO(raw) if raw else record["path"]
     image = PIL.Image.open(source)
     image.load()
+    return PIL.ImageOps.exif_transpose(image)
+
+
+def decode_image(record) -> PIL.Image.Image:
+    """Decode an undecoded `datasets` image; RGBA is composited on white and grey becomes RGB."""
+    return to_rgb(open_image(record))
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Any PIL mode -> 8-bit RGB: transparency composited on white, high-bit-depth grey scaled to 0..255."""
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -13,7 +13,7 @@ from cdm_pipelines.pipeline_sr3 import image_to_tensor
 from cdm.cascade import Cascade
 from cdm.config import unet_stride
 from cdm.errors import UserError
-from cdm.images import decode_image, to_pil
+from cdm.images import open_image, to_pil, to_rgb
 from cdm.stage_io import CASCADE_FILE, load_stage, resolve_model, stage_info, stage_settings
 
 PHOTO_STAGE = Path(__file__).resolve().parent / "photo_sr4x"  # the shipped 4x photo SR stage
@@ -37,13 +37,13 @@ def load_sr_stage(model: str, stage: str | None):
 
 
 def read_image(path: Path) -> PIL.Image.Image:
-    """Open an image file; RGBA is composited on white, grey and palette images become RGB."""
+    """Open an image file, upright by its EXIF orientation, in its own mode (see `as_model_input`)."""
     if path.is_dir():
         raise UserError(f"{path} is a folder: expected an image file")
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        image = decode_image({"path": str(path)})
+        image = open_image({"path": str(path)})
     except PIL.Image.DecompressionBombError:
         raise UserError(
             f"{path}: the image header claims more pixels than PIL allows (a decompression bomb?)"
@@ -51,6 +51,25 @@ def read_image(path: Path) -> PIL.Image.Image:
     except (OSError, PIL.UnidentifiedImageError, SyntaxError, ValueError):
         raise UserError(f"{path}: not a readable image (corrupt, or not an image format)") from None
     return image
+
+
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def has_alpha(image: PIL.Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def as_output_mode(result: PIL.Image.Image, source: PIL.Image.Image) -> PIL.Image.Image:
+    """Give the RGB result the source's layers back: grey stays grey, and an alpha channel is
+    upscaled by bicubic interpolation and re-attached (the model sees the image composited on white)."""
+    grey = source.mode in GREY_MODES or (source.mode == "P" and source.palette.mode == "L")
+    out = result.convert("L") if grey else result
+    if has_alpha(source):
+        alpha = source.convert("RGBA" if not grey else "LA").getchannel("A")
+        out = out.convert("LA" if grey else "RGBA")
+        out.putalpha(alpha.resize(result.size, PIL.Image.BICUBIC))
+    return out
 
 
 MAX_OUTPUT_PIXELS = 8192 * 8192  # the output and the sample are held whole in memory: about 0.8 GB each
@@ -92,7 +111,7 @@ def upscale(
     `self_ensemble` averages the results for the 8 rotations and mirror images of the input (as in
     EDSR's "+" models): 8x the time, a higher PSNR, and a smoother result.
     """
-    x = image_to_tensor(image)
+    x = image_to_tensor(to_rgb(image))
     f = pipe.scale_factor
     mult = unet_stride(pipe.unet.config.block_out_channels)
     step = max(1, mult // f) if mult > f else 1
@@ -116,4 +135,4 @@ def upscale(
         ).images
         total = total + dihedral(out.float().cpu(), k, flip, inverse=True)
     out = total / (len(DIHEDRAL) if self_ensemble else 1)
-    return to_pil(out[0, :, : h * f, : w * f] * 2 - 1)
+    return as_output_mode(to_pil(out[0, :, : h * f, : w * f] * 2 - 1), image)

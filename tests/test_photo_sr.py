@@ -337,3 +337,46 @@ def test_self_ensemble_averages_the_eight_rotations_and_mirror_images():
     # a random UNet is not equivariant: the average of 8 differs from one run, and is smoother
     assert np.abs(ensemble - single).mean() > 0.5
     assert np.abs(np.diff(ensemble, axis=1)).mean() < np.abs(np.diff(single, axis=1)).mean()
+
+
+def silent_residual_pipe():
+    """A residual stage whose UNet outputs zero: it returns the bicubic upsample, exactly."""
+    torch.manual_seed(0)
+    pipe = build_pipeline(residual_stage(), TINY, 0)
+    for p in pipe.unet.conv_out.parameters():
+        torch.nn.init.zeros_(p)
+    pipe.scheduler = sampling_scheduler("DDIMScheduler", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_upscale_keeps_grey_images_grey_and_alpha_channels():
+    from cdm.upscaling import upscale
+
+    pipe, rng = silent_residual_pipe(), np.random.default_rng(0)
+    grey = PIL.Image.fromarray(rng.integers(0, 255, (12, 16), dtype=np.uint8), "L")
+    out = upscale(pipe, grey, 8, 2, 1, 0, 0)
+    assert out.mode == "L" and out.size == (64, 48)
+    rgba = np.concatenate([rng.integers(0, 255, (12, 16, 3)), np.full((12, 16, 1), 255)], -1)
+    rgba[:, :8, 3] = 0  # the left half is transparent
+    out = upscale(pipe, PIL.Image.fromarray(rgba.astype(np.uint8), "RGBA"), 8, 2, 1, 0, 0)
+    assert out.mode == "RGBA" and out.size == (64, 48)
+    alpha = np.asarray(out.getchannel("A"))
+    assert alpha[:, :28].max() < 10 and alpha[:, 36:].min() > 245  # the alpha is upscaled, not dropped
+    rgb = PIL.Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8))
+    assert upscale(pipe, rgb, 8, 2, 1, 0, 0).mode == "RGB"
+
+
+def test_images_are_read_upright_by_their_exif_orientation(tmp_path):
+    from cdm.images import decode_image
+    from cdm.upscaling import read_image
+
+    pixels = np.zeros((10, 20, 3), np.uint8)
+    pixels[:, :10] = 255  # stored: white on the left of a 20 x 10 image
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    PIL.Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    for image in (read_image(tmp_path / "phone.jpg"), decode_image({"path": str(tmp_path / "phone.jpg")})):
+        shown = np.asarray(image.convert("L"), dtype=float)
+        assert image.size == (10, 20)  # displayed portrait
+        assert shown[:10].mean() > 200 and shown[10:].mean() < 50  # white on top, as viewers show it

@@ -22,7 +22,7 @@ from cdm.config import DataConfig, DataSource, ResizeMode, unet_stride
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
 from cdm.files import check_new, check_out_dir, write_file
-from cdm.images import comparison_figure, decode_image, to_pil
+from cdm.images import comparison_figure, decode_image, to_pil, to_rgb
 from cdm.measure.metrics import psnr
 from cdm.models import sampling_scheduler
 from cdm.train.data import open_dataset
@@ -94,7 +94,7 @@ def compare(pipe, images, names, args, tile: int, overlap: int, steps: int, size
     check_new([args.compare], args.overwrite)
     f, rows = pipe.scale_factor, []
     for name, image in zip(names, images):
-        original = centre_crop(image_to_tensor(image), size, f * 4)
+        original = centre_crop(image_to_tensor(to_rgb(image)), size, f * 4)
         lr = downsample(original, f).clamp(-1, 1)
         start = time.perf_counter()
         model = image_to_tensor(
