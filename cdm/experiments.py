@@ -754,10 +754,11 @@ def budget_grid() -> list[tuple[str, int]]:
 
 
 def budget_order(num_stages: int) -> list[tuple[str, int, int]]:
-    """(sampler, steps, stage index): every stage at one point before the next, cheap points first,
-    and the base stage's 1000-step reference last of all (it costs more than everything else)."""
+    """(sampler, steps, stage index), cheap points first: every SR stage's points, steps rising, then
+    the base stage's. A base point (50 guided samples) costs about ten SR points (5 crops), and its
+    1000-step reference more than everything else together, so the SR curves are whole first."""
     jobs = [(name, steps, k) for name, steps in budget_grid() for k in range(num_stages)]
-    return sorted(jobs, key=lambda job: job[1] == REFERENCE_STEPS and job[2] == 0)
+    return sorted(jobs, key=lambda job: (job[2] == 0, job[1]))
 
 
 def run_sampler(judges: Judges) -> dict:

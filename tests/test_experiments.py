@@ -230,8 +230,11 @@ def test_sampler_budget_finds_the_fewest_evaluations_that_reach_the_reference(tm
 
 def test_sampler_budget_runs_cheap_points_first_and_the_base_reference_last():
     order = experiments.budget_order(3)
-    assert len(order) == len(set(order)) == 3 * len(experiments.budget_grid())
+    n = len(experiments.budget_grid())
+    assert len(order) == len(set(order)) == 3 * n
+    assert {k for _, _, k in order[: 2 * n]} == {1, 2} and {k for _, _, k in order[2 * n :]} == {0}
     assert order[-1] == ("DDPMScheduler", experiments.REFERENCE_STEPS, 0)  # the base stage's reference
-    steps = [s for _, s, _ in order[:-1]]
-    assert steps == sorted(steps)  # every other point in rising cost, the SR references before the base's
-    assert order[:3] == [("DDPMScheduler", experiments.BUDGET_STEPS[0], k) for k in range(3)]
+    for part in (order[: 2 * n], order[2 * n :]):
+        steps = [s for _, s, _ in part]
+        assert steps == sorted(steps)  # rising cost within the SR stages and within the base stage
+    assert order[:2] == [("DDPMScheduler", experiments.BUDGET_STEPS[0], k) for k in (1, 2)]
