@@ -761,8 +761,9 @@ def budget_order(num_stages: int) -> list[tuple[str, int, int]]:
     return sorted(jobs, key=lambda job: (job[2] == 0, job[1]))
 
 
-def run_sampler(judges: Judges) -> dict:
-    """The base stage by KID of its samples; each SR stage by PSNR and SSIM on real low-res crops."""
+def run_sampler(judges: Judges, stored_only: bool = False) -> dict:
+    """The base stage by KID of its samples; each SR stage by PSNR and SSIM on real low-res crops.
+    `stored_only` measures nothing: the report then covers the stages whose points are all stored."""
     cascade = Cascade.from_pretrained(DEMO_CASCADE)
     ids = [c for c in range(cascade.num_classes) for _ in range(GUIDANCE_PER_CLASS)]
     crops = {}
@@ -778,6 +779,8 @@ def run_sampler(judges: Judges) -> dict:
         stage = cascade.stages[k]
         for seed in SEEDS:
             path = RUNS / "sampler" / f"{stage.name}-{SAMPLERS[name]}-{steps}-seed{seed}.json"
+            if stored_only and not path.is_file():
+                continue
             if k == 0:
                 settings = base.with_overrides(scheduler=[name], steps=[steps])
                 measure = lambda: score_samples(sample(base, ids, seed, settings)[0], ids, judges)  # noqa: E731
@@ -805,10 +808,21 @@ def budget_value(point: dict, stage_index: int) -> dict:
     return point if stage_index == 0 else point["model"]
 
 
+def complete_stages(result: dict) -> list[tuple[int, str]]:
+    """(index, name) of the stages whose every point is stored: the ones a report can show."""
+    return [
+        (k, stage)
+        for k, stage in enumerate(result["stages"])
+        if all(
+            (stage, name, steps, seed) in result["points"] for name, steps in budget_grid() for seed in SEEDS
+        )
+    ]
+
+
 def budget_stats(result: dict) -> dict:
-    """(stage, sampler, steps) -> {metric: (mean, half range)} over the seeds."""
+    """(stage, sampler, steps) -> {metric: (mean, half range)} over the seeds, for the complete stages."""
     out = {}
-    for k, stage in enumerate(result["stages"]):
+    for k, stage in complete_stages(result):
         for name, steps in budget_grid():
             values = [budget_value(result["points"][(stage, name, steps, seed)], k) for seed in SEEDS]
             out[(stage, name, steps)] = {
@@ -846,7 +860,7 @@ def report_sampler(result: dict) -> list[str]:
         f"{list(SEEDS)}; each value is the mean over the seeds ± half their difference.",
         "",
     ]
-    for k, stage in enumerate(result["stages"]):
+    for k, stage in complete_stages(result):
         metric, fmt = ("kid", ".4f") if k == 0 else ("psnr", ".2f")
         lines += [
             f"{stage} ({'KID' if k == 0 else 'PSNR, dB'}):",
@@ -862,13 +876,26 @@ def report_sampler(result: dict) -> list[str]:
             f"| DDPM, {REFERENCE_STEPS} steps | {m:{fmt}} ± {h:{fmt}} |" + " |" * (len(BUDGET_STEPS) - 1),
             "",
         ]
-    return lines + sampler_findings(result, stats)
+    return lines + pending_stages(result) + sampler_findings(result, stats)
+
+
+def pending_stages(result: dict) -> list[str]:
+    """A line for each stage whose points are not all stored yet."""
+    done = {stage for _, stage in complete_stages(result)}
+    total = len(budget_grid()) * len(SEEDS)
+    lines = [
+        f"- {stage}: {sum(key[0] == stage for key in result['points'])} of {total} points stored; "
+        "its table follows when the rest are measured."
+        for stage in result["stages"]
+        if stage not in done
+    ]
+    return ["Not finished yet:", "", *lines, ""] if lines else []
 
 
 def sampler_findings(result: dict, stats: dict) -> list[str]:
     """For each stage and sampler, the fewest UNet evaluations that reach the 1000-step quality."""
     out = []
-    for k, stage in enumerate(result["stages"]):
+    for k, stage in complete_stages(result):
         parts = []
         for name, label in SAMPLERS.items():
             enough = [n for n in BUDGET_STEPS if reaches_reference(stats, stage, k, name, n)]
@@ -900,9 +927,9 @@ def plot_sampler(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats, w = budget_stats(result), result["guidance"]
-    fig, axes = plt.subplots(1, len(result["stages"]), figsize=(4 * len(result["stages"]), 3.3))
-    for k, (ax, stage) in enumerate(zip(np.atleast_1d(axes), result["stages"])):
+    stats, w, stages = budget_stats(result), result["guidance"], complete_stages(result)
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.3))
+    for ax, (k, stage) in zip(np.atleast_1d(axes), stages):
         metric = "kid" if k == 0 else "psnr"
         for name, label in SAMPLERS.items():
             pairs = [stats[(stage, name, n)][metric] for n in BUDGET_STEPS]
@@ -1058,15 +1085,24 @@ def write_report() -> Path:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m cdm.experiments", description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help=f"experiments to run, of {', '.join(EXPERIMENTS)} (default: all)")
+    p.add_argument(
+        "--stored",
+        action="store_true",
+        help="sampler only: report the stages whose points are all stored, measuring nothing",
+    )
     args = p.parse_args(argv)
     unknown = [n for n in args.names if n not in EXPERIMENTS]
     if unknown:
         p.error(f"unknown experiment {unknown[0]!r}: expected one of {', '.join(EXPERIMENTS)}")
+    if args.stored and args.names != ["sampler"]:
+        p.error("--stored reports the sampler budget alone: expected `sampler --stored`")
     judges = Judges(OfflineInception(), data_config("digits", None), {})
     for name in args.names or EXPERIMENTS:
         run, report, plot = EXPERIMENTS[name]
         start = time.perf_counter()
-        result = run(judges)
+        result = run_sampler(judges, stored_only=True) if args.stored else run(judges)
+        if args.stored and not complete_stages(result):
+            p.exit(2, "no stage of the sampler budget has all its points stored yet: nothing to report\n")
         plot(result, DOCS / "experiments" / f"{name}.png")
         took = sum(p["seconds"] for p in result["points"].values()) + result["floor"]["seconds"]
         lines = report(result) + [

@@ -189,7 +189,8 @@ def test_blur_report_names_the_better_stage_only_beyond_the_seed_spread(tmp_path
     assert (tmp_path / "blur.png").stat().st_size > 0
 
 
-def test_sampler_budget_finds_the_fewest_evaluations_that_reach_the_reference(tmp_path):
+def budget_result() -> dict:
+    """A made-up sampler budget over two stages, with every point stored."""
     stages = ["base64", "sr64to256"]
     kid_at = {5: 0.08, 10: 0.04, 25: 0.021, 50: 0.020, 100: 0.020, 1000: 0.020}
     psnr_at = {5: 30.0, 10: 31.5, 25: 31.8, 50: 31.9, 100: 31.9, 1000: 32.0}
@@ -206,7 +207,7 @@ def test_sampler_budget_finds_the_fewest_evaluations_that_reach_the_reference(tm
             }
             model = {"psnr": psnr, "ssim": 0.9, "consistency": 1e-5, "hf_ratio": 0.8}
             points[("sr64to256", name, steps, seed)] = {"model": model, "bicubic": model}
-    result = {
+    return {
         "points": points,
         "floor": {"kid": 0.0},
         "samples": 50,
@@ -214,7 +215,12 @@ def test_sampler_budget_finds_the_fewest_evaluations_that_reach_the_reference(tm
         "guidance": 2.0,
         "real": 5,
     }
+
+
+def test_sampler_budget_finds_the_fewest_evaluations_that_reach_the_reference(tmp_path):
+    result = budget_result()
     text = "\n".join(experiments.report_sampler(result))
+    assert "Not finished yet" not in text
     # base (two evaluations a step): KID 0.0215 at 25 steps is 0.001 above the reference's 0.0205, beyond the
     # 0.0005 spread; 0.0205 at 50 steps ties: 100 evaluations, DDPM 200
     assert (
@@ -238,3 +244,16 @@ def test_sampler_budget_runs_cheap_points_first_and_the_base_reference_last():
         steps = [s for _, s, _ in part]
         assert steps == sorted(steps)  # rising cost within the SR stages and within the base stage
     assert order[:2] == [("DDPMScheduler", experiments.BUDGET_STEPS[0], k) for k in (1, 2)]
+
+
+def test_sampler_budget_reports_the_complete_stages_while_the_others_run(tmp_path):
+    result = budget_result()
+    del result["points"][("base64", "DDPMScheduler", experiments.REFERENCE_STEPS, experiments.SEEDS[-1])]
+    assert experiments.complete_stages(result) == [(1, "sr64to256")]
+    text = "\n".join(experiments.report_sampler(result))
+    total = len(experiments.budget_grid()) * len(experiments.SEEDS)
+    assert f"- base64: {total - 1} of {total} points stored" in text
+    assert "sr64to256 (PSNR, dB):" in text and "base64 (KID):" not in text
+    assert "- sr64to256: UNet evaluations" in text and "- base64: UNet evaluations" not in text
+    experiments.plot_sampler(result, tmp_path / "sampler.png")
+    assert (tmp_path / "sampler.png").stat().st_size > 0
