@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,17 @@ DOCS = Path("docs")
 SEEDS = (0, 1)
 SEED_STRIDE = 100_000  # seed s uses per-image seeds s * SEED_STRIDE + i
 REFERENCE_LIMIT = {1024: 200}  # real test digits per reference; all 500 at 1024 px would take 6 GB
+# The SR sampler of the ablations (augmentation, truncation, blur): fixed here, not read from the shipped
+# cascade, so that a re-run reproduces their stored points whatever the shipped default becomes.
+ABLATION_SR = {"scheduler": "DDIMScheduler", "steps": 5}
+
+
+def ablation_cascade() -> Cascade:
+    """The shipped demo cascade with its SR stages set to the ablations' sampler (`ABLATION_SR`)."""
+    cascade = Cascade.from_pretrained(DEMO_CASCADE)
+    for stage in cascade.stages[1:]:
+        stage.sampling = replace(stage.sampling, **ABLATION_SR)
+    return cascade
 
 
 @dataclass
@@ -275,7 +286,7 @@ def upscale_samples(pipe, low: torch.Tensor, level: int, seed: int, steps: int, 
 def run_aug(judges: Judges) -> dict:
     from cdm.stage_io import load_stage
 
-    cascade = Cascade.from_pretrained(DEMO_CASCADE)
+    cascade = ablation_cascade()
     s = cascade.settings[1]
     ids = [c for c in range(cascade.num_classes) for _ in range(AUG_PER_CLASS)]
     real = list(real_images(judges.data, "test", 256, AUG_REAL_IMAGES)[0].split(1))
@@ -383,7 +394,7 @@ def run_trunc(judges: Judges) -> dict:
 
     folder, recipe = TRUNC_STAGE
     train_missing(folder, recipe)
-    demo = Cascade.from_pretrained(DEMO_CASCADE)
+    demo = ablation_cascade()
     whole = Stage("sr64to256-whole", load_stage(folder), demo.settings[1])
     cascade = Cascade([demo.stages[0], whole])
     s = cascade.settings[1]
@@ -557,7 +568,7 @@ def run_blur(judges: Judges) -> dict:
 
     for folder, recipe in BLUR_STAGES.values():
         train_missing(folder, recipe)
-    cascade = Cascade.from_pretrained(DEMO_CASCADE)
+    cascade = ablation_cascade()
     s = cascade.settings[2]
     ids = [c for c in range(cascade.num_classes) for _ in range(BLUR_PER_CLASS)]
     points, lows = {}, {}

@@ -257,3 +257,13 @@ def test_sampler_budget_reports_the_complete_stages_while_the_others_run(tmp_pat
     assert "- sr64to256: UNet evaluations" in text and "- base64: UNet evaluations" not in text
     experiments.plot_sampler(result, tmp_path / "sampler.png")
     assert (tmp_path / "sampler.png").stat().st_size > 0
+
+
+def test_the_ablations_keep_their_own_sr_sampler_whatever_the_shipped_default():
+    from cdm.cascade import DEMO_CASCADE, Cascade
+
+    shipped, ablation = Cascade.from_pretrained(DEMO_CASCADE), experiments.ablation_cascade()
+    assert ablation.settings[0] == shipped.settings[0]  # the base stage as shipped
+    for mine, theirs in zip(ablation.settings[1:], shipped.settings[1:]):
+        assert (mine.scheduler, mine.steps) == ("DDIMScheduler", 5) == tuple(experiments.ABLATION_SR.values())
+        assert (mine.aug_level, mine.aug_mode) == (theirs.aug_level, theirs.aug_mode)
