@@ -188,7 +188,8 @@ def copy_stage(src: Path, dst: Path, half: bool = False) -> None:
 
 
 def write_sampler(pipe, settings, folder: Path) -> None:
-    """Store the stage's sampling scheduler as its `scheduler/`, so plain diffusers samples as cdm does."""
+    """Store the stage's sampling scheduler as its `scheduler/`, so plain diffusers samples as cdm does, and
+    its sampling defaults in its cdm_stage.json, so the folder alone samples as its cascade.json says."""
     try:
         scheduler = sampling_scheduler(settings.scheduler, pipe.scheduler.config, settings.steps)
     except ValueError as err:
@@ -198,6 +199,11 @@ def write_sampler(pipe, settings, folder: Path) -> None:
     index = json.loads(index_path.read_text())
     index["scheduler"] = ["diffusers", type(scheduler).__name__]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    info_path = folder / STAGE_INFO_FILE
+    info = stage_info(folder)
+    if info is not None and isinstance(info.get("stage"), dict):
+        info["stage"]["sample"] = {**(info["stage"].get("sample") or {}), **asdict(settings)}
+        info_path.write_text(json.dumps(info, indent=1))
 
 
 CASCADE_FILE = "cascade.json"

@@ -293,6 +293,22 @@ def test_export_cascade_writes_a_card_that_parses_with_every_field(tmp_path, cac
     assert (out / "samples.png").is_file() and (out / "sr64to256" / "pipeline_sr3.py").is_file()
 
 
+def test_set_on_a_single_stage_reaches_the_settings_it_is_loaded_with(tmp_path):
+    from cdm.stage_io import export_stage, stage_info, stage_settings
+    from cdm.upscaling import load_sr_stage
+
+    stage = tmp_path / "sr"
+    info = {"stage": {"name": "sr", "sample": {"scheduler": "DDIMScheduler", "steps": 2}}, "unet": {}}
+    export_stage(build_pipeline(sr_stage(8, 32), TINY, 0), stage, info)
+    export_main([str(stage), "--out", str(tmp_path / "out"), "--set", "sr.scheduler=DDPMScheduler"])
+    settings = stage_settings(stage_info(tmp_path / "out"))
+    assert (settings.scheduler, settings.steps) == ("DDPMScheduler", 2)  # cdm reads this file
+    pipe, loaded = load_sr_stage(str(tmp_path / "out"), None)
+    assert loaded.scheduler == "DDPMScheduler" and type(pipe.scheduler).__name__ == "DDPMScheduler"
+    assert stage_info(tmp_path / "out")["unet"] == {}  # the rest of the record is kept
+    assert stage_settings(stage_info(stage)).scheduler == "DDIMScheduler"  # the source is untouched
+
+
 def test_single_stage_card_and_no_unmeasured_numbers(tmp_path):
     stage = tmp_path / "sr"
     save_stage(build_pipeline(sr_stage(8, 32), TINY, 0), stage)
