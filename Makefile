@@ -81,20 +81,22 @@ photo-train: install
 	$(BIN)/cdm-train experiment=photo_sr4x
 	$(MAKE) photo-eval PHOTO_SOURCE=runs/photo_sr4x/export
 
-# Measure the photo stage on the held-out photos, whole images, at both ends of the steps trade-off
-# (1 step: E[x0 | low-res], the high-PSNR end; 20 DPM-Solver++ steps: the sharp end), then write
-# $(PHOTO) with fp16 weights and its card.
 # The shipped sampler: ancestral DDPM, 2 steps (docs/photo_sr.md says how it was chosen).
-PHOTO_SAMPLER := --scheduler DDPMScheduler --steps 2
-PHOTO_SET := --set photo_sr4x.scheduler=DDPMScheduler --set photo_sr4x.steps=2
-# The stage is measured from a copy, so that PHOTO_SOURCE may be $(PHOTO) itself.
+PHOTO_SCHEDULER := DDPMScheduler
+PHOTO_STEPS := 2
+
+# Measure the photo stage on the held-out photos, whole images, at both ends of the steps trade-off
+# (the shipped sampler: the high-PSNR end; 20 DPM-Solver++ steps: the sharp end), then write
+# $(PHOTO) with fp16 weights, those sampling defaults and its card. The stage is measured from a
+# copy, so that PHOTO_SOURCE may be $(PHOTO) itself.
 photo-eval: install
 	rm -rf $(PHOTO_EVAL)/photo_sr4x && mkdir -p $(PHOTO_EVAL) && cp -r $(PHOTO_SOURCE) $(PHOTO_EVAL)/photo_sr4x
-	$(BIN)/cdm-eval sr --model $(PHOTO_EVAL)/photo_sr4x --data photos --crop 0 $(PHOTO_SAMPLER) \
-		--out $(PHOTO_EVAL)/fidelity --overwrite
+	$(BIN)/cdm-eval sr --model $(PHOTO_EVAL)/photo_sr4x --data photos --crop 0 \
+		--scheduler $(PHOTO_SCHEDULER) --steps $(PHOTO_STEPS) --out $(PHOTO_EVAL)/fidelity --overwrite
 	$(BIN)/cdm-eval sr --model $(PHOTO_EVAL)/photo_sr4x --data photos --crop 0 --steps 20 \
 		--scheduler DPMSolverMultistepScheduler --out $(PHOTO_EVAL)/sharp --overwrite
-	$(BIN)/cdm-export $(PHOTO_EVAL)/photo_sr4x --out $(PHOTO) --half --overwrite --license apache-2.0 $(PHOTO_SET) \
+	$(BIN)/cdm-export $(PHOTO_EVAL)/photo_sr4x --out $(PHOTO) --half --overwrite --license apache-2.0 \
+		--set photo_sr4x.scheduler=$(PHOTO_SCHEDULER) --set photo_sr4x.steps=$(PHOTO_STEPS) \
 		--eval $(PHOTO_EVAL)/fidelity/results.json --eval $(PHOTO_EVAL)/sharp/results.json
 
 clean:

@@ -37,7 +37,8 @@ def load_sr_stage(model: str, stage: str | None):
 
 
 def read_image(path: Path) -> PIL.Image.Image:
-    """Open an image file, upright by its EXIF orientation, in its own mode (see `as_model_input`)."""
+    """Open an image file, upright by its EXIF orientation, in its own mode: `upscale` gives the model its
+    RGB form (`to_rgb`) and the result the source's grey or alpha back (`as_output_mode`)."""
     if path.is_dir():
         raise UserError(f"{path} is a folder: expected an image file")
     if not path.is_file():
