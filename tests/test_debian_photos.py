@@ -1,0 +1,88 @@
+"""The larger photo set: photos read out of Debian packages without installing them."""
+
+import io
+import tarfile
+
+import numpy as np
+import PIL.Image
+import pytest
+from conftest import run_cli
+
+from cdm.errors import UserError
+from cdm.train import debian_photos
+from cdm.train.debian_photos import DEBIAN_PHOTOS, MAX_SIDE, build_photo_folder, photo_name, read_deb
+
+
+def ar_member(name: str, data: bytes) -> bytes:
+    header = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode()
+    return header + data + (b"\n" if len(data) % 2 else b"")
+
+
+def fake_deb(path, files: dict[str, bytes]) -> None:
+    """A .deb as dpkg writes it: an ar archive of debian-binary, control.tar.xz and data.tar.xz."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo("./" + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    empty = io.BytesIO()
+    tarfile.open(fileobj=empty, mode="w:xz").close()
+    members = ar_member("debian-binary", b"2.0\n") + ar_member("control.tar.xz", empty.getvalue())
+    path.write_bytes(b"!<arch>\n" + members + ar_member("data.tar.xz", buf.getvalue()))
+
+
+def jpeg(size, value) -> bytes:
+    out = io.BytesIO()
+    PIL.Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(out, "JPEG")
+    return out.getvalue()
+
+
+def fake_packages(folder, size=(2048, 1280)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for package, members in DEBIAN_PHOTOS.items():
+        fake_deb(folder / f"{package}_1.0_all.deb", {m: jpeg(size, 10 + i) for i, m in enumerate(members)})
+
+
+def test_read_deb_returns_the_named_files_and_names_a_missing_one(tmp_path):
+    deb = tmp_path / "p_1_all.deb"
+    fake_deb(deb, {"usr/share/a.jpg": b"AAA", "usr/share/b.jpg": b"B"})
+    assert read_deb(deb, ["usr/share/b.jpg"]) == {"usr/share/b.jpg": b"B"}
+    with pytest.raises(UserError, match="has no usr/share/c.jpg"):
+        read_deb(deb, ["usr/share/a.jpg", "usr/share/c.jpg"])
+    deb.write_bytes(b"!<arch>\nrubbish")
+    with pytest.raises(UserError, match="not a readable Debian package"):
+        read_deb(deb, ["usr/share/a.jpg"])
+
+
+def test_the_folder_holds_the_wheel_photos_and_the_downscaled_debian_photos(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDM_CACHE", str(tmp_path / "cache"))
+    fake_packages(tmp_path / "debs")
+    root = build_photo_folder(tmp_path / "photos", tmp_path / "debs")
+    train = sorted(p.stem for p in (root / "train" / "photo").glob("*.png"))
+    test = sorted(p.stem for p in (root / "test" / "photo").glob("*.png"))
+    names = [photo_name(m) for members in DEBIAN_PHOTOS.values() for m in members]
+    assert test == ["china", "flower", "grace_hopper"]
+    assert set(names) <= set(train) and len(train) == len(names) + 14
+    assert "Path" in names and "Aqua" in names
+    with PIL.Image.open(root / "train" / "photo" / "Path.png") as image:
+        assert image.size == (MAX_SIDE, 640) and image.mode == "RGB"
+    # complete: kept as it is, without reading any package again
+    monkeypatch.setattr(debian_photos, "read_deb", None)
+    assert build_photo_folder(tmp_path / "photos", tmp_path / "debs") == root
+
+
+def test_without_apt_get_the_error_says_where_to_put_the_packages(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(UserError, match=f"mate-backgrounds_\\*.deb put in {tmp_path / 'debs'}"):
+        build_photo_folder(tmp_path / "photos", tmp_path / "debs")
+    assert not (tmp_path / "photos").exists()
+
+
+def test_a_corrupt_package_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    (tmp_path / "debs").mkdir()
+    (tmp_path / "debs" / "mate-backgrounds_1_all.deb").write_bytes(b"not a package")
+    res = run_cli(["python", "-m", "cdm.train.debian_photos", "out", "--debs", "debs"], tmp_path)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "mate-backgrounds_1_all.deb: not a readable Debian package" in res.stderr
+    assert not (tmp_path / "out").exists()
