@@ -34,16 +34,14 @@ DEBIAN_PHOTOS = {
     "mate-backgrounds": [
         f"usr/share/backgrounds/mate/nature/{name}.jpg"
         for name in (
-            "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow",
-            "LadyBird", "RainDrops", "Storm", "TwoWings", "Wood", "YellowFlower",
-        )  # fmt: skip
+            "Aqua Blinds Dune FreshFlower Garden GreenMeadow LadyBird RainDrops Storm TwoWings Wood YellowFlower"
+        ).split()
     ],
     "plasma-workspace-wallpapers": [
         f"usr/share/wallpapers/{name}/contents/images/2560x1600.jpg"
         for name in (
-            "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf",
-            "Grey", "Kite", "OneStandsOut", "Path", "summer_1am",
-        )  # fmt: skip
+            "BytheWater ColdRipple ColorfulCups DarkestHour EveningGlow FallenLeaf Grey Kite OneStandsOut Path summer_1am"
+        ).split()
     ],
 }
 MAX_SIDE = 1024
@@ -139,7 +137,9 @@ def build_photo_folder(out: Path, debs: Path | None = None, holdout: int = 3) ->
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m cdm.train.debian_photos", description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="the imagefolder to write (kept as it is if it is complete)")
-    p.add_argument("--debs", type=Path, default=None, help="where the .deb files are kept (default: the cdm cache)")
+    p.add_argument(
+        "--debs", type=Path, default=None, help="where the .deb files are kept (default: the cdm cache)"
+    )
     args = p.parse_args(argv)
     root = build_photo_folder(args.out, args.debs)
     counts = {split: len(list((root / split / "photo").glob("*.png"))) for split in ("train", "test")}
