@@ -121,8 +121,10 @@ class DataConfig:
     min_scale: float = 1.0
     random_flip: bool = False
     random_rot90: bool = False
-    # For the offline photos set: how many images are held out for evaluation.
+    # For the offline photos set: how many images are held out for evaluation, and whether to add
+    # the photographs of Debian's background packages (cdm.train.debian_photos) to its training split.
     holdout: int = 3
+    debian_photos: bool = False
     # data=hub: local or remote data files (a path, a glob, or a list) for a builder such as
     # parquet, csv or imagefolder named by data.name.
     data_files: list[str] | None = None

@@ -86,3 +86,27 @@ def test_a_corrupt_package_is_one_line_exit_2_and_writes_nothing(tmp_path):
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "mate-backgrounds_1_all.deb: not a readable Debian package" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_data_photos_with_debian_photos_trains_on_both_and_holds_out_the_same(tmp_path, monkeypatch):
+    from cdm.config import DataConfig, DataSource, ResizeMode
+    from cdm.train.data import open_dataset
+
+    monkeypatch.setenv("CDM_CACHE", str(tmp_path / "cache"))
+    fake_packages(tmp_path / "cache" / "debian-packages", size=(64, 48))
+    sizes = {}
+    for debian in (False, True):
+        data = DataConfig(
+            source=DataSource.photos, resize=ResizeMode.none, label_column=None, debian_photos=debian
+        )
+        sizes[debian] = [len(open_dataset(data, split)[0]) for split in ("train", "test")]
+    assert sizes == {False: [14, 3], True: [14 + 23, 3]}
+
+
+def test_the_card_names_the_debian_photos_only_when_they_were_used():
+    from cdm.hub.cards import dataset_id
+
+    plain = dataset_id({"data": {"source": "photos", "debian_photos": False}})
+    more = dataset_id({"data": {"source": "photos", "debian_photos": True}})
+    assert "scikit-image" in plain and "Debian" not in plain
+    assert more.startswith(plain) and "mate-backgrounds" in more and "plasma-workspace-wallpapers" in more

@@ -41,11 +41,19 @@ DATA_DESCRIPTIONS = {
 }
 
 
+DEBIAN_PHOTOS_DESCRIPTION = (
+    ", and the 23 photographs of Debian's mate-backgrounds and plasma-workspace-wallpapers packages"
+)
+
+
 def dataset_id(info: dict | None) -> str:
     """How the card's body names the training data."""
     data = (info or {}).get("data", {})
     source = data.get("source")
-    return data.get("name") or DATA_DESCRIPTIONS.get(source) or source or "unknown"
+    described = data.get("name") or DATA_DESCRIPTIONS.get(source) or source or "unknown"
+    if source == "photos" and data.get("debian_photos"):
+        described += DEBIAN_PHOTOS_DESCRIPTION
+    return described
 
 
 def hub_dataset_id(info: dict | None) -> str | None:

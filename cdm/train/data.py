@@ -146,6 +146,11 @@ def build_photos(root: Path, holdout: int) -> Path:
 def dataset_root(data: DataConfig) -> Path | None:
     if data.source == DataSource.digits:
         return build_digits(Path(data.path) if data.path else cache_root() / "digits")
+    if data.source == DataSource.photos and data.debian_photos:
+        from cdm.train.debian_photos import VERSION, build_photo_folder
+
+        default = cache_root() / f"photos-v{PHOTOS_VERSION}-debian-v{VERSION}-{data.holdout}"
+        return build_photo_folder(Path(data.path) if data.path else default, holdout=data.holdout)
     if data.source == DataSource.photos:
         return build_photos(
             Path(data.path) if data.path else cache_root() / f"photos-v{PHOTOS_VERSION}-{data.holdout}",

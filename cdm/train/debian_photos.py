@@ -10,8 +10,8 @@ removes their compression noise), and writes one imagefolder:
     OUT/train/photo/   the wheels' training photos and the Debian photos
     OUT/test/photo/    the wheels' held-out photos (the same as data=photos' test split)
 
-    python -m cdm.train.debian_photos runs/photo-data
-    cdm-train experiment=photo_sr4x data.path=runs/photo-data
+    cdm-train experiment=photo_sr4x               (data=photos data.debian_photos=true)
+    python -m cdm.train.debian_photos OUT         (the folder alone, for data=imagefolder)
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ DEBIAN_PHOTOS = {
     ],
 }
 MAX_SIDE = 1024
+VERSION = 1  # bump when the list or the preprocessing changes, so cached sets are rebuilt
 
 
 def photo_name(member: str) -> str:
