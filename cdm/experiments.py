@@ -819,22 +819,29 @@ def budget_value(point: dict, stage_index: int) -> dict:
     return point if stage_index == 0 else point["model"]
 
 
-def complete_stages(result: dict) -> list[tuple[int, str]]:
-    """(index, name) of the stages whose every point is stored: the ones a report can show."""
+def complete_stages(result: dict, reference: bool = True) -> list[tuple[int, str]]:
+    """(index, name) of the stages whose every point is stored, or with `reference=False` every point
+    but the 1000-step reference: the stages whose curves a report can show."""
     return [
         (k, stage)
         for k, stage in enumerate(result["stages"])
         if all(
-            (stage, name, steps, seed) in result["points"] for name, steps in budget_grid() for seed in SEEDS
+            (stage, name, steps, seed) in result["points"]
+            for name, steps in budget_grid()
+            for seed in SEEDS
+            if reference or steps != REFERENCE_STEPS
         )
     ]
 
 
 def budget_stats(result: dict) -> dict:
-    """(stage, sampler, steps) -> {metric: (mean, half range)} over the seeds, for the complete stages."""
+    """(stage, sampler, steps) -> {metric: (mean, half range)} over the seeds, for every point stored
+    for both seeds of a stage whose curves are complete."""
     out = {}
-    for k, stage in complete_stages(result):
+    for k, stage in complete_stages(result, reference=False):
         for name, steps in budget_grid():
+            if any((stage, name, steps, seed) not in result["points"] for seed in SEEDS):
+                continue
             values = [budget_value(result["points"][(stage, name, steps, seed)], k) for seed in SEEDS]
             out[(stage, name, steps)] = {
                 m: spread(values, m) for m in ("kid", "psnr", "ssim") if m in values[0]
@@ -871,7 +878,7 @@ def report_sampler(result: dict) -> list[str]:
         f"{list(SEEDS)}; each value is the mean over the seeds ± half their difference.",
         "",
     ]
-    for k, stage in complete_stages(result):
+    for k, stage in complete_stages(result, reference=False):
         metric, fmt = ("kid", ".4f") if k == 0 else ("psnr", ".2f")
         lines += [
             f"{stage} ({'KID' if k == 0 else 'PSNR, dB'}):",
@@ -882,21 +889,25 @@ def report_sampler(result: dict) -> list[str]:
         for name, label in SAMPLERS.items():
             row = [stats[(stage, name, n)][metric] for n in BUDGET_STEPS]
             lines.append(f"| {label} | " + " | ".join(f"{m:{fmt}} ± {h:{fmt}}" for m, h in row) + " |")
-        m, h = stats[(stage, "DDPMScheduler", REFERENCE_STEPS)][metric]
-        lines += [
-            f"| DDPM, {REFERENCE_STEPS} steps | {m:{fmt}} ± {h:{fmt}} |" + " |" * (len(BUDGET_STEPS) - 1),
-            "",
-        ]
+        ref = stats.get((stage, "DDPMScheduler", REFERENCE_STEPS))
+        cell = f"{ref[metric][0]:{fmt}} ± {ref[metric][1]:{fmt}}" if ref else "not measured yet"
+        lines += [f"| DDPM, {REFERENCE_STEPS} steps | {cell} |" + " |" * (len(BUDGET_STEPS) - 1), ""]
     return lines + pending_stages(result) + sampler_findings(result, stats)
 
 
 def pending_stages(result: dict) -> list[str]:
     """A line for each stage whose points are not all stored yet."""
     done = {stage for _, stage in complete_stages(result)}
+    curves = {stage for _, stage in complete_stages(result, reference=False)}
     total = len(budget_grid()) * len(SEEDS)
     lines = [
         f"- {stage}: {sum(key[0] == stage for key in result['points'])} of {total} points stored; "
-        "its table follows when the rest are measured."
+        + (
+            f"its DDPM {REFERENCE_STEPS}-step reference, and the evaluations that reach it, follow"
+            if stage in curves
+            else "its table follows"
+        )
+        + " when the rest are measured."
         for stage in result["stages"]
         if stage not in done
     ]
@@ -938,7 +949,7 @@ def plot_sampler(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats, w, stages = budget_stats(result), result["guidance"], complete_stages(result)
+    stats, w, stages = budget_stats(result), result["guidance"], complete_stages(result, reference=False)
     fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.3))
     for ax, (k, stage) in zip(np.atleast_1d(axes), stages):
         metric = "kid" if k == 0 else "psnr"
@@ -952,12 +963,13 @@ def plot_sampler(result: dict, path: Path) -> None:
                 capsize=3,
                 label=label,
             )
-        ax.axhline(
-            stats[(stage, "DDPMScheduler", REFERENCE_STEPS)][metric][0],
-            color="grey",
-            linestyle="--",
-            label=f"DDPM {REFERENCE_STEPS}",
-        )
+        if (stage, "DDPMScheduler", REFERENCE_STEPS) in stats:
+            ax.axhline(
+                stats[(stage, "DDPMScheduler", REFERENCE_STEPS)][metric][0],
+                color="grey",
+                linestyle="--",
+                label=f"DDPM {REFERENCE_STEPS}",
+            )
         ax.set_xscale("log")
         ax.set_xlabel("UNet evaluations per sample")
         ax.set_ylabel("KID" if k == 0 else "PSNR (dB)")
@@ -1112,7 +1124,7 @@ def main(argv: list[str] | None = None) -> None:
         run, report, plot = EXPERIMENTS[name]
         start = time.perf_counter()
         result = run_sampler(judges, stored_only=True) if args.stored else run(judges)
-        if args.stored and not complete_stages(result):
+        if args.stored and not complete_stages(result, reference=False):
             p.exit(2, "no stage of the sampler budget has all its points stored yet: nothing to report\n")
         plot(result, DOCS / "experiments" / f"{name}.png")
         took = sum(p["seconds"] for p in result["points"].values()) + result["floor"]["seconds"]

@@ -248,15 +248,23 @@ def test_sampler_budget_runs_cheap_points_first_and_the_base_reference_last():
 
 def test_sampler_budget_reports_the_complete_stages_while_the_others_run(tmp_path):
     result = budget_result()
-    del result["points"][("base64", "DDPMScheduler", experiments.REFERENCE_STEPS, experiments.SEEDS[-1])]
+    ref = experiments.REFERENCE_STEPS
+    del result["points"][("base64", "DDPMScheduler", ref, experiments.SEEDS[-1])]
     assert experiments.complete_stages(result) == [(1, "sr64to256")]
+    assert experiments.complete_stages(result, reference=False) == [(0, "base64"), (1, "sr64to256")]
     text = "\n".join(experiments.report_sampler(result))
     total = len(experiments.budget_grid()) * len(experiments.SEEDS)
-    assert f"- base64: {total - 1} of {total} points stored" in text
-    assert "sr64to256 (PSNR, dB):" in text and "base64 (KID):" not in text
+    # the base stage's curves are whole: its table shows them, with the reference still to come
+    assert f"- base64: {total - 1} of {total} points stored; its DDPM {ref}-step reference" in text
+    assert "sr64to256 (PSNR, dB):" in text and "base64 (KID):" in text
+    assert f"| DDPM, {ref} steps | not measured yet |" in text
     assert "- sr64to256: UNet evaluations" in text and "- base64: UNet evaluations" not in text
     experiments.plot_sampler(result, tmp_path / "sampler.png")
     assert (tmp_path / "sampler.png").stat().st_size > 0
+    # a point of a curve missing: no table for that stage at all
+    del result["points"][("base64", "DDIMScheduler", experiments.BUDGET_STEPS[0], experiments.SEEDS[0])]
+    text = "\n".join(experiments.report_sampler(result))
+    assert "base64 (KID):" not in text and f"{total - 2} of {total} points stored; its table follows" in text
 
 
 def test_the_ablations_keep_their_own_sr_sampler_whatever_the_shipped_default():
