@@ -41,18 +41,16 @@ DATA_DESCRIPTIONS = {
 }
 
 
-DEBIAN_PHOTOS_DESCRIPTION = (
-    ", and the 23 photographs of Debian's mate-backgrounds and plasma-workspace-wallpapers packages"
-)
-
-
 def dataset_id(info: dict | None) -> str:
     """How the card's body names the training data."""
     data = (info or {}).get("data", {})
     source = data.get("source")
     described = data.get("name") or DATA_DESCRIPTIONS.get(source) or source or "unknown"
     if source == "photos" and data.get("debian_photos"):
-        described += DEBIAN_PHOTOS_DESCRIPTION
+        from cdm.train.debian_photos import DEBIAN_PHOTOS
+
+        count = sum(map(len, DEBIAN_PHOTOS.values()))
+        described += f", and the {count} photographs of Debian's {' and '.join(DEBIAN_PHOTOS)} packages"
     return described
 
 

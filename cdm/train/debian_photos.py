@@ -56,7 +56,7 @@ def photo_name(member: str) -> str:
 
 def read_deb(deb: Path, members: list[str]) -> dict[str, bytes]:
     """The bytes of the named files inside a .deb (an ar archive holding data.tar.*), unpacking nothing."""
-    wanted = {m.lstrip("./") for m in members}
+    wanted = {m.removeprefix("./") for m in members}
     try:
         blob = deb.read_bytes()
         if not blob.startswith(b"!<arch>\n"):
@@ -72,7 +72,7 @@ def read_deb(deb: Path, members: list[str]) -> dict[str, bytes]:
         found = {}
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
             for info in tar:
-                path = info.name.lstrip("./")
+                path = info.name.removeprefix("./")
                 if path in wanted and info.isfile():
                     found[path] = tar.extractfile(info).read()
     except (ValueError, tarfile.TarError, EOFError, UnicodeDecodeError) as e:
