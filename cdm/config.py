@@ -33,6 +33,14 @@ class MixedPrecision(str, Enum):
     bf16 = "bf16"
 
 
+class LRSchedule(str, Enum):
+    """After the warm-up: hold the learning rate, or decay it to zero by train.max_steps."""
+
+    constant = "constant"
+    cosine = "cosine"
+    linear = "linear"
+
+
 class DataSource(str, Enum):
     imagefolder = "imagefolder"
     hub = "hub"
@@ -139,6 +147,7 @@ class TrainConfig:
     max_steps: int = 1000
     learning_rate: float = 2e-4
     warmup_steps: int = 100
+    lr_schedule: LRSchedule = LRSchedule.constant
     weight_decay: float = 0.0
     adam_beta2: float = 0.999
     grad_accum: int = 1
@@ -152,6 +161,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     resume: str | None = None  # "latest" or a checkpoint folder
+    # Fine-tune: start from the UNet of a stage folder, a finished run or a Hub repo id (same architecture).
+    init_from: str | None = None
     stop_after: int = 0  # stop at this step, resumable (time-sliced jobs); 0 runs to max_steps
     output_dir: str = "runs/${stage.name}"
     tracker: str = "tensorboard"  # or "none"

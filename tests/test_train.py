@@ -14,8 +14,10 @@ import torch
 from conftest import TINY, make_imagefolder, run_cli, sr_stage, two_process_launch
 from safetensors.torch import load_file
 
+from cdm.config import TrainConfig
+from cdm.hub.cards import stage_rows
 from cdm.stage_io import load_stage
-from cdm.train.loop import stage_model_fn
+from cdm.train.loop import make_lr_scheduler, stage_model_fn
 
 TINY_STAGE = {
     "base64": ["stage.resolution=16"],
@@ -177,6 +179,11 @@ def test_bad_images_are_converted_or_counted(tmp_path, cache_env):
         ),
         (["train.mixed_precision=fp8"], "fp8"),
         (["train.batchsize=3"], "batchsize"),
+        (["train.lr_schedule=step"], "step"),
+        (
+            ["stage=sr64to256", "train.init_from=/no/such/run"],
+            "train.init_from=/no/such/run: model /no/such/run: no such folder",
+        ),
         (["data=imagefolder", "data.path=/no/such/folder"], "data.path=/no/such/folder: no such folder"),
         (
             ["stage=sr64to256", "stage.sample.aug_mode=truncated"],
@@ -422,3 +429,55 @@ def test_sr_training_samples_accept_inputs_whose_downsample_overshoots(tmp_path)
         cfg, pipe, {"images": edges, "labels": torch.zeros(2, dtype=torch.long)}, tmp_path / "s.png", 0
     )
     assert (tmp_path / "s.png").is_file()
+
+
+@pytest.mark.parametrize("schedule, last", [("constant", 1.0), ("cosine", 0.0), ("linear", 0.0)])
+def test_lr_schedule_warms_up_then_holds_or_decays_to_zero(schedule, last):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_lr_scheduler(opt, TrainConfig(lr_schedule=schedule, warmup_steps=2, max_steps=10))
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    lrs.append(sched.get_last_lr()[0])
+    assert lrs[0] == 0 and lrs[2] == 1.0 and lrs[-1] == pytest.approx(last, abs=1e-9)
+    assert (lrs[6] == 1.0) if schedule == "constant" else (0.0 < lrs[6] < 1.0)
+
+
+def test_fine_tuning_starts_from_the_source_weights_and_records_both_phases(tmp_path, cache_env):
+    source, tuned, fresh = tmp_path / "source", tmp_path / "tuned", tmp_path / "fresh"
+    assert run_cli(train_args("sr64to256", source, 3), tmp_path, cache_env).returncode == 0
+    # a learning rate too small to move any weight: what the run exports is what it started from
+    still = ["train.learning_rate=1e-20", "train.lr_schedule=cosine"]
+    res = run_cli(train_args("sr64to256", tuned, 2, f"train.init_from={source}", *still), tmp_path, cache_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert run_cli(train_args("sr64to256", fresh, 2, *still), tmp_path, cache_env).returncode == 0
+    want = load_stage(source / "export").unet.state_dict()
+    for run, same in ((tuned, True), (fresh, False)):
+        got = load_stage(run / "export").unet.state_dict()
+        worst = max((want[k] - got[k]).abs().max().item() for k in want)
+        assert (worst <= 1e-6) if same else (worst > 1e-4), (run.name, worst)
+    info = json.loads((tuned / "export" / "cdm_stage.json").read_text())
+    assert info["run"]["init_from"] == {
+        "source": str(source),
+        "steps": 3,
+        "images_per_step": 2,
+        "data": "digits",
+    }
+    assert "| 3 + 2 |" in stage_rows(["sr"], [load_stage(tuned / "export")], [info])
+    # a source of another architecture is refused before any training
+    res = run_cli(
+        train_args(
+            "sr64to256",
+            tmp_path / "other",
+            2,
+            f"train.init_from={source}",
+            "unet.block_out_channels=[8,16]",
+            "unet.norm_num_groups=8",
+        ),
+        tmp_path,
+        cache_env,
+    )
+    assert res.returncode == 2 and "does not match this run's unet/stage settings" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr

@@ -167,12 +167,31 @@ def stage_rows(names, pipes, infos) -> str:
         out = pipe.unet.config.sample_size
         inp = f"{pipe.config.low_res_size} px" if stage_kind(pipe) == "sr" else "noise + class"
         run = (info or {}).get("run", {})
-        steps = run.get("steps", "n/a")
+        steps = " + ".join(str(n) for n in training_steps(run)) or "n/a"
         rows.append(
             f"| {name} | {stage_kind(pipe)} | {inp} | {out} px | {count_parameters(pipe.unet) / 1e6:.2f} M "
             f"| {steps} | {dataset_id(info)} |"
         )
     return "\n".join(rows)
+
+
+def training_steps(run: dict) -> list:
+    """The steps of every training phase, first to last: a fine-tuned stage's source came first."""
+    if not run or "steps" not in run:
+        return []
+    return training_steps(run.get("init_from") or {}) + [run["steps"]]
+
+
+def fine_tuned_from(run: dict) -> str:
+    source = run.get("init_from")
+    if not source:
+        return ""
+    before = (
+        f"{source['steps']} steps at {source.get('images_per_step', 'n/a')} images per step, "
+        if "steps" in source
+        else ""
+    )
+    return f" Fine-tuned from `{source['source']}` ({before}{source.get('data', 'data not recorded')})."
 
 
 def augmentation_rows(names, pipes, infos, settings) -> str:
@@ -332,7 +351,8 @@ def training_section(names: list[str], infos: list) -> list[str]:
         took = f", {seconds / 60:.1f} min on {run.get('world_size', 1)} process(es)" if seconds else ""
         body += [
             f"- **{name}**: {run.get('steps', 'n/a')} steps at {run.get('images_per_step', 'n/a')} images "
-            f"per step on {dataset_id(info)}{took}, final loss {run.get('final_loss', float('nan')):.4f}.",
+            f"per step on {dataset_id(info)}{took}, final loss {run.get('final_loss', float('nan')):.4f}."
+            + fine_tuned_from(run),
             "",
         ]
         config = json.dumps({k: info[k] for k in ("stage", "unet", "train") if k in info}, indent=1)

@@ -26,7 +26,7 @@ from cdm.errors import UserError, one_line
 from cdm.images import save_grid
 from cdm.models import build_noise_scheduler, build_pipeline, build_unet, count_parameters
 from cdm.seeding import generator
-from cdm.stage_io import export_stage
+from cdm.stage_io import export_stage, find_stage_folder, load_stage, resolve_model, stage_info
 from cdm.train.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from cdm.train.data import (
     IndexStream,
@@ -247,6 +247,8 @@ def setup_model(tr: Trainer, resume_from: Path | None) -> None:
     """UNet, forward process, loss, EMA, optimizer and LR schedule; restored from a checkpoint on resume."""
     cfg, t, acc = tr.cfg, tr.cfg.train, tr.accelerator
     unet = build_unet(cfg.stage, cfg.unet, tr.num_classes)
+    if resume_from is None and t.init_from:  # before the EMA copies the weights
+        init_weights(unet, t.init_from)
     tr.noising = build_noise_scheduler(cfg.stage)
     tr.loss_fn = DiffusionLoss(tr.noising, cfg.stage.prediction_type.value, cfg.stage.timestep_power)
     tr.ema = EMAModel(
@@ -259,18 +261,46 @@ def setup_model(tr: Trainer, resume_from: Path | None) -> None:
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=t.learning_rate, betas=(0.9, t.adam_beta2), weight_decay=t.weight_decay
     )
-    lr_scheduler = get_scheduler(
-        "constant_with_warmup",
-        optimizer,
-        num_warmup_steps=t.warmup_steps * acc.num_processes,
-        num_training_steps=t.max_steps * acc.num_processes,
-    )
+    lr_scheduler = make_lr_scheduler(optimizer, t, acc.num_processes)
     if resume_from is not None:
         candidates = list_checkpoints(tr.run_dir / "checkpoints") if t.resume == "latest" else [resume_from]
         tr.step = load_latest(candidates, unet, tr.ema, optimizer, lr_scheduler)["step"]
     tr.start_step = tr.step
     tr.unet, tr.optimizer, tr.lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
     tr.ema.to(acc.device)
+
+
+LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+
+
+def make_lr_scheduler(optimizer, t, num_processes: int = 1):
+    """Linear warm-up, then train.lr_schedule (accelerate steps a prepared scheduler once per process)."""
+    return get_scheduler(
+        LR_SCHEDULES[getattr(t.lr_schedule, "value", t.lr_schedule)],
+        optimizer,
+        num_warmup_steps=t.warmup_steps * num_processes,
+        num_training_steps=t.max_steps * num_processes,
+    )
+
+
+def init_weights(unet, source: str) -> None:
+    """Copy the UNet weights of a stage folder, a finished run or a Hub repo id into `unet` (fine-tuning)."""
+    try:
+        pipe = load_stage(find_stage_folder(resolve_model(source)))
+    except UserError as err:
+        raise UserError(f"train.init_from={source}: {err}") from None
+    theirs, ours = pipe.unet.state_dict(), unet.state_dict()
+    wrong = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
+    extra = [k for k in theirs if k not in ours]
+    if wrong or extra:
+        k = (wrong or extra)[0]
+        got = tuple(theirs[k].shape) if k in theirs else "missing"
+        want = tuple(ours[k].shape) if k in ours else "no such weight"
+        raise UserError(
+            f"train.init_from={source}: its UNet does not match this run's unet/stage settings "
+            f"({len(wrong) + len(extra)} weights differ, e.g. {k}: {got}, expected {want})"
+        )
+    unet.load_state_dict({k: v.float() for k, v in theirs.items()})
 
 
 def write_run_config(tr: Trainer) -> None:
@@ -443,7 +473,20 @@ def run_record(tr: Trainer, elapsed: float, checksums: list) -> dict:
         "num_classes": tr.num_classes,
         "skipped_examples": tr.skipped,
         "data": _data_name(tr.cfg),
+        "init_from": init_record(t.init_from),
     }
+
+
+def init_record(source: str | None) -> dict | None:
+    """What a fine-tuned run started from: the source and its own training record, for the card."""
+    if not source:
+        return None
+    try:
+        run = (stage_info(find_stage_folder(resolve_model(source))) or {}).get("run") or {}
+    except UserError:
+        run = {}
+    keep = ("steps", "images_per_step", "data", "init_from")
+    return {"source": str(source), **{k: run[k] for k in keep if run.get(k) is not None}}
 
 
 def _data_name(cfg) -> str:
