@@ -330,19 +330,15 @@ def test_resume_skips_a_truncated_latest_checkpoint_and_says_so(tmp_path, cache_
 def test_resume_with_another_model_config_is_one_line(tmp_path, cache_env):
     out = tmp_path / "run"
     assert run_cli(train_args("base64", out, 4, "train.stop_after=2"), tmp_path, cache_env).returncode == 0
-    res = run_cli(
-        train_args(
-            "base64",
-            out,
-            4,
-            "train.resume=latest",
-            "unet.block_out_channels=[8,16]",
-            "unet.norm_num_groups=8",
-        ),
-        tmp_path,
-        cache_env,
-    )
-    assert res.returncode == 2 and "different model configuration" in res.stderr
+    res = run_cli(train_args("base64", out, 4, "train.resume=latest", *OTHER_UNET), tmp_path, cache_env)
+    assert_one_line(res, "different model configuration")
+
+
+OTHER_UNET = ["unet.block_out_channels=[8,16]", "unet.norm_num_groups=8"]
+
+
+def assert_one_line(res, needle: str) -> None:
+    assert res.returncode == 2 and needle in res.stderr, res.stderr[-2000:]
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
 
 
@@ -467,17 +463,5 @@ def test_fine_tuning_starts_from_the_source_weights_and_records_both_phases(tmp_
     }
     assert "| 3 + 2 |" in stage_rows(["sr"], [load_stage(tuned / "export")], [info])
     # a source of another architecture is refused before any training
-    res = run_cli(
-        train_args(
-            "sr64to256",
-            tmp_path / "other",
-            2,
-            f"train.init_from={source}",
-            "unet.block_out_channels=[8,16]",
-            "unet.norm_num_groups=8",
-        ),
-        tmp_path,
-        cache_env,
-    )
-    assert res.returncode == 2 and "does not match this run's unet/stage settings" in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    other = train_args("sr64to256", tmp_path / "other", 2, f"train.init_from={source}", *OTHER_UNET)
+    assert_one_line(run_cli(other, tmp_path, cache_env), "does not match this run's unet/stage settings")
