@@ -118,6 +118,8 @@ CASES = [
     ("eval-negative-noise-level", [*SR, "--noise-level", "-3"], "--noise-level=-3", None),
     ("eval-negative-blur", [*SR, "--blur", "-1"], "--blur=-1.0", None),
     ("eval-bad-tile", [*SR, "--tile", "7"], "--tile=7", None),
+    ("eval-jpeg-quality-too-high", [*SR, "--jpeg", "200"], "--jpeg=200: expected a JPEG quality 1..95", None),
+    ("eval-unknown-downsample", [*SR, "--downsample", "nearest"], "'nearest'", None),
     ("eval-unknown-scheduler", [*SR, "--scheduler", "NopeScheduler"], "NopeScheduler", None),
     ("eval-missing-reference-stats", [*EVAL_GEN, "--reference-stats", "MISSING.npz"], "MISSING.npz", None),
     # cdm-export

@@ -84,6 +84,34 @@ def test_eval_sr_reports_finite_metrics_for_model_and_bicubic(tmp_path, cache_en
     assert "| bicubic upsampling |" in (tmp_path / "ev" / "results.md").read_text()
 
 
+def test_other_downsamplers_and_jpeg_make_other_inputs_and_the_table_says_so():
+    from cdm.hub.cards import sr_table
+    from cdm.train.degradations import downsample, other_downsample
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.rand(1, 3, 4, 6, generator=g) * 2 - 1
+    x = blocks.repeat_interleave(4, -2).repeat_interleave(4, -1)  # 16 x 24, constant 4 x 4 blocks
+    assert torch.equal(other_downsample(x, 4), downsample(x, 4))
+    # a box filter averages each block: the blocks back, to 8-bit precision; bicubic's kernel spills over
+    assert (other_downsample(x, 4, "box") - blocks).abs().max() <= 1 / 127.5
+    assert (downsample(x, 4) - blocks).abs().max() > 0.05
+    noisy = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    plain, stored = other_downsample(noisy, 4, "lanczos"), other_downsample(noisy, 4, "lanczos", jpeg=20)
+    assert stored.shape == plain.shape == (2, 3, 16, 16)
+    assert (stored - plain).abs().mean() > 0.02  # the JPEG round trip changed the pixels
+    assert torch.equal(stored, torch.round((stored + 1) * 127.5) / 127.5 - 1)  # 8-bit values
+    res = {
+        "stage": "s",
+        "dataset": {"name": "d", "num_images": 2},
+        "settings": {"steps": 1, "noise_level": 0, "blur": 0.0, "downsample": "box", "jpeg": 20},
+        "metrics": {m: {"psnr": 20.0} for m in ("model", "bicubic")},
+    }
+    head = sr_table(res)[0]
+    assert "inputs downsampled with PIL's box filter, inputs stored as JPEG quality 20:" in head
+    plain_settings = {"steps": 1, "noise_level": 0, "downsample": "bicubic", "jpeg": 0}
+    assert "inputs" not in sr_table({**res, "settings": plain_settings})[0]
+
+
 def test_eval_sr_blur_softens_the_low_res_input_and_says_so():
     from cdm.cli.eval import evaluate_sr, sr_outputs
     from cdm.hub.cards import sr_table

@@ -48,7 +48,7 @@ from cdm.measure.metrics import consistency, hf_ratio, patch_grid, psnr, ssim
 from cdm.models import sampling_scheduler
 from cdm.stage_io import CASCADE_FILE
 from cdm.train.data import StageDataset, collate, open_dataset
-from cdm.train.degradations import downsample, gaussian_blur
+from cdm.train.degradations import DOWNSAMPLERS, gaussian_blur, other_downsample
 from cdm.upscaling import load_sr_stage
 
 DEFAULT_RESIZE = {"digits": ResizeMode.crisp, "photos": ResizeMode.none, "imagefolder": ResizeMode.resize}
@@ -99,17 +99,27 @@ KID_PATCH, KID_PATCHES_PER_IMAGE = 64, 64
 
 
 def sr_outputs(
-    pipe, images: list[torch.Tensor], steps: int, noise_level: int, seed: int, tile=None, eta=0.0, blur=0.0
+    pipe,
+    images: list[torch.Tensor],
+    steps: int,
+    noise_level: int,
+    seed: int,
+    tile=None,
+    eta=0.0,
+    blur=0.0,
+    kernel: str = "bicubic",
+    jpeg: int = 0,
 ):
     """The stage's output and bicubic upsampling for the downsampled `images` (the SR3 degradation).
 
     `blur` > 0 also blurs each low-res input by a Gaussian of that sigma, in low-res pixels: the soft
-    input a lower stage hands over, which CDM's blur augmentation trains a stage to expect.
+    input a lower stage hands over, which CDM's blur augmentation trains a stage to expect. `kernel`
+    and `jpeg` make the low-res input another way (`other_downsample`).
     """
     pipe.set_progress_bar_config(disable=True)
     outs = {"model": [], "bicubic": [], "lr": []}
     for i, target in enumerate(tqdm(images, desc=f"sr eval, {steps} steps", unit="img", leave=False)):
-        lr = downsample(target, pipe.scale_factor).clamp(-1, 1)
+        lr = other_downsample(target, pipe.scale_factor, kernel, jpeg).clamp(-1, 1)
         lr = gaussian_blur(lr, torch.tensor([float(blur)])) if blur > 0 else lr
         out = (
             pipe(
@@ -222,6 +232,8 @@ def cmd_sr(args) -> None:
         raise UserError(f"--noise-level={args.noise_level}: expected 0..{pipe.max_noise_level}")
     if not 0 <= args.blur <= 4:
         raise UserError(f"--blur={args.blur}: expected a Gaussian sigma in low-res pixels, 0..4")
+    if not 0 <= args.jpeg <= 95:
+        raise UserError(f"--jpeg={args.jpeg}: expected a JPEG quality 1..95, or 0 for none")
     if args.tile is not None and (args.tile < mult or args.tile % mult):
         raise UserError(f"--tile={args.tile}: expected a positive multiple of {mult} (output pixels)")
     grid = [
@@ -255,7 +267,18 @@ def sr_sweep(pipe, images: list, grid: list[tuple[str, int]], args) -> tuple[lis
     sweep, bicubic = [], None
     for name, steps in grid:
         pipe.scheduler = sampling_scheduler(name, base_config, steps)
-        outs = sr_outputs(pipe, images, steps, args.noise_level, args.seed, args.tile, args.eta, args.blur)
+        outs = sr_outputs(
+            pipe,
+            images,
+            steps,
+            args.noise_level,
+            args.seed,
+            args.tile,
+            args.eta,
+            args.blur,
+            args.downsample,
+            args.jpeg,
+        )
         if bicubic is None:
             bicubic = score_sr(outs["bicubic"], images, outs["lr"], kid)
         row = {"scheduler": name, "steps": steps, **score_sr(outs["model"], images, outs["lr"], kid)}
@@ -290,6 +313,8 @@ def sr_result(args, data, images: list, size: int, sweep: list[dict], bicubic: d
             "noise_level": args.noise_level,
             "eta": args.eta,
             "blur": args.blur,
+            "downsample": args.downsample,
+            "jpeg": args.jpeg,
             "scheduler": sweep[0]["scheduler"],
         },
         "metrics": {
@@ -642,6 +667,19 @@ def add_sr_arguments(sr: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="also blur each low-res input by a Gaussian of this sigma, in low-res pixels (default 0)",
+    )
+    sr.add_argument(
+        "--downsample",
+        choices=DOWNSAMPLERS,
+        default="bicubic",
+        help="how the low-res input is made: anti-aliased bicubic, as in training (default), or PIL's "
+        "bicubic, bilinear, box or lanczos filter on the 8-bit image",
+    )
+    sr.add_argument(
+        "--jpeg",
+        type=int,
+        default=0,
+        help="also store each low-res input as a JPEG of this quality (default 0: no)",
     )
     sr.add_argument("--tile", type=int, default=None, help="tile size in output pixels, to bound memory")
 

@@ -97,8 +97,14 @@ SR_COLUMNS = {
 
 
 def blur_note(settings: dict) -> str:
-    """How the low-res inputs were softened, when they were (`cdm-eval sr --blur`)."""
-    return f", inputs blurred (sigma {settings['blur']:g} low-res px)" if settings.get("blur") else ""
+    """How the low-res inputs were made, when not as in training (`cdm-eval sr --blur --downsample --jpeg`)."""
+    kernel, jpeg = settings.get("downsample", "bicubic"), settings.get("jpeg", 0)
+    notes = (
+        [f"inputs downsampled with PIL's {kernel.removeprefix('pil-')} filter"] if kernel != "bicubic" else []
+    )
+    notes += [f"inputs blurred (sigma {settings['blur']:g} low-res px)"] if settings.get("blur") else []
+    notes += [f"inputs stored as JPEG quality {jpeg}"] if jpeg else []
+    return "".join(", " + n for n in notes)
 
 
 def sr_table(res: dict) -> list[str]:

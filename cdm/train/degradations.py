@@ -5,14 +5,48 @@ The noise augmentation itself is `cdm_pipelines.augment_low_res`, shared with sa
 
 from __future__ import annotations
 
+import io
+
+import PIL.Image
 import torch
 import torch.nn.functional as F
+
+from cdm.images import to_pil, to_tensor
+
+# Other ways a low-res image comes to be, for measuring a stage on inputs it was not trained on:
+# PIL's filters on an 8-bit image (what an image editor or a thumbnailer does).
+PIL_FILTERS = {
+    "pil-bicubic": PIL.Image.Resampling.BICUBIC,
+    "bilinear": PIL.Image.Resampling.BILINEAR,
+    "box": PIL.Image.Resampling.BOX,
+    "lanczos": PIL.Image.Resampling.LANCZOS,
+}
+DOWNSAMPLERS = ("bicubic", *PIL_FILTERS)
 
 
 def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Anti-aliased bicubic downsampling by an integer factor (SR3's low-res input)."""
     h, w = x.shape[-2] // factor, x.shape[-1] // factor
     return F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+
+
+def other_downsample(x: torch.Tensor, factor: int, kernel: str = "bicubic", jpeg: int = 0) -> torch.Tensor:
+    """Downsample (N, 3, H, W) in [-1, 1] with `kernel`: "bicubic" is `downsample` (the training
+    degradation), the others PIL's filter on the 8-bit image. `jpeg` > 0 then stores each low-res
+    image as a JPEG of that quality and decodes it again."""
+    low = downsample(x, factor) if kernel == "bicubic" else None
+    if low is not None and not jpeg:
+        return low
+    h, w = x.shape[-2] // factor, x.shape[-1] // factor
+    out = []
+    for k, image in enumerate(x):
+        pil = to_pil(low[k]) if low is not None else to_pil(image).resize((w, h), PIL_FILTERS[kernel])
+        if jpeg:
+            buffer = io.BytesIO()
+            pil.save(buffer, "JPEG", quality=jpeg)
+            pil = PIL.Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+        out.append(to_tensor(pil))
+    return torch.stack(out).to(x)
 
 
 def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
