@@ -76,10 +76,12 @@ PHOTO := cdm/photo_sr4x
 PHOTO_SOURCE ?= $(PHOTO)
 PHOTO_EVAL := runs/photo-eval
 
-# Train the 4x photo SR stage on CPU (about an hour on 2 cores), then measure it and ship it in $(PHOTO).
+# Train the 4x photo SR stage on CPU in two runs (81 + 57 min on 2 cores): constant learning rate,
+# then a cosine decay to zero from those weights; then measure it and ship it in $(PHOTO).
 photo-train: install
 	$(BIN)/cdm-train experiment=photo_sr4x
-	$(MAKE) photo-eval PHOTO_SOURCE=runs/photo_sr4x/export
+	$(BIN)/cdm-train experiment=photo_sr4x_anneal
+	$(MAKE) photo-eval PHOTO_SOURCE=runs/photo_sr4x-anneal/export
 
 # The shipped sampler: ancestral DDPM, 2 steps (docs/photo_sr.md says how it was chosen).
 PHOTO_SCHEDULER := DDPMScheduler

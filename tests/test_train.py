@@ -372,7 +372,18 @@ def test_hydra_run_dir_is_the_run_folder_with_its_hydra_records(tmp_path, cache_
     assert res.returncode == 0, res.stderr[-2000:]
     assert (out / "export" / "model_index.json").is_file() and list(out.glob(".hydra/*/overrides.yaml"))
     assert not (out / "train.log").exists()  # job logging disabled
-    assert json.loads((out / "config.json").read_text())["train"]["output_dir"] == str(out)
+    # recorded relative to the working directory (tmp_path), so no card names this machine's paths
+    assert json.loads((out / "config.json").read_text())["train"]["output_dir"] == "elsewhere"
+    assert json.loads((out / "export" / "cdm_stage.json").read_text())["train"]["output_dir"] == "elsewhere"
+
+
+def test_a_run_folder_outside_the_working_directory_stays_absolute(tmp_path, monkeypatch):
+    from cdm.cli.train import portable
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert portable(str(tmp_path / "work" / "runs" / "a")) == str(Path("runs") / "a")
+    assert portable(str(tmp_path / "other")) == str(tmp_path / "other")
 
 
 def test_hydra_multirun_runs_each_job_in_its_own_folder(tmp_path, cache_env):

@@ -108,12 +108,19 @@ def hydra_task(cfg: DictConfig) -> None:
     overrides = list(HydraConfig.get().overrides.task)
     try:
         cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-        cfg.train.output_dir = HydraConfig.get().runtime.output_dir
+        cfg.train.output_dir = portable(HydraConfig.get().runtime.output_dir)
         cfg, notes = check_config(cfg, overrides)
         train(cfg, notes)
     except UserError as err:  # Hydra would print a traceback; a bad value is one line and exit 2
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
+
+
+def portable(folder: str) -> str:
+    """Hydra's absolute run folder, relative to the working directory when inside it: the run's
+    records (and an exported card) then name `runs/...`, not this machine's paths."""
+    path, here = Path(folder).resolve(), Path.cwd().resolve()
+    return str(path.relative_to(here)) if path.is_relative_to(here) else str(path)
 
 
 def run_config(overrides: list[str], extra_dir: Path | None = None) -> DictConfig:
