@@ -315,10 +315,13 @@ def test_two_process_generation_writes_the_same_files_as_one_process(tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(files) == 13
+    # The same seeds give the same images. A rank samples other batches than one process does, and
+    # batch composition moves float results by about 1e-6: now and then a pixel that lies on a
+    # rounding boundary lands one 8-bit level away. Another seed or class would differ everywhere.
     for name in files:
         a = np.asarray(PIL.Image.open(tmp_path / "one" / name), dtype=int)
         b = np.asarray(PIL.Image.open(tmp_path / "two" / name), dtype=int)
-        assert np.abs(a - b).max() == 0, name
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3, name
     assert two.stdout.count("wrote 12 PNGs") == 1  # the main process alone reports
 
 
