@@ -457,7 +457,11 @@ def test_fine_tuning_starts_from_the_source_weights_and_records_both_phases(tmp_
     assert run_cli(train_args("sr64to256", source, 3), tmp_path, cache_env).returncode == 0
     # a learning rate too small to move any weight: what the run exports is what it started from
     still = ["train.learning_rate=1e-20", "train.lr_schedule=cosine"]
-    res = run_cli(train_args("sr64to256", tuned, 2, f"train.init_from={source}", *still), tmp_path, cache_env)
+    tune = train_args("sr64to256", tuned, 2, f"train.init_from={source}", *still)
+    res = run_cli([*tune, "train.stop_after=1"], tmp_path, cache_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # the second launch resumes from the checkpoint, which carries what the run started from
+    res = run_cli([*tune, "train.resume=latest"], tmp_path, cache_env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert run_cli(train_args("sr64to256", fresh, 2, *still), tmp_path, cache_env).returncode == 0
     want = load_stage(source / "export").unet.state_dict()

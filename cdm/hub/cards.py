@@ -96,7 +96,7 @@ SR_COLUMNS = {
 }
 
 
-def blur_note(settings: dict) -> str:
+def input_note(settings: dict) -> str:
     """How the low-res inputs were made, when not as in training (`cdm-eval sr --blur --downsample --jpeg`)."""
     kernel, jpeg = settings.get("downsample", "bicubic"), settings.get("jpeg", 0)
     notes = (
@@ -117,7 +117,7 @@ def sr_table(res: dict) -> list[str]:
     lines = [
         f"**{res['stage']}** on {where['name']} ({where.get('split', '')}, {where['num_images']} images{crop}), "
         f"{settings.get('scheduler', '')} {settings['steps']} steps, noise level {settings['noise_level']}"
-        f"{blur_note(settings)}:",
+        f"{input_note(settings)}:",
         "",
     ]
     if where.get("kid_patches"):

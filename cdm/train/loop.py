@@ -172,6 +172,7 @@ class Trainer:
     loss: float = float("nan")
     skipped: dict = field(default_factory=lambda: {"corrupt": 0, "small": 0})
     side_seconds: float = 0.0  # sampling and checkpoints, timed apart from training steps
+    init_record: dict | None = None  # what train.init_from named, read once when the run began
 
     @property
     def main(self) -> bool:
@@ -248,7 +249,7 @@ def setup_model(tr: Trainer, resume_from: Path | None) -> None:
     cfg, t, acc = tr.cfg, tr.cfg.train, tr.accelerator
     unet = build_unet(cfg.stage, cfg.unet, tr.num_classes)
     if resume_from is None and t.init_from:  # before the EMA copies the weights
-        init_weights(unet, t.init_from)
+        tr.init_record = init_weights(unet, t.init_from)
     tr.noising = build_noise_scheduler(cfg.stage)
     tr.loss_fn = DiffusionLoss(tr.noising, cfg.stage.prediction_type.value, cfg.stage.timestep_power)
     tr.ema = EMAModel(
@@ -264,7 +265,8 @@ def setup_model(tr: Trainer, resume_from: Path | None) -> None:
     lr_scheduler = make_lr_scheduler(optimizer, t, acc.num_processes)
     if resume_from is not None:
         candidates = list_checkpoints(tr.run_dir / "checkpoints") if t.resume == "latest" else [resume_from]
-        tr.step = load_latest(candidates, unet, tr.ema, optimizer, lr_scheduler)["step"]
+        state = load_latest(candidates, unet, tr.ema, optimizer, lr_scheduler)
+        tr.step, tr.init_record = state["step"], state.get("init_from")
     tr.start_step = tr.step
     tr.unet, tr.optimizer, tr.lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
     tr.ema.to(acc.device)
@@ -283,10 +285,12 @@ def make_lr_scheduler(optimizer, t, num_processes: int = 1):
     )
 
 
-def init_weights(unet, source: str) -> None:
-    """Copy the UNet weights of a stage folder, a finished run or a Hub repo id into `unet` (fine-tuning)."""
+def init_weights(unet, source: str) -> dict:
+    """Copy the UNet weights of a stage folder, a finished run or a Hub repo id into `unet` (fine-tuning);
+    returns the source and its own training record, for the card."""
     try:
-        pipe = load_stage(find_stage_folder(resolve_model(source)))
+        folder = find_stage_folder(resolve_model(source))
+        pipe = load_stage(folder)
     except UserError as err:
         raise UserError(f"train.init_from={source}: {err}") from None
     theirs, ours = pipe.unet.state_dict(), unet.state_dict()
@@ -301,6 +305,9 @@ def init_weights(unet, source: str) -> None:
             f"({len(wrong) + len(extra)} weights differ, e.g. {k}: {got}, expected {want})"
         )
     unet.load_state_dict({k: v.float() for k, v in theirs.items()})
+    run = (stage_info(folder) or {}).get("run") or {}
+    keep = ("steps", "images_per_step", "data", "init_from")
+    return {"source": str(source), **{k: run[k] for k in keep if run.get(k) is not None}}
 
 
 def write_run_config(tr: Trainer) -> None:
@@ -408,6 +415,7 @@ def after_step(tr: Trainer, bar, fixed, stop_at: int) -> None:
         tr.accelerator.wait_for_everyone()
         if tr.main:
             extra = {"skipped": tr.skipped, "world_size": tr.accelerator.num_processes}
+            extra["init_from"] = tr.init_record  # a resumed run keeps what it started from
             unet = tr.accelerator.unwrap_model(tr.unet)
             save_checkpoint(
                 tr.run_dir / "checkpoints",
@@ -473,20 +481,8 @@ def run_record(tr: Trainer, elapsed: float, checksums: list) -> dict:
         "num_classes": tr.num_classes,
         "skipped_examples": tr.skipped,
         "data": _data_name(tr.cfg),
-        "init_from": init_record(t.init_from),
+        "init_from": tr.init_record,
     }
-
-
-def init_record(source: str | None) -> dict | None:
-    """What a fine-tuned run started from: the source and its own training record, for the card."""
-    if not source:
-        return None
-    try:
-        run = (stage_info(find_stage_folder(resolve_model(source))) or {}).get("run") or {}
-    except UserError:
-        run = {}
-    keep = ("steps", "images_per_step", "data", "init_from")
-    return {"source": str(source), **{k: run[k] for k in keep if run.get(k) is not None}}
 
 
 def _data_name(cfg) -> str:
