@@ -125,8 +125,10 @@ class DataConfig:
     resize: ResizeMode = ResizeMode.resize
     num_workers: int = 0
     # Standard SR augmentations, applied before cropping: a random anti-aliased downscale by a
-    # factor in [min_scale, 1] (more scales of the same scene), random flips and 90-degree turns.
+    # factor in [min_scale, max_scale] (more scales of the same scene), random flips and 90-degree
+    # turns. max_scale < 1 also cleans the targets: sensor noise and JPEG ripple shrink below a pixel.
     min_scale: float = 1.0
+    max_scale: float = 1.0
     random_flip: bool = False
     random_rot90: bool = False
     # For the offline photos set: how many images are held out for evaluation, and whether to add
@@ -248,6 +250,10 @@ def validate_stage(cfg) -> None:
         raise UserError(f"stage.residual_scale={s.residual_scale}: expected a value > 0")
     if not 0 < cfg.data.min_scale <= 1:
         raise UserError(f"data.min_scale={cfg.data.min_scale}: expected a value in (0, 1]")
+    if not cfg.data.min_scale <= cfg.data.max_scale <= 1:
+        raise UserError(
+            f"data.max_scale={cfg.data.max_scale}: expected a value in [data.min_scale={cfg.data.min_scale}, 1]"
+        )
     if s.residual and s.sample.aug_mode == "truncated":
         raise UserError(
             "stage.sample.aug_mode=truncated: a residual SR stage needs the finished previous stage, "

@@ -152,23 +152,23 @@ def test_flips_and_rot90_are_dihedral_transforms_of_the_same_crop():
     assert len(seen) == 8
 
 
-def test_random_scaled_crop_shrinks_the_content_within_the_range():
+@pytest.mark.parametrize("min_scale,max_scale", [(0.5, 1.0), (0.25, 0.5)])
+def test_random_scaled_crop_shrinks_the_content_within_the_range(min_scale, max_scale):
     from cdm.train.data import random_scaled_crop
 
     # vertical stripes with a period of 8 pixels; a crop downscaled by s shows a period of 8 * s
-    stripes = np.tile(((np.arange(256) // 4) % 2 * 255).astype(np.uint8), (256, 1))
+    stripes = np.tile(((np.arange(512) // 4) % 2 * 255).astype(np.uint8), (512, 1))
     image = PIL.Image.fromarray(np.stack([stripes] * 3, -1))
     periods = []
     for seed in range(12):
-        crop = np.asarray(
-            random_scaled_crop(image, 64, 0.5, torch.Generator().manual_seed(seed)), dtype=float
-        )
+        gen = torch.Generator().manual_seed(seed)
+        crop = np.asarray(random_scaled_crop(image, 64, min_scale, gen, max_scale), dtype=float)
         row = crop[32, :, 0] - crop[32, :, 0].mean()
         crossings = np.sum(np.diff(np.sign(row)) != 0)
         periods.append(2 * 64 / max(crossings, 1))
         assert crop.shape == (64, 64, 3)
-    assert min(periods) >= 3.5 and max(periods) <= 8.5
-    assert max(periods) - min(periods) > 1.5  # the scale really varies
+    assert min(periods) >= 8 * min_scale - 0.5 and max(periods) <= 8 * max_scale + 0.5
+    assert max(periods) - min(periods) > 8 * (max_scale - min_scale) / 3  # the scale really varies
 
 
 def test_every_photo_source_loads_as_rgb():

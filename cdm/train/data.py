@@ -280,14 +280,17 @@ def count_classes(ds, label_col: str, data: DataConfig) -> int:
     return max(values, default=0) + 1
 
 
-def random_scaled_crop(image: PIL.Image.Image, size: int, min_scale: float, generator) -> PIL.Image.Image:
-    """A random crop of the image downscaled by a factor ~ U[min_scale, 1] (SR scale augmentation).
+def random_scaled_crop(
+    image: PIL.Image.Image, size: int, min_scale: float, generator, max_scale: float = 1.0
+) -> PIL.Image.Image:
+    """A random crop of the image downscaled by a factor ~ U[min_scale, max_scale] (SR scale augmentation).
 
     Crops size / scale source pixels and resizes them to `size` with anti-aliased bicubic, which
-    equals cropping the downscaled image but costs only the crop.
+    equals cropping the downscaled image but costs only the crop. An image too small for the drawn
+    scale is downscaled less.
     """
     u = float(torch.rand((), generator=generator))
-    side = min(round(size / (min_scale + (1 - min_scale) * u)), *image.size)
+    side = min(round(size / (min_scale + (max_scale - min_scale) * u)), *image.size)
     top, left = random_crop_box(image.height, image.width, side, generator)
     crop = image.crop((left, top, left + side, top + side))
     return crop if side == size else crop.resize((size, size), PIL.Image.BICUBIC, reducing_gap=None)
@@ -312,6 +315,7 @@ class Preprocess:
     min_scale: float = 1.0
     flip: bool = False
     rot90: bool = False
+    max_scale: float = 1.0
 
     @property
     def size(self) -> int:
@@ -328,7 +332,7 @@ class Preprocess:
                 new = (max(res, round(image.width * scale)), max(res, round(image.height * scale)))
                 image = image.resize(new, PIL.Image.BICUBIC, reducing_gap=None)
             if self.min_scale < 1 and min(image.size) >= self.size:
-                image = random_scaled_crop(image, self.size, self.min_scale, generator)
+                image = random_scaled_crop(image, self.size, self.min_scale, generator, self.max_scale)
             x = to_tensor(image)
         h, w = x.shape[-2:]
         if h < self.size or w < self.size:
@@ -354,7 +358,7 @@ class StageDataset(torch.utils.data.Dataset):
         self.ds, self.data, self.label_col, self.seed = ds, data, label_col, seed
         self._decoded: dict[int, PIL.Image.Image] = {}
         self.pre = Preprocess(
-            stage, ResizeMode(data.resize), data.min_scale, data.random_flip, data.random_rot90
+            stage, ResizeMode(data.resize), data.min_scale, data.random_flip, data.random_rot90, data.max_scale
         )
 
     def __len__(self):
