@@ -144,7 +144,12 @@ CASES = [
     ("train-missing-imagefolder", [*TRAIN, "data=imagefolder", "data.path=MISSING"], "MISSING", None),
     ("train-negative-learning-rate", [*TRAIN, "train.learning_rate=-1"], "learning_rate", None),
     ("train-zero-timestep-power", [*TRAIN, "stage.timestep_power=0"], "stage.timestep_power=0.0", None),
-    ("train-max-scale-below-min", [*TRAIN, "data.min_scale=0.5", "data.max_scale=0.25"], "data.max_scale=0.25", None),
+    (
+        "train-max-scale-below-min",
+        [*TRAIN, "data.min_scale=0.5", "data.max_scale=0.25"],
+        "data.max_scale=0.25",
+        None,
+    ),
 ]
 
 

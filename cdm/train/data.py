@@ -358,7 +358,12 @@ class StageDataset(torch.utils.data.Dataset):
         self.ds, self.data, self.label_col, self.seed = ds, data, label_col, seed
         self._decoded: dict[int, PIL.Image.Image] = {}
         self.pre = Preprocess(
-            stage, ResizeMode(data.resize), data.min_scale, data.random_flip, data.random_rot90, data.max_scale
+            stage,
+            ResizeMode(data.resize),
+            data.min_scale,
+            data.random_flip,
+            data.random_rot90,
+            data.max_scale,
         )
 
     def __len__(self):
