@@ -52,7 +52,7 @@ def bad_scheduler_config(root: Path):
 
 GEN = ["cdm-generate", "--model", "CASCADE", "--out", "NEW"]
 UP = ["cdm-upscale", "IMG", "--model", "CASCADE", "--out", "NEW"]
-SR = ["cdm-eval", "sr", "--model", "CASCADE", "--out", "NEW"]
+SR = ["cdm-eval", "sr", "--model", "CASCADE", "--data", "digits", "--out", "NEW"]
 EVAL_GEN = ["cdm-eval", "gen", "--model", "CASCADE", "--out", "NEW"]
 EXPORT = ["cdm-export", "CASCADE/base64", "CASCADE/sr64to256", "--out", "NEW"]
 TRAIN = ["cdm-train", "train.output_dir=NEW"]

@@ -380,3 +380,16 @@ def test_images_are_read_upright_by_their_exif_orientation(tmp_path):
         shown = np.asarray(image.convert("L"), dtype=float)
         assert image.size == (10, 20)  # displayed portrait
         assert shown[:10].mean() > 200 and shown[10:].mean() < 50  # white on top, as viewers show it
+
+
+def test_eval_sr_defaults_to_the_shipped_photo_stage_on_the_held_out_photos(tmp_path, cache_env):
+    res = run_cli(
+        ["cdm-eval", "sr", "--num-images", "1", "--no-kid", "--out", str(tmp_path / "ev")],
+        tmp_path,
+        cache_env,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert result["stage"] == "photo_sr4x" and Path(result["model"]) == PHOTO_STAGE
+    assert result["dataset"]["name"] == "photos" and result["dataset"]["num_images"] == 1
+    assert result["metrics"]["model"]["psnr"] > result["metrics"]["bicubic"]["psnr"]

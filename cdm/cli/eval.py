@@ -1,6 +1,8 @@
 """cdm-eval: measure an SR stage, a generator or a cascade, and sweep the augmentation level.
 
-cdm-eval sr --model runs/sr64to256/export --data photos --out eval/sr
+cdm-eval sr --crop 0 --out eval/photos          # the shipped photo stage on the held-out photos, whole
+cdm-eval sr --data imagefolder --data-path DIR --crop 0 --out eval/mine   # ... on your photos (DIR/test/)
+cdm-eval sr --model runs/sr64to256/export --data digits --out eval/sr
 cdm-eval gen --model my-cascade --stages 1 --num-per-class 20 --out eval/gen
 cdm-eval sweep-aug --model my-cascade --stage sr64to256 --levels 0,100,250 --out eval/sweep --write-best
 """
@@ -49,7 +51,7 @@ from cdm.models import sampling_scheduler
 from cdm.stage_io import CASCADE_FILE
 from cdm.train.data import StageDataset, collate, open_dataset
 from cdm.train.degradations import DOWNSAMPLERS, gaussian_blur, other_downsample
-from cdm.upscaling import load_sr_stage
+from cdm.upscaling import PHOTO_STAGE, load_sr_stage
 
 DEFAULT_RESIZE = {"digits": ResizeMode.crisp, "photos": ResizeMode.none, "imagefolder": ResizeMode.resize}
 
@@ -612,9 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="cdm-eval", description="Measure stages and cascades.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     common = OneLineParser(add_help=False)
-    common.add_argument("--model", required=True, help="stage folder, cascade folder or Hub repo id")
     common.add_argument(
-        "--data", default="digits", choices=sorted(DEFAULT_RESIZE), help="real data to compare with"
+        "--data",
+        default=None,
+        choices=sorted(DEFAULT_RESIZE),
+        help="real data to compare with (default: photos for sr, digits otherwise)",
     )
     common.add_argument(
         "--data-path", default=None, help="folder for --data imagefolder (with train/ and test/)"
@@ -638,6 +642,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_sr_arguments(sr: argparse.ArgumentParser) -> None:
+    sr.add_argument(
+        "--model",
+        default=str(PHOTO_STAGE),
+        help="stage folder, cascade folder or Hub repo id (default: the shipped 4x photo stage)",
+    )
     sr.add_argument("--stage", default=None, help="SR stage of a cascade (default: the first)")
     sr.add_argument("--split", default="test")
     sr.add_argument("--num-images", type=int, default=None, help="at most this many images (default: all)")
@@ -693,6 +702,7 @@ def add_sampling_arguments(g: argparse.ArgumentParser) -> None:
 
 
 def add_gen_arguments(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--model", required=True, help="cascade folder or Hub repo id")
     add_sampling_arguments(g)
     g.add_argument("--stages", type=int, default=None, help="evaluate the output of the first N stages")
     g.add_argument("--guidance", type=lambda t: [float(v) for v in t.split(",")], default=None)
@@ -716,6 +726,7 @@ def add_gen_arguments(g: argparse.ArgumentParser) -> None:
 
 
 def add_sweep_arguments(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--model", required=True, help="cascade folder or Hub repo id")
     add_sampling_arguments(g)
     g.add_argument("--stage", required=True, help="the SR stage whose input augmentation is swept")
     g.add_argument("--levels", type=_levels, default=[0, 50, 100, 250, 500])
@@ -729,6 +740,7 @@ def add_sweep_arguments(g: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.device = resolve_device(args.device)
+    args.data = args.data or ("photos" if args.command == "sr" else "digits")
     if getattr(args, "num_per_class", 1) < 1:
         raise UserError(f"--num-per-class={args.num_per_class}: expected an integer >= 1")
     if getattr(args, "batch", 1) < 1:
