@@ -3,8 +3,10 @@
 python -m cdm.experiments                 # run every missing point, then rewrite docs/experiments.md
 python -m cdm.experiments guidance        # one experiment
 
-Every point (one setting, one seed) is stored as JSON under runs/experiments/<experiment>/ as soon as
-it is measured, so an interrupted run starts again at the first missing point. Each point records
+Every point (one setting, one seed) is stored as JSON under docs/experiments/points/<experiment>/ as
+soon as it is measured, so an interrupted run starts again at the first missing point, on this
+machine or, once the points are committed, on another. Trained ablation stages and generated
+samples stay under runs/experiments/. Each point records
 how long it took; the report gives the mean over the seeds and, as the spread, half the distance
 between the seeds' values.
 """
@@ -29,7 +31,10 @@ from cdm.measure.classifier import get_classifier, predict, prepare
 from cdm.measure.fid import OfflineInception, feature_distances, inception_features
 from cdm.models import sampling_scheduler
 
-RUNS = Path("runs/experiments")
+RUNS = Path("runs/experiments")  # trained ablation stages and their samples
+# Every measured point, committed beside the report, so that a re-run on another machine measures only
+# what is missing.
+POINTS = Path("docs/experiments/points")
 DOCS = Path("docs")
 SEEDS = (0, 1)
 SEED_STRIDE = 100_000  # seed s uses per-image seeds s * SEED_STRIDE + i
@@ -168,10 +173,10 @@ def run_guidance(judges: Judges) -> dict:
         settings = cascade.with_overrides(guidance_scale=[w])
         for seed in SEEDS:
             points[(w, seed)] = stored(
-                RUNS / "guidance" / f"w{w:g}-seed{seed}.json",
+                POINTS / "guidance" / f"w{w:g}-seed{seed}.json",
                 lambda: score_samples(sample(cascade, ids, seed, settings)[0], ids, judges),
             )
-    floor = stored(RUNS / "guidance" / "floor.json", lambda: judges.floor(64, len(ids)))
+    floor = stored(POINTS / "guidance" / "floor.json", lambda: judges.floor(64, len(ids)))
     return {"points": points, "floor": floor, "samples": len(ids), "settings": cascade.settings[0]}
 
 
@@ -302,15 +307,15 @@ def run_aug(judges: Judges) -> dict:
         for seed in SEEDS:
             for level in AUG_LEVELS:
                 points[(name, level, seed)] = stored(
-                    RUNS / "aug" / f"{slug}-s{level}-seed{seed}.json",
+                    POINTS / "aug" / f"{slug}-s{level}-seed{seed}.json",
                     lambda: score_samples(
                         upscale_samples(pipe, lows[seed], level, seed, s.steps), ids, judges
                     ),
                 )
         points[(name, "real")] = stored(
-            RUNS / "aug" / f"{slug}-real.json", lambda: evaluate_sr(pipe, real, s.steps, 0, 0)
+            POINTS / "aug" / f"{slug}-real.json", lambda: evaluate_sr(pipe, real, s.steps, 0, 0)
         )
-    floor = stored(RUNS / "aug" / "floor.json", lambda: judges.floor(256, len(ids)))
+    floor = stored(POINTS / "aug" / "floor.json", lambda: judges.floor(256, len(ids)))
     return {"points": points, "floor": floor, "samples": len(ids), "settings": s, "real": len(real)}
 
 
@@ -405,22 +410,22 @@ def run_trunc(judges: Judges) -> dict:
         low, points[("base", seed)] = base_samples(cascade, ids, seed, "trunc")
         for level in (0, *TRUNC_LEVELS):  # non-truncated: every level upscales the same base samples
             points[("non-truncated", level, seed)] = stored(
-                RUNS / "trunc" / f"non-truncated-s{level}-seed{seed}.json",
+                POINTS / "trunc" / f"non-truncated-s{level}-seed{seed}.json",
                 lambda: score_samples(upscale_samples(whole.pipe, low, level, seed, s.steps), ids, judges),
             )
         for level in TRUNC_LEVELS:  # truncated: the base stage stops at level s (its time included)
             settings = cascade.with_overrides(aug_level=[0, level], aug_mode=["non-truncated", "truncated"])
             points[("truncated", level, seed)] = stored(
-                RUNS / "trunc" / f"truncated-s{level}-seed{seed}.json",
+                POINTS / "trunc" / f"truncated-s{level}-seed{seed}.json",
                 lambda: score_samples(sample(cascade, ids, seed, settings)[1], ids, judges),
             )
         points[("truncated", 0, seed)] = points[("non-truncated", 0, seed)]  # s = 0 never truncates
-    points["handover"] = stored(RUNS / "trunc" / "handover.json", lambda: handover_noise(cascade))
+    points["handover"] = stored(POINTS / "trunc" / "handover.json", lambda: handover_noise(cascade))
     real = list(real_images(judges.data, "test", 256, AUG_REAL_IMAGES)[0].split(1))
     points["real"] = stored(
-        RUNS / "trunc" / "real.json", lambda: evaluate_sr(whole.pipe, real, s.steps, 0, 0)
+        POINTS / "trunc" / "real.json", lambda: evaluate_sr(whole.pipe, real, s.steps, 0, 0)
     )
-    floor = stored(RUNS / "aug" / "floor.json", lambda: judges.floor(256, len(ids)))
+    floor = stored(POINTS / "aug" / "floor.json", lambda: judges.floor(256, len(ids)))
     return {"points": points, "floor": floor, "samples": len(ids), "settings": s, "real": len(real)}
 
 
@@ -583,20 +588,20 @@ def run_blur(judges: Judges) -> dict:
         slug = name.replace(" ", "-")
         for seed in SEEDS:
             points[(name, seed)] = stored(
-                RUNS / "blur" / f"{slug}-seed{seed}.json",
+                POINTS / "blur" / f"{slug}-seed{seed}.json",
                 lambda: score_samples(
                     upscale_samples(pipe, lows[seed], s.aug_level, seed, s.steps, 2), ids, judges
                 ),
             )
         points[(name, "real")] = stored(
-            RUNS / "blur" / f"{slug}-real.json", lambda: evaluate_sr(pipe, real, s.steps, 0, 0)
+            POINTS / "blur" / f"{slug}-real.json", lambda: evaluate_sr(pipe, real, s.steps, 0, 0)
         )
         points[(name, "blurred")] = stored(
-            RUNS / "blur" / f"{slug}-real-blurred.json",
+            POINTS / "blur" / f"{slug}-real-blurred.json",
             lambda: evaluate_sr(pipe, real, s.steps, 0, 0, blur=BLUR_TEST_SIGMA),
         )
-    points["sharpness"] = stored(RUNS / "blur" / "sharpness.json", lambda: handover_sharpness(lows, real))
-    floor = stored(RUNS / "blur" / "floor.json", lambda: judges.floor(1024, len(ids)))
+    points["sharpness"] = stored(POINTS / "blur" / "sharpness.json", lambda: handover_sharpness(lows, real))
+    floor = stored(POINTS / "blur" / "floor.json", lambda: judges.floor(1024, len(ids)))
     return {"points": points, "floor": floor, "samples": len(ids), "settings": s, "real": len(real)}
 
 
@@ -789,7 +794,7 @@ def run_sampler(judges: Judges, stored_only: bool = False) -> dict:
     for name, steps, k in budget_order(len(cascade.stages)):
         stage = cascade.stages[k]
         for seed in SEEDS:
-            path = RUNS / "sampler" / f"{stage.name}-{SAMPLERS[name]}-{steps}-seed{seed}.json"
+            path = POINTS / "sampler" / f"{stage.name}-{SAMPLERS[name]}-{steps}-seed{seed}.json"
             if stored_only and not path.is_file():
                 continue
             if k == 0:
@@ -803,7 +808,7 @@ def run_sampler(judges: Judges, stored_only: bool = False) -> dict:
                     return evaluate_sr(pipe, crops[stage.name], steps, 0, seed * SEED_STRIDE)
 
             points[(stage.name, name, steps, seed)] = stored(path, measure)
-    floor = stored(RUNS / "guidance" / "floor.json", lambda: judges.floor(64, len(ids)))
+    floor = stored(POINTS / "guidance" / "floor.json", lambda: judges.floor(64, len(ids)))
     return {
         "points": points,
         "floor": floor,
@@ -1083,7 +1088,8 @@ def write_report() -> Path:
         "",
         "Each experiment below runs on the shipped demo cascade (digits) on 2 CPU cores; "
         "`make experiments` re-creates every table and plot, resuming at the first missing point "
-        "(`python -m cdm.experiments NAME` runs one). Sample counts are small, so every FID/KID comes "
+        "(`python -m cdm.experiments NAME` runs one); the measured points are committed under "
+        f"`{POINTS}/`. Sample counts are small, so every FID/KID comes "
         "with the real-data floor (real train digits scored the same way) and with the spread over two seeds.",
         "",
     ]
@@ -1092,12 +1098,12 @@ def write_report() -> Path:
         if section.is_file():
             lines += [section.read_text().rstrip(), "", f"![{name}](experiments/{name}.png)", ""]
         else:
-            done = len(list((RUNS / name).glob("*.json")))
+            done = len(list((POINTS / name).glob("*.json")))
             lines += [
                 f"## {TITLES[name]}",
                 "",
                 f"Not finished yet: `python -m cdm.experiments {name}` ({COSTS[name]}). "
-                f"{done} points were stored under `runs/experiments/{name}/` when this page was written; "
+                f"{done} points were stored under `{POINTS}/{name}/` when this page was written; "
                 "a re-run measures only the missing ones.",
                 "",
             ]

@@ -39,9 +39,9 @@ def test_spread_is_the_seed_mean_and_half_range():
 
 def test_the_report_lists_run_and_missing_experiments(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "DOCS", tmp_path)
-    monkeypatch.setattr(experiments, "RUNS", tmp_path / "runs")
-    (tmp_path / "runs" / "aug").mkdir(parents=True)
-    (tmp_path / "runs" / "aug" / "floor.json").write_text("{}")
+    monkeypatch.setattr(experiments, "POINTS", tmp_path / "points")
+    (tmp_path / "points" / "aug").mkdir(parents=True)
+    (tmp_path / "points" / "aug" / "floor.json").write_text("{}")
     (tmp_path / "experiments").mkdir()
     (tmp_path / "experiments" / "guidance.md").write_text("## Guidance sweep\n\n| w | FID |\n")
     text = experiments.write_report().read_text()
@@ -50,7 +50,8 @@ def test_the_report_lists_run_and_missing_experiments(tmp_path, monkeypatch):
         "## Conditioning augmentation ablation (64 → 256)\n\nNot finished yet: `python -m cdm.experiments aug`"
         in text
     )
-    assert "1 points were stored under `runs/experiments/aug/`" in text
+    assert f"1 points were stored under `{tmp_path / 'points'}/aug/`" in text
+    assert f"the measured points are committed under `{tmp_path / 'points'}/`" in text
     assert set(experiments.TITLES) == set(experiments.COSTS) == set(experiments.EXPERIMENTS)
 
 
