@@ -105,6 +105,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache runs samples
 
 # CDM's claims in miniature (docs/experiments.md): resumable; each experiment stores its points in
-# docs/experiments/points/ (committed) and rewrites its section and plot. `make experiments EXPERIMENTS=guidance` runs one.
+# docs/experiments/points/ (committed) and rewrites its section and plot.
+# `make experiments EXPERIMENTS=guidance` runs one.
 experiments: install
 	$(BIN)/python -m cdm.experiments $(EXPERIMENTS)

@@ -6,9 +6,8 @@ python -m cdm.experiments guidance        # one experiment
 Every point (one setting, one seed) is stored as JSON under docs/experiments/points/<experiment>/ as
 soon as it is measured, so an interrupted run starts again at the first missing point, on this
 machine or, once the points are committed, on another. Trained ablation stages and generated
-samples stay under runs/experiments/. Each point records
-how long it took; the report gives the mean over the seeds and, as the spread, half the distance
-between the seeds' values.
+samples stay under runs/experiments/. Each point records how long it took; the report gives the
+mean over the seeds and, as the spread, half the distance between the seeds' values.
 """
 
 from __future__ import annotations

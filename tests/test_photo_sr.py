@@ -162,7 +162,7 @@ def test_random_scaled_crop_shrinks_the_content_within_the_range(min_scale, max_
     periods = []
     for seed in range(12):
         gen = torch.Generator().manual_seed(seed)
-        crop = np.asarray(random_scaled_crop(image, 64, min_scale, gen, max_scale), dtype=float)
+        crop = np.asarray(random_scaled_crop(image, 64, min_scale, max_scale, gen), dtype=float)
         row = crop[32, :, 0] - crop[32, :, 0].mean()
         crossings = np.sum(np.diff(np.sign(row)) != 0)
         periods.append(2 * 64 / max(crossings, 1))

@@ -281,7 +281,7 @@ def count_classes(ds, label_col: str, data: DataConfig) -> int:
 
 
 def random_scaled_crop(
-    image: PIL.Image.Image, size: int, min_scale: float, generator, max_scale: float = 1.0
+    image: PIL.Image.Image, size: int, min_scale: float, max_scale: float, generator
 ) -> PIL.Image.Image:
     """A random crop of the image downscaled by a factor ~ U[min_scale, max_scale] (SR scale augmentation).
 
@@ -313,9 +313,9 @@ class Preprocess:
     stage: StageConfig
     mode: ResizeMode
     min_scale: float = 1.0
+    max_scale: float = 1.0
     flip: bool = False
     rot90: bool = False
-    max_scale: float = 1.0
 
     @property
     def size(self) -> int:
@@ -332,7 +332,7 @@ class Preprocess:
                 new = (max(res, round(image.width * scale)), max(res, round(image.height * scale)))
                 image = image.resize(new, PIL.Image.BICUBIC, reducing_gap=None)
             if self.min_scale < 1 and min(image.size) >= self.size:
-                image = random_scaled_crop(image, self.size, self.min_scale, generator, self.max_scale)
+                image = random_scaled_crop(image, self.size, self.min_scale, self.max_scale, generator)
             x = to_tensor(image)
         h, w = x.shape[-2:]
         if h < self.size or w < self.size:
@@ -360,10 +360,10 @@ class StageDataset(torch.utils.data.Dataset):
         self.pre = Preprocess(
             stage,
             ResizeMode(data.resize),
-            data.min_scale,
-            data.random_flip,
-            data.random_rot90,
-            data.max_scale,
+            min_scale=data.min_scale,
+            max_scale=data.max_scale,
+            flip=data.random_flip,
+            rot90=data.random_rot90,
         )
 
     def __len__(self):
