@@ -52,6 +52,13 @@ def test_the_report_lists_run_and_missing_experiments(tmp_path, monkeypatch):
     )
     assert f"1 points were stored under `{tmp_path / 'points'}/aug/`" in text
     assert f"the measured points are committed under `{tmp_path / 'points'}/`" in text
+    # a section written before its points were stored says that a re-run measures them again
+    assert (
+        "## Guidance sweep\n\n| w | FID |\n\nThis section was measured before its points were stored" in text
+    )
+    (tmp_path / "points" / "guidance").mkdir()
+    (tmp_path / "points" / "guidance" / "w1-seed0.json").write_text("{}")
+    assert "This section was measured before" not in experiments.write_report().read_text()
     assert set(experiments.TITLES) == set(experiments.COSTS) == set(experiments.EXPERIMENTS)
 
 
@@ -276,3 +283,44 @@ def test_the_ablations_keep_their_own_sr_sampler_whatever_the_shipped_default():
     for mine, theirs in zip(ablation.settings[1:], shipped.settings[1:]):
         assert (mine.scheduler, mine.steps) == ("DDIMScheduler", 5) == tuple(experiments.ABLATION_SR.values())
         assert (mine.aug_level, mine.aug_mode) == (theirs.aug_level, theirs.aug_mode)
+
+
+def levels_result(kid: dict, shipped: int) -> dict:
+    from cdm.config import SamplingConfig
+
+    points = {
+        (level, seed): {
+            "fid": 100.0 - level / 10,
+            "kid": v + 0.002 * seed,
+            "class_agreement": 1.0,
+            "seconds": 2.0,
+        }
+        for level, v in kid.items()
+        for seed in experiments.SEEDS
+    }
+    for seed in experiments.SEEDS:
+        points[("base", seed)] = {"samples": 50, "seconds": 80.0}
+    settings = SamplingConfig(scheduler="DDPMScheduler", steps=5, aug_level=shipped)
+    floor = {"fid": 30.0, "kid": 0.0, "seconds": 1.0}
+    return {"points": points, "floor": floor, "samples": 50, "settings": settings, "stage": "sr64to256"}
+
+
+def test_levels_report_checks_the_shipped_level_under_the_shipped_sampler(tmp_path):
+    # 0 and 50 tie (0.0005 apart, spread 0.001); the tie goes to the lower FID, s = 50
+    result = levels_result({0: 0.0405, 50: 0.040, 100: 0.050, 250: 0.080}, shipped=50)
+    text = "\n".join(experiments.report_levels(result))
+    assert "samples its sr64to256 stage with DDPMScheduler at 5 steps" in text
+    assert (
+        "the best level is s = 50 (levels whose KID is within the seed spread of the lowest, 0, 50, tie"
+        in text
+    )
+    assert ": the level it ships with." in text
+    assert "| 100 | 90.0 ± 0.0 | 0.0510 ± 0.0010 | 1.000 ± 0.000 | 2 |" in text
+    assert "making them took 80 s per seed" in text
+    # a shipped level outside the tie is named as such
+    text = "\n".join(
+        experiments.report_levels(levels_result({0: 0.040, 50: 0.060, 100: 0.070, 250: 0.08}, 50))
+    )
+    assert "the best level is s = 0" in text and "not the level it ships with (s = 50, KID 0.0610)" in text
+    experiments.plot_levels(result, tmp_path / "levels.png")
+    assert (tmp_path / "levels.png").stat().st_size > 0
