@@ -929,6 +929,12 @@ def evaluations(stage_index: int, steps: int, guidance: float) -> int:
     return steps * (2 if stage_index == 0 and guidance > 1 else 1)
 
 
+def spent(stage_index: int, steps: int, guidance: float) -> str:
+    """UNet evaluations, with the steps beside them where guidance makes the two differ."""
+    n = evaluations(stage_index, steps, guidance)
+    return str(n) if n == steps else f"{n} ({steps} steps)"
+
+
 def reaches_reference(stats: dict, stage: str, stage_index: int, name: str, steps: int) -> bool:
     """Within the 1000-step quality: KID within the larger seed spread, or PSNR within 0.3 dB."""
     ref = stats[(stage, "DDPMScheduler", REFERENCE_STEPS)]
@@ -997,7 +1003,7 @@ def sampler_findings(result: dict, stats: dict) -> list[str]:
         for name, label in SAMPLERS.items():
             enough = [n for n in BUDGET_STEPS if reaches_reference(stats, stage, k, name, n)]
             parts.append(
-                f"{label} {evaluations(k, enough[0], result['guidance'])}"
+                f"{label} {spent(k, enough[0], result['guidance'])}"
                 if enough
                 else f"{label} not within {BUDGET_STEPS[-1]} steps"
             )
@@ -1148,7 +1154,7 @@ COSTS = {  # measured on 2 CPU cores
     "trunc": "about 35 min of training and 45 min of measuring",
     "blur": "two trainings of about 14 min and 45 min of measuring",
     "guidance": "about 21 min",
-    "sampler": "126 points, about 4 hours, most of it DDPM at 1000 steps; the photo stage's curve is in "
+    "sampler": "126 points, about 2 hours, half of it DDPM at 1000 steps; the photo stage's curve is in "
     "[photo_sr.md](photo_sr.md)",
 }
 
@@ -1170,7 +1176,7 @@ def write_report() -> Path:
         section = DOCS / "experiments" / f"{name}.md"
         if section.is_file():
             lines += [section.read_text().rstrip(), ""]
-            if not any((POINTS / name).glob("*.json")):
+            if not any(p.name != "floor.json" for p in (POINTS / name).glob("*.json")):  # floors are shared
                 lines += [
                     "This section was measured before its points were stored beside the report: "
                     f"a re-run measures them again ({COSTS[name]}).",

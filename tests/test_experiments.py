@@ -57,6 +57,11 @@ def test_the_report_lists_run_and_missing_experiments(tmp_path, monkeypatch):
         "## Guidance sweep\n\n| w | FID |\n\nThis section was measured before its points were stored" in text
     )
     (tmp_path / "points" / "guidance").mkdir()
+    (tmp_path / "points" / "guidance" / "floor.json").write_text("{}")  # a floor alone is not the points
+    assert (
+        "## Guidance sweep\n\n| w | FID |\n\nThis section was measured before"
+        in experiments.write_report().read_text()
+    )
     (tmp_path / "points" / "guidance" / "w1-seed0.json").write_text("{}")
     assert "This section was measured before" not in experiments.write_report().read_text()
     assert set(experiments.TITLES) == set(experiments.COSTS) == set(experiments.EXPERIMENTS)
@@ -233,7 +238,8 @@ def test_sampler_budget_finds_the_fewest_evaluations_that_reach_the_reference(tm
     # 0.0005 spread; 0.0205 at 50 steps ties: 100 evaluations, DDPM 200
     assert (
         "- base64: UNet evaluations to reach the 2000-evaluation quality (KID within the seed spread): "
-        "DDPM 200, DDIM 100, DPM-Solver++ 100, UniPC 100." in text
+        "DDPM 200 (100 steps), DDIM 100 (50 steps), DPM-Solver++ 100 (50 steps), UniPC 100 (50 steps)."
+        in text
     )
     # SR: PSNR within 0.3 dB of 32.0 from 10 steps (31.5 is not; 31.8 is): 25 evaluations; DDPM never
     assert "DDPM not within 100 steps, DDIM 25, DPM-Solver++ 25, UniPC 25." in text
