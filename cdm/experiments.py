@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -383,73 +384,123 @@ def aug_findings(result: dict) -> list[str]:
     ]
 
 
-# -- the augmentation level under the shipped sampler (64 -> 256) ------------------------------------
+# -- the augmentation level under the shipped sampler (each SR stage) --------------------------------
 
 
-def run_levels(judges: Judges) -> dict:
-    """The shipped 64 -> 256 stage at every level of the ablation, sampled as the cascade samples it
-    (cascade.json), not with the ablations' fixed sampler: is its shipped level still the best?"""
+@dataclass(frozen=True)
+class LevelCheck:
+    """One SR stage of the shipped cascade at several augmentation levels, under its shipped sampler."""
+
+    stage: int  # index in the cascade
+    levels: tuple[int, ...]
+    per_class: int  # samples per class and seed
+    batch: int  # images per pipeline call
+    why: str  # what the check adds to the experiments before it
+
+
+LEVEL_CHECKS = {
+    "levels": LevelCheck(
+        1,
+        AUG_LEVELS,
+        AUG_PER_CLASS,
+        10,
+        f"The conditioning augmentation ablation above sampled both stages with a fixed sampler "
+        f"({ABLATION_SR['scheduler']} at {ABLATION_SR['steps']} steps), not the cascade's own",
+    ),
+    "levels1024": LevelCheck(
+        2,
+        (0, 100, 200, 250),
+        2,
+        2,
+        "The blur ablation below sampled the 256 → 1024 stage at one level only, and with a fixed sampler "
+        f"({ABLATION_SR['scheduler']} at {ABLATION_SR['steps']} steps)",
+    ),
+}
+
+
+def run_levels(judges: Judges, name: str = "levels") -> dict:
+    """The shipped stage at every level of the check, sampled as the cascade samples it (cascade.json),
+    on the cascade's own lower-resolution samples: is its shipped level the best?"""
+    check = LEVEL_CHECKS[name]
     cascade = Cascade.from_pretrained(DEMO_CASCADE)
-    s, stage = cascade.settings[1], cascade.stages[1]
-    ids = [c for c in range(cascade.num_classes) for _ in range(AUG_PER_CLASS)]
+    s, stage = cascade.settings[check.stage], cascade.stages[check.stage]
+    ids = [c for c in range(cascade.num_classes) for _ in range(check.per_class)]
     pipe, points = sampling_pipe(stage.pipe, s), {}
     for seed in SEEDS:
-        low, points[("base", seed)] = base_samples(cascade, ids, seed, "levels")
-        for level in AUG_LEVELS:
+        low, points[("inputs", seed)] = stored_samples(
+            RUNS / name / f"inputs-seed{seed}.safetensors",
+            lambda: sample(cascade[: check.stage], ids, seed, cascade.settings[: check.stage])[-1],
+        )
+        for level in check.levels:
             points[(level, seed)] = stored(
-                POINTS / "levels" / f"{stage.name}-s{level}-seed{seed}.json",
-                lambda: score_samples(upscale_samples(pipe, low, level, seed, s.steps), ids, judges),
+                POINTS / name / f"{stage.name}-s{level}-seed{seed}.json",
+                lambda: score_samples(
+                    upscale_samples(pipe, low, level, seed, s.steps, check.batch), ids, judges
+                ),
             )
-    floor = stored(POINTS / "levels" / "floor.json", lambda: judges.floor(256, len(ids)))
-    return {"points": points, "floor": floor, "samples": len(ids), "settings": s, "stage": stage.name}
+    size = stage.pipe.unet.config.sample_size
+    floor = stored(POINTS / name / "floor.json", lambda: judges.floor(size, len(ids)))
+    return {
+        "points": points,
+        "floor": floor,
+        "samples": len(ids),
+        "settings": s,
+        "stage": stage.name,
+        "name": name,
+        "size": size,
+    }
 
 
 def report_levels(result: dict) -> list[str]:
-    points, floor, s = result["points"], result["floor"], result["settings"]
-    stats = {level: spread([points[(level, seed)] for seed in SEEDS], "kid") for level in AUG_LEVELS}
+    points, floor, s, check = (
+        result["points"],
+        result["floor"],
+        result["settings"],
+        LEVEL_CHECKS[result["name"]],
+    )
+    stats = {level: spread([points[(level, seed)] for seed in SEEDS], "kid") for level in check.levels}
     tied = tied_lowest(stats)
     best = min(tied, key=lambda level: spread([points[(level, seed)] for seed in SEEDS], "fid")[0])
-    base_seconds = np.mean([points[("base", seed)]["seconds"] for seed in SEEDS])
+    made = np.mean([points[("inputs", seed)]["seconds"] for seed in SEEDS])
     verdict = (
         "the level it ships with"
         if s.aug_level in tied
         else f"not the level it ships with (s = {s.aug_level}, KID {stats[s.aug_level][0]:.4f})"
     )
+    reference = REFERENCE_LIMIT.get(result["size"], "all")
     lines = [
-        "The conditioning augmentation ablation above sampled both stages with a fixed sampler "
-        f"({ABLATION_SR['scheduler']} at {ABLATION_SR['steps']} steps). The demo cascade samples its "
-        f"{result['stage']} stage with {s.scheduler} at {s.steps} steps (the sampler budget below), so its "
-        f"level is checked again under that sampler: the shipped stage upscales the base stage's samples "
-        f"({result['samples']} per seed, {AUG_PER_CLASS} per class, seeds {list(SEEDS)}, at its shipped "
-        f"settings; making them took {base_seconds:.0f} s per seed), noised to level s. FID/KID against all "
-        "real 256 px test digits; each value is the mean over the seeds ± half their difference.",
+        f"{check.why}. The demo cascade samples its {result['stage']} stage with {s.scheduler} at "
+        f"{s.steps} steps (the sampler budget below), so its level is checked here under that sampler: the "
+        f"shipped stage upscales the cascade's own samples at its shipped settings ({result['samples']} per "
+        f"seed, {check.per_class} per class, seeds {list(SEEDS)}; making them took {made:.0f} s per seed), "
+        f"noised to level s. FID/KID against {reference} real {result['size']} px test digits; each value is "
+        "the mean over the seeds ± half their difference.",
         "",
         "| s | FID | KID | class agreement | seconds per seed |",
         "|---|---|---|---|---|",
-        *(score_row([level], [points[(level, seed)] for seed in SEEDS]) for level in AUG_LEVELS),
+        *(score_row([level], [points[(level, seed)] for seed in SEEDS]) for level in check.levels),
         f"| real train digits (floor) | {floor['fid']:.1f} | {floor['kid']:.4f} | | |",
         "",
         f"Under {s.scheduler} at {s.steps} steps the best level is s = {best} (levels whose KID is within "
         f"the seed spread of the lowest, {', '.join(map(str, tied))}, tie; the tie goes to the lowest FID): "
-        f"{verdict}. At s = 250 the stage scores KID {stats[250][0]:.4f}.",
+        f"{verdict}. At s = {check.levels[-1]} the stage scores KID {stats[check.levels[-1]][0]:.4f}.",
     ]
-    return [f"## {TITLES['levels']}", "", *lines]
+    return [f"## {TITLES[result['name']]}", "", *lines]
 
 
 def plot_levels(result: dict, path: Path) -> None:
-    pts = result["points"]
-    s = result["settings"]
+    pts, s, levels = result["points"], result["settings"], LEVEL_CHECKS[result["name"]].levels
     series = {
         f"{result['stage']}, {s.scheduler} {s.steps} steps": [
-            spread([pts[(level, seed)] for seed in SEEDS], "kid") for level in AUG_LEVELS
+            spread([pts[(level, seed)] for seed in SEEDS], "kid") for level in levels
         ]
     }
     plot_lines(
         path,
-        list(AUG_LEVELS),
+        list(levels),
         series,
         "augmentation level s at sampling",
-        "KID at 256 px",
+        f"KID at {result['size']} px",
         result["floor"]["kid"],
     )
 
@@ -1133,6 +1184,7 @@ def plot_aug(result: dict, path: Path) -> None:
 EXPERIMENTS = {  # name: (run, report, plot)
     "aug": (run_aug, report_aug, plot_aug),
     "levels": (run_levels, report_levels, plot_levels),
+    "levels1024": (partial(run_levels, name="levels1024"), report_levels, plot_levels),
     "trunc": (run_trunc, report_trunc, plot_trunc),
     "blur": (run_blur, report_blur, plot_blur),
     "guidance": (run_guidance, report_guidance, plot_guidance),
@@ -1143,6 +1195,7 @@ EXPERIMENTS = {  # name: (run, report, plot)
 TITLES = {
     "aug": "Conditioning augmentation ablation (64 → 256)",
     "levels": "The augmentation level under the shipped sampler (64 → 256)",
+    "levels1024": "The augmentation level under the shipped sampler (256 → 1024)",
     "trunc": "Truncated vs non-truncated augmentation (64 → 256)",
     "blur": "Blur augmentation (256 → 1024)",
     "guidance": "Guidance sweep (base stage)",
@@ -1151,6 +1204,7 @@ TITLES = {
 COSTS = {  # measured on 2 CPU cores
     "aug": "about 35 min of training and 40 min of measuring",
     "levels": "about 20 min",
+    "levels1024": "about 50 min",
     "trunc": "about 35 min of training and 45 min of measuring",
     "blur": "two trainings of about 14 min and 45 min of measuring",
     "guidance": "about 21 min",

@@ -305,10 +305,18 @@ def levels_result(kid: dict, shipped: int) -> dict:
         for seed in experiments.SEEDS
     }
     for seed in experiments.SEEDS:
-        points[("base", seed)] = {"samples": 50, "seconds": 80.0}
+        points[("inputs", seed)] = {"samples": 50, "seconds": 80.0}
     settings = SamplingConfig(scheduler="DDPMScheduler", steps=5, aug_level=shipped)
     floor = {"fid": 30.0, "kid": 0.0, "seconds": 1.0}
-    return {"points": points, "floor": floor, "samples": 50, "settings": settings, "stage": "sr64to256"}
+    return {
+        "points": points,
+        "floor": floor,
+        "samples": 50,
+        "settings": settings,
+        "stage": "sr64to256",
+        "name": "levels",
+        "size": 256,
+    }
 
 
 def test_levels_report_checks_the_shipped_level_under_the_shipped_sampler(tmp_path):
@@ -330,3 +338,13 @@ def test_levels_report_checks_the_shipped_level_under_the_shipped_sampler(tmp_pa
     assert "the best level is s = 0" in text and "not the level it ships with (s = 50, KID 0.0610)" in text
     experiments.plot_levels(result, tmp_path / "levels.png")
     assert (tmp_path / "levels.png").stat().st_size > 0
+
+
+def test_the_1024_level_check_uses_its_own_levels_and_reference():
+    result = levels_result({0: 0.30, 100: 0.25, 200: 0.20, 250: 0.21}, shipped=200)
+    result.update(name="levels1024", stage="sr256to1024", size=1024)
+    text = "\n".join(experiments.report_levels(result))
+    assert text.startswith("## The augmentation level under the shipped sampler (256 → 1024)")
+    assert "FID/KID against 200 real 1024 px test digits" in text
+    assert "the best level is s = 200" in text and ": the level it ships with." in text
+    assert "At s = 250 the stage scores KID 0.2110." in text
