@@ -463,9 +463,9 @@ def report_levels(result: dict) -> list[str]:
     best = min(tied, key=lambda level: spread([points[(level, seed)] for seed in SEEDS], "fid")[0])
     made = np.mean([points[("inputs", seed)]["seconds"] for seed in SEEDS])
     verdict = (
-        "the level it ships with"
+        f"the shipped level, s = {s.aug_level}, is among them"
         if s.aug_level in tied
-        else f"not the level it ships with (s = {s.aug_level}, KID {stats[s.aug_level][0]:.4f})"
+        else f"the shipped level, s = {s.aug_level}, is not (KID {stats[s.aug_level][0]:.4f})"
     )
     reference = REFERENCE_LIMIT.get(result["size"], "all")
     lines = [
@@ -482,7 +482,7 @@ def report_levels(result: dict) -> list[str]:
         f"| real train digits (floor) | {floor['fid']:.1f} | {floor['kid']:.4f} | | |",
         "",
         f"Under {s.scheduler} at {s.steps} steps the best level is s = {best} (levels whose KID is within "
-        f"the seed spread of the lowest, {', '.join(map(str, tied))}, tie; the tie goes to the lowest FID): "
+        f"the seed spread of the lowest, {', '.join(map(str, tied))}, tie; the tie goes to the lowest FID); "
         f"{verdict}. At s = {check.levels[-1]} the stage scores KID {stats[check.levels[-1]][0]:.4f}.",
     ]
     return [f"## {TITLES[result['name']]}", "", *lines]

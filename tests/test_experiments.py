@@ -328,14 +328,14 @@ def test_levels_report_checks_the_shipped_level_under_the_shipped_sampler(tmp_pa
         "the best level is s = 50 (levels whose KID is within the seed spread of the lowest, 0, 50, tie"
         in text
     )
-    assert ": the level it ships with." in text
+    assert "tie; the tie goes to the lowest FID); the shipped level, s = 50, is among them." in text
     assert "| 100 | 90.0 ± 0.0 | 0.0510 ± 0.0010 | 1.000 ± 0.000 | 2 |" in text
     assert "making them took 80 s per seed" in text
     # a shipped level outside the tie is named as such
     text = "\n".join(
         experiments.report_levels(levels_result({0: 0.040, 50: 0.060, 100: 0.070, 250: 0.08}, 50))
     )
-    assert "the best level is s = 0" in text and "not the level it ships with (s = 50, KID 0.0610)" in text
+    assert "the best level is s = 0" in text and "the shipped level, s = 50, is not (KID 0.0610)" in text
     experiments.plot_levels(result, tmp_path / "levels.png")
     assert (tmp_path / "levels.png").stat().st_size > 0
 
@@ -346,5 +346,5 @@ def test_the_1024_level_check_uses_its_own_levels_and_reference():
     text = "\n".join(experiments.report_levels(result))
     assert text.startswith("## The augmentation level under the shipped sampler (256 → 1024)")
     assert "FID/KID against 200 real 1024 px test digits" in text
-    assert "the best level is s = 200" in text and ": the level it ships with." in text
+    assert "the best level is s = 200" in text and "the shipped level, s = 200, is among them." in text
     assert "At s = 250 the stage scores KID 0.2110." in text
