@@ -452,12 +452,8 @@ def run_levels(judges: Judges, name: str = "levels") -> dict:
 
 
 def report_levels(result: dict) -> list[str]:
-    points, floor, s, check = (
-        result["points"],
-        result["floor"],
-        result["settings"],
-        LEVEL_CHECKS[result["name"]],
-    )
+    points, floor, s = result["points"], result["floor"], result["settings"]
+    check = LEVEL_CHECKS[result["name"]]
     stats = {level: spread([points[(level, seed)] for seed in SEEDS], "kid") for level in check.levels}
     tied = tied_lowest(stats)
     best = min(tied, key=lambda level: spread([points[(level, seed)] for seed in SEEDS], "fid")[0])
@@ -1204,7 +1200,7 @@ TITLES = {
 COSTS = {  # measured on 2 CPU cores
     "aug": "about 35 min of training and 40 min of measuring",
     "levels": "about 20 min",
-    "levels1024": "about 50 min",
+    "levels1024": "about 30 min",
     "trunc": "about 35 min of training and 45 min of measuring",
     "blur": "two trainings of about 14 min and 45 min of measuring",
     "guidance": "about 21 min",
