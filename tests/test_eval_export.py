@@ -78,6 +78,7 @@ def test_eval_sr_reports_finite_metrics_for_model_and_bicubic(tmp_path, cache_en
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert result["dataset"]["num_images"] == 6 and result["dataset"]["crop"] == 32
+    assert result["settings"]["tile"] is None  # whole images through the UNet unless --tile
     for method in ("model", "bicubic"):
         assert all(np.isfinite(v) for v in result["metrics"][method].values())
     assert result["metrics"]["bicubic"]["psnr"] > 15  # smooth images: bicubic is good, a random model is not
@@ -103,12 +104,12 @@ def test_other_downsamplers_and_jpeg_make_other_inputs_and_the_table_says_so():
     res = {
         "stage": "s",
         "dataset": {"name": "d", "num_images": 2},
-        "settings": {"steps": 1, "noise_level": 0, "blur": 0.0, "downsample": "box", "jpeg": 20},
+        "settings": {"steps": 1, "noise_level": 0, "blur": 0.0, "downsample": "box", "jpeg": 20, "tile": 64},
         "metrics": {m: {"psnr": 20.0} for m in ("model", "bicubic")},
     }
     head = sr_table(res)[0]
-    assert "inputs downsampled with PIL's box filter, inputs stored as JPEG quality 20:" in head
-    plain_settings = {"steps": 1, "noise_level": 0, "downsample": "bicubic", "jpeg": 0}
+    assert "inputs downsampled with PIL's box filter, inputs stored as JPEG quality 20, UNet on 64 px tiles:" in head
+    plain_settings = {"steps": 1, "noise_level": 0, "downsample": "bicubic", "jpeg": 0, "tile": None}
     assert "inputs" not in sr_table({**res, "settings": plain_settings})[0]
 
 

@@ -317,6 +317,7 @@ def sr_result(args, data, images: list, size: int, sweep: list[dict], bicubic: d
             "blur": args.blur,
             "downsample": args.downsample,
             "jpeg": args.jpeg,
+            "tile": args.tile,
             "scheduler": sweep[0]["scheduler"],
         },
         "metrics": {

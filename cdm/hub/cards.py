@@ -97,13 +97,15 @@ SR_COLUMNS = {
 
 
 def input_note(settings: dict) -> str:
-    """How the low-res inputs were made, when not as in training (`cdm-eval sr --blur --downsample --jpeg`)."""
+    """How the low-res inputs were made, when not as in training (`cdm-eval sr --blur --downsample --jpeg`),
+    and the tile size, when the UNet saw tiles rather than whole images (`--tile`)."""
     kernel, jpeg = settings.get("downsample", "bicubic"), settings.get("jpeg", 0)
     notes = (
         [f"inputs downsampled with PIL's {kernel.removeprefix('pil-')} filter"] if kernel != "bicubic" else []
     )
     notes += [f"inputs blurred (sigma {settings['blur']:g} low-res px)"] if settings.get("blur") else []
     notes += [f"inputs stored as JPEG quality {jpeg}"] if jpeg else []
+    notes += [f"UNet on {settings['tile']} px tiles"] if settings.get("tile") else []
     return "".join(", " + n for n in notes)
 
 
