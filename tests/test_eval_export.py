@@ -108,7 +108,10 @@ def test_other_downsamplers_and_jpeg_make_other_inputs_and_the_table_says_so():
         "metrics": {m: {"psnr": 20.0} for m in ("model", "bicubic")},
     }
     head = sr_table(res)[0]
-    assert "inputs downsampled with PIL's box filter, inputs stored as JPEG quality 20, UNet on 64 px tiles:" in head
+    assert (
+        "inputs downsampled with PIL's box filter, inputs stored as JPEG quality 20, UNet on 64 px tiles:"
+        in head
+    )
     plain_settings = {"steps": 1, "noise_level": 0, "downsample": "bicubic", "jpeg": 0, "tile": None}
     assert "inputs" not in sr_table({**res, "settings": plain_settings})[0]
 
