@@ -85,6 +85,10 @@ def comparison_figure(rows: list[dict[str, torch.Tensor]], zoom: int = 4, pad: i
     return figure
 
 
+# What PIL raises on a file that is not a readable image (truncated, corrupt, or another format).
+UNREADABLE = (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError)
+
+
 def open_image(record) -> PIL.Image.Image:
     """Open and load an undecoded `datasets` image, turned upright by its EXIF orientation (as viewers show it)."""
     raw = record.get("bytes") if isinstance(record, dict) else None

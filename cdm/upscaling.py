@@ -13,7 +13,7 @@ from cdm_pipelines.pipeline_sr3 import image_to_tensor
 from cdm.cascade import Cascade
 from cdm.config import unet_stride
 from cdm.errors import UserError
-from cdm.images import open_image, to_pil, to_rgb
+from cdm.images import UNREADABLE, open_image, to_pil, to_rgb
 from cdm.stage_io import CASCADE_FILE, load_stage, resolve_model, stage_info, stage_settings
 
 PHOTO_STAGE = Path(__file__).resolve().parent / "photo_sr4x"  # the shipped 4x photo SR stage
@@ -49,7 +49,7 @@ def read_image(path: Path) -> PIL.Image.Image:
         raise UserError(
             f"{path}: the image header claims more pixels than PIL allows (a decompression bomb?)"
         ) from None
-    except (OSError, PIL.UnidentifiedImageError, SyntaxError, ValueError):
+    except UNREADABLE:
         raise UserError(f"{path}: not a readable image (corrupt, or not an image format)") from None
     return image
 

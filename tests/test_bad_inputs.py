@@ -121,6 +121,18 @@ CASES = [
     ("eval-jpeg-quality-too-high", [*SR, "--jpeg", "200"], "--jpeg=200: expected a JPEG quality 1..95", None),
     ("eval-unknown-downsample", [*SR, "--downsample", "nearest"], "'nearest'", None),
     ("eval-unknown-scheduler", [*SR, "--scheduler", "NopeScheduler"], "NopeScheduler", None),
+    (
+        "eval-only-corrupt-images",
+        [*SR[:4], "--data", "imagefolder", "--data-path", "JPEGS", "--crop", "0", "--out", "NEW"],
+        "broken.jpg: not a readable image",
+        None,
+    ),
+    (
+        "eval-only-corrupt-images-cropped",
+        [*SR[:4], "--data", "imagefolder", "--data-path", "JPEGS", "--crop", "16", "--out", "NEW"],
+        "none of the 1 test images of imagefolder could be read",
+        None,
+    ),
     ("eval-missing-reference-stats", [*EVAL_GEN, "--reference-stats", "MISSING.npz"], "MISSING.npz", None),
     # cdm-export
     ("export-negative-steps", [*EXPORT, "--set", "base64.steps=-5"], "steps=-5", None),
@@ -166,6 +178,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, name, cmd, n
     (tmp_path / "FILE").write_text("mine")
     (tmp_path / "DIR").mkdir()
     (tmp_path / "fake.png").write_text("not an image")
+    (tmp_path / "JPEGS").mkdir()
+    (tmp_path / "JPEGS" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xdb\x00\x43 truncated")
     PIL.Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(tmp_path / "img.png")
     subs = {
         "FILE": str(tmp_path / "FILE"),
@@ -176,6 +190,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, name, cmd, n
         "IMG": str(tmp_path / "img.png"),
         "DIR": str(tmp_path / "DIR"),
         "TXT": str(tmp_path / "fake.png"),
+        "JPEGS": str(tmp_path / "JPEGS"),
         "MISSING": str(tmp_path / "MISSING"),
         "MISSING.png": str(tmp_path / "MISSING.png"),
         "MISSING.npz": str(tmp_path / "MISSING.npz"),

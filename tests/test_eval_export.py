@@ -85,6 +85,24 @@ def test_eval_sr_reports_finite_metrics_for_model_and_bicubic(tmp_path, cache_en
     assert "| bicubic upsampling |" in (tmp_path / "ev" / "results.md").read_text()
 
 
+def test_eval_sr_skips_a_corrupt_image_and_names_it(tmp_path, cache_env):
+    stage_dir = tmp_path / "sr"
+    save_stage(build_pipeline(sr_stage(8, 32), TINY, 0), stage_dir)
+    data = _split_imagefolder(tmp_path / "imgs", size=48)
+    class_dir = next(p for p in (data / "test").iterdir() if p.is_dir())
+    (class_dir / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    for crop, named in (("0", True), ("32", False)):
+        cmd = ["cdm-eval", "sr", "--model", str(stage_dir), "--data", "imagefolder", "--data-path", str(data)]
+        res = run_cli(
+            [*cmd, "--crop", crop, "--no-kid", "--out", str(tmp_path / f"ev{crop}")], tmp_path, cache_env
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "skipped 1 unreadable image(s)" in res.stderr
+        assert ("zz_broken.png" in res.stderr) == named  # whole images know their file names
+        result = json.loads((tmp_path / f"ev{crop}" / "results.json").read_text())
+        assert result["dataset"]["num_images"] == 6  # the seven files less the broken one
+
+
 def test_other_downsamplers_and_jpeg_make_other_inputs_and_the_table_says_so():
     from cdm.hub.cards import sr_table
     from cdm.train.degradations import downsample, other_downsample

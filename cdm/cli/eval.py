@@ -31,7 +31,7 @@ from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
 from cdm.files import check_new, check_out_dir, write_file
 from cdm.hub.cards import results_table
-from cdm.images import decode_image, save_grid, to_tensor
+from cdm.images import UNREADABLE, decode_image, save_grid, to_tensor
 from cdm.measure.classifier import get_classifier, predict, prepare
 from cdm.measure.fid import (
     OfflineInception,
@@ -74,6 +74,11 @@ def real_images(data: DataConfig, split: str, size: int, limit: int | None, seed
     n = len(items) if limit is None else min(limit, len(items))
     picks = torch.linspace(0, len(items) - 1, n).round().long().tolist() if n else []  # spread over classes
     batch = collate([items[(0, i)] for i in picks])
+    if batch["images"] is None and batch["skipped_corrupt"] == len(picks):
+        raise UserError(
+            f"none of the {len(picks)} {split} images of {data.source.value} could be read (corrupt?)"
+        )
+    warn_unreadable(batch["skipped_corrupt"])
     if batch["images"] is None:
         raise UserError(
             f"no {split} image of {data.source.value} is at least {size}x{size}: pass a smaller --crop"
@@ -85,15 +90,35 @@ def whole_images(data: DataConfig, split: str, multiple: int, limit: int | None)
     """Held-out images at native size, each cropped to a multiple of `multiple`, as (1, 3, H, W) in [-1, 1]."""
     ds, _, _ = open_dataset(data, split)
     n = len(ds) if limit is None else min(limit, len(ds))
-    images = []
+    images, unreadable = [], []
     for i in torch.linspace(0, len(ds) - 1, n).round().long().tolist() if n else []:
-        x = to_tensor(decode_image(ds[i][data.image_column]))[None]
+        record = ds[i][data.image_column]
+        try:
+            x = to_tensor(decode_image(record))[None]
+        except UNREADABLE:  # measure the others; say which were left out
+            unreadable.append(str(record.get("path") or f"#{i}") if isinstance(record, dict) else f"#{i}")
+            continue
         h, w = x.shape[-2] // multiple * multiple, x.shape[-1] // multiple * multiple
         if h and w:
             images.append(x[..., :h, :w])
+    if unreadable and not images:
+        raise UserError(
+            f"{unreadable[0]}: not a readable image, nor any other {split} image of {data.source.value}"
+        )
+    warn_unreadable(len(unreadable), unreadable)
     if not images:
         raise UserError(f"no {split} image of {data.source.value} is at least {multiple}x{multiple} pixels")
     return images
+
+
+def warn_unreadable(count: int, names: list[str] = ()) -> None:
+    """One warning line for held-out images that could not be decoded, naming up to three."""
+    if count:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        print(
+            f"warning: skipped {count} unreadable image(s) (corrupt or not images){': ' + shown if shown else ''}",
+            file=sys.stderr,
+        )
 
 
 SR_METRICS = ("psnr", "ssim", "consistency", "hf_ratio")

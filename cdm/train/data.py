@@ -22,7 +22,7 @@ import torch
 
 from cdm.config import DataConfig, DataSource, ResizeMode, StageConfig
 from cdm.errors import UserError
-from cdm.images import decode_image, to_tensor
+from cdm.images import UNREADABLE, decode_image, to_tensor
 from cdm.seeding import generator
 from cdm.train.degradations import random_crop_box, render_crisp
 
@@ -384,7 +384,7 @@ class StageDataset(torch.utils.data.Dataset):
                 if cache_key not in self._decoded:
                     self._decoded[cache_key] = decode_image(row[self.data.image_column])
                 image = self._decoded[cache_key]
-        except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError):
+        except UNREADABLE:
             return {"image": None, "label": label, "reason": "corrupt"}
         x = self.pre(image, generator)
         return {"image": x, "label": label, "reason": None if x is not None else "small"}
@@ -525,7 +525,7 @@ def check_images_fit(dataset: StageDataset | StreamingStageDataset, probe: int =
     for i, row in enumerate(records):
         try:
             image = decode_image(row[dataset.data.image_column])
-        except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError):
+        except UNREADABLE:
             continue
         sizes.append(image.size)
         ok += dataset.pre(image, example_generator(0, 0, i)) is not None
