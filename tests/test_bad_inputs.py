@@ -128,6 +128,12 @@ CASES = [
         None,
     ),
     (
+        "eval-corrupt-and-too-small-images",
+        [*SR[:4], "--data", "imagefolder", "--data-path", "MIXED", "--crop", "0", "--out", "NEW"],
+        "no test image of imagefolder is at least 4x4 pixels (1 more could not be read)",
+        None,
+    ),
+    (
         "eval-only-corrupt-images-cropped",
         [*SR[:4], "--data", "imagefolder", "--data-path", "JPEGS", "--crop", "16", "--out", "NEW"],
         "none of the 1 test images of imagefolder could be read",
@@ -180,6 +186,9 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, name, cmd, n
     (tmp_path / "fake.png").write_text("not an image")
     (tmp_path / "JPEGS").mkdir()
     (tmp_path / "JPEGS" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xdb\x00\x43 truncated")
+    (tmp_path / "MIXED").mkdir()
+    (tmp_path / "MIXED" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xdb\x00\x43 truncated")
+    PIL.Image.fromarray(np.full((2, 2, 3), 9, np.uint8)).save(tmp_path / "MIXED" / "tiny.png")
     PIL.Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(tmp_path / "img.png")
     subs = {
         "FILE": str(tmp_path / "FILE"),
@@ -191,6 +200,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, name, cmd, n
         "DIR": str(tmp_path / "DIR"),
         "TXT": str(tmp_path / "fake.png"),
         "JPEGS": str(tmp_path / "JPEGS"),
+        "MIXED": str(tmp_path / "MIXED"),
         "MISSING": str(tmp_path / "MISSING"),
         "MISSING.png": str(tmp_path / "MISSING.png"),
         "MISSING.npz": str(tmp_path / "MISSING.npz"),

@@ -78,11 +78,12 @@ def real_images(data: DataConfig, split: str, size: int, limit: int | None, seed
         raise UserError(
             f"none of the {len(picks)} {split} images of {data.source.value} could be read (corrupt?)"
         )
-    warn_unreadable(batch["skipped_corrupt"])
     if batch["images"] is None:
         raise UserError(
-            f"no {split} image of {data.source.value} is at least {size}x{size}: pass a smaller --crop"
+            f"no {split} image of {data.source.value} is at least {size}x{size}"
+            f"{unreadable_note(batch['skipped_corrupt'])}: pass a smaller --crop"
         )
+    warn_unreadable(batch["skipped_corrupt"])
     return batch["images"], batch["labels"]
 
 
@@ -96,19 +97,27 @@ def whole_images(data: DataConfig, split: str, multiple: int, limit: int | None)
         try:
             x = to_tensor(decode_image(record))[None]
         except UNREADABLE:  # measure the others; say which were left out
-            unreadable.append(str(record.get("path") or f"#{i}") if isinstance(record, dict) else f"#{i}")
+            unreadable.append(str(record.get("path") or f"#{i}"))  # undecoded: {"bytes", "path"}
             continue
         h, w = x.shape[-2] // multiple * multiple, x.shape[-1] // multiple * multiple
         if h and w:
             images.append(x[..., :h, :w])
-    if unreadable and not images:
+    if unreadable and len(unreadable) == n:  # not one could be read (a small one is another error)
         raise UserError(
             f"{unreadable[0]}: not a readable image, nor any other {split} image of {data.source.value}"
         )
-    warn_unreadable(len(unreadable), unreadable)
     if not images:
-        raise UserError(f"no {split} image of {data.source.value} is at least {multiple}x{multiple} pixels")
+        raise UserError(
+            f"no {split} image of {data.source.value} is at least {multiple}x{multiple} pixels"
+            f"{unreadable_note(len(unreadable))}"
+        )
+    warn_unreadable(len(unreadable), unreadable)
     return images
+
+
+def unreadable_note(count: int) -> str:
+    """For an error about the images that were read: how many others could not be."""
+    return f" ({count} more could not be read)" if count else ""
 
 
 def warn_unreadable(count: int, names: list[str] = ()) -> None:
