@@ -81,6 +81,15 @@ def check_settings(name: str, pipe, sampling: SamplingConfig) -> None:
         raise UserError(
             f"guidance_scale={sampling.guidance_scale} for stage {name}: expected >= 1 (1 disables guidance)"
         )
+    if sampling.autoguidance_scale < 1:
+        raise UserError(
+            f"autoguidance_scale={sampling.autoguidance_scale} for stage {name}: expected >= 1 (1 runs the UNet alone)"
+        )
+    if sampling.autoguidance_scale != 1 and getattr(pipe, "guide_unet", None) is None:
+        raise UserError(
+            f"autoguidance_scale={sampling.autoguidance_scale} for stage {name}: the stage has no guide UNet; "
+            "expected 1"
+        )
     if sampling.max_batch < 1:
         raise UserError(f"max_batch={sampling.max_batch} for stage {name}: expected an integer >= 1")
     if sampling.aug_mode not in AUG_MODES:
@@ -407,6 +416,7 @@ class Cascade:
                     class_labels=ids if pipe.num_classes else None,
                     noise_level=level,
                     low_res_is_augmented=handed_over,
+                    autoguidance_scale=sampling.autoguidance_scale,
                     **common,
                 )
         return (out.images if truncate is not None else out.images * 2 - 1), out.alphabar

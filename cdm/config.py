@@ -83,6 +83,8 @@ class SamplingConfig:
     aug_level: int = 0  # SR stages: conditioning augmentation level of this stage's input
     aug_mode: str = "non-truncated"  # or "truncated" (CDM section 3.2)
     max_batch: int = 8  # images per UNet call; bounds memory at high resolution
+    # SR stages with a guide UNet: extrapolate away from the guide's prediction (1 runs the UNet alone)
+    autoguidance_scale: float = 1.0
 
 
 @dataclass

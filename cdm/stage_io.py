@@ -85,7 +85,9 @@ def load_stage(folder: str | Path, torch_dtype=torch.float32):
     params = inspect.signature(cls.__init__).parameters
     components = {}
     for key, value in index.items():
-        if not key.startswith("_") and key in params and isinstance(value, list) and len(value) == 2:
+        if key.startswith("_") or key not in params or value == [None, None]:  # [null, null]: absent
+            continue
+        if isinstance(value, list) and len(value) == 2:
             components[key] = _check_component(folder, key, value)
     missing = [
         p for p in params if p != "self" and params[p].default is inspect.Parameter.empty and p not in index

@@ -36,6 +36,15 @@ def load_sr_stage(model: str, stage: str | None):
     return pipe, stage_settings(stage_info(root))
 
 
+def check_autoguidance(pipe, scale: float) -> float:
+    """`--autoguidance W`: at least 1, and above 1 only for a stage that carries a guide UNet."""
+    if not scale >= 1:
+        raise UserError(f"--autoguidance={scale}: expected a number >= 1 (1 runs the UNet alone)")
+    if scale != 1 and pipe.guide_unet is None:
+        raise UserError(f"--autoguidance={scale}: this stage has no guide UNet; expected 1")
+    return scale
+
+
 def read_image(path: Path) -> PIL.Image.Image:
     """Open an image file, upright by its EXIF orientation, in its own mode: `upscale` gives the model its
     RGB form (`to_rgb`) and the result the source's grey or alpha back (`as_output_mode`)."""
@@ -106,6 +115,7 @@ def upscale(
     noise_level: int,
     seed: int,
     self_ensemble: bool = False,
+    autoguidance_scale: float = 1.0,
 ):
     """Super-resolve a whole image; the UNet sees tiles of `tile` input pixels, blended at every step.
 
@@ -133,6 +143,7 @@ def upscale(
             output_type="pt",
             tile_size=tile * f,
             tile_overlap=overlap * f,
+            autoguidance_scale=autoguidance_scale,
         ).images
         total = total + dihedral(out.float().cpu(), k, flip, inverse=True)
     out = total / (len(DIHEDRAL) if self_ensemble else 1)

@@ -51,7 +51,7 @@ from cdm.models import sampling_scheduler
 from cdm.stage_io import CASCADE_FILE
 from cdm.train.data import StageDataset, collate, open_dataset
 from cdm.train.degradations import DOWNSAMPLERS, gaussian_blur, other_downsample
-from cdm.upscaling import PHOTO_STAGE, load_sr_stage
+from cdm.upscaling import PHOTO_STAGE, check_autoguidance, load_sr_stage
 
 DEFAULT_RESIZE = {"digits": ResizeMode.crisp, "photos": ResizeMode.none, "imagefolder": ResizeMode.resize}
 
@@ -145,6 +145,7 @@ def sr_outputs(
     blur=0.0,
     kernel: str = "bicubic",
     jpeg: int = 0,
+    autoguidance_scale: float = 1.0,
 ):
     """The stage's output and bicubic upsampling for the downsampled `images` (the SR3 degradation).
 
@@ -167,6 +168,7 @@ def sr_outputs(
                 generator=[torch.Generator().manual_seed(seed + i)],
                 allow_any_size=True,
                 tile_size=tile,
+                autoguidance_scale=autoguidance_scale,
             )
             .images.float()
             .cpu()
@@ -270,6 +272,9 @@ def cmd_sr(args) -> None:
         raise UserError(f"--blur={args.blur}: expected a Gaussian sigma in low-res pixels, 0..4")
     if not 0 <= args.jpeg <= 95:
         raise UserError(f"--jpeg={args.jpeg}: expected a JPEG quality 1..95, or 0 for none")
+    args.autoguidance = check_autoguidance(
+        pipe, settings.autoguidance_scale if args.autoguidance is None else args.autoguidance
+    )
     if args.tile is not None and (args.tile < mult or args.tile % mult):
         raise UserError(f"--tile={args.tile}: expected a positive multiple of {mult} (output pixels)")
     grid = [
@@ -314,6 +319,7 @@ def sr_sweep(pipe, images: list, grid: list[tuple[str, int]], args) -> tuple[lis
             args.blur,
             args.downsample,
             args.jpeg,
+            args.autoguidance,
         )
         if bicubic is None:
             bicubic = score_sr(outs["bicubic"], images, outs["lr"], kid)
@@ -352,6 +358,7 @@ def sr_result(args, data, images: list, size: int, sweep: list[dict], bicubic: d
             "downsample": args.downsample,
             "jpeg": args.jpeg,
             "tile": args.tile,
+            "autoguidance_scale": args.autoguidance,
             "scheduler": sweep[0]["scheduler"],
         },
         "metrics": {
@@ -726,6 +733,14 @@ def add_sr_arguments(sr: argparse.ArgumentParser) -> None:
         help="also store each low-res input as a JPEG of this quality (default 0: no)",
     )
     sr.add_argument("--tile", type=int, default=None, help="tile size in output pixels, to bound memory")
+    sr.add_argument(
+        "--autoguidance",
+        type=float,
+        default=None,
+        metavar="W",
+        help="with a stage that carries a guide UNet: extrapolate away from the guide by W (default: the "
+        "stage's setting)",
+    )
 
 
 def add_sampling_arguments(g: argparse.ArgumentParser) -> None:

@@ -7,12 +7,15 @@ cdm-export my-cascade --push-to-hub user/my-cascade
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import PIL.Image
+from cdm_pipelines import SR3Pipeline
+from cdm_pipelines.pipeline_sr3 import check_guide
 
 from cdm.cascade import Cascade, Stage, check_settings
 from cdm.config import sampling_fields
@@ -61,6 +64,7 @@ def assemble(
     half: bool = False,
     overrides: list[str] = (),
     notes: str | None = None,
+    guide: Path | None = None,
 ) -> Path:
     """Build the folder under a temporary name and move it into place only when complete."""
     if out.exists() and not overwrite:
@@ -72,6 +76,7 @@ def assemble(
     licenses = {(i or {}).get("train", {}).get("license") for i in infos} - {None}
     license = license or (licenses.pop() if len(licenses) == 1 else "apache-2.0")
     single = len(pipes) == 1
+    guide_folder = check_guide_input(guide, pipes) if guide is not None else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -80,6 +85,9 @@ def assemble(
             copy_stage(folder, target, half)
             write_pipeline_file(pipe, target)
             write_sampler(pipe, s, target)
+        if guide_folder is not None:
+            attach_guide(guide_folder, tmp, half)
+            pipes[0] = load_stage(tmp)  # the card describes the stage as saved, guide included
         if not single:
             imagenet = any("imagenet" in str((i or {}).get("data", {})).lower() for i in infos)
             write_cascade_json(tmp, names, settings, {"label_set": "imagenet"} if imagenet else None)
@@ -96,6 +104,45 @@ def assemble(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def check_guide_input(guide: Path, pipes: list) -> Path:
+    """`--guide`: an SR stage of the same task (scale, target, prediction) for the one SR stage exported."""
+    if len(pipes) != 1 or not isinstance(pipes[0], SR3Pipeline):
+        raise UserError(
+            f"--guide {guide}: a guide is attached to one SR stage; expected a single SR stage input"
+        )
+    folder = find_stage_folder(guide)
+    guide_pipe, main = load_stage(folder), pipes[0]
+    if not isinstance(guide_pipe, SR3Pipeline):
+        raise UserError(f"--guide {guide}: a {type(guide_pipe).__name__}, expected an SR stage")
+    keys = ("residual", "residual_scale", "low_res_size")
+    same = [guide_pipe.config[k] == main.config[k] for k in keys] + [
+        guide_pipe.scale_factor == main.scale_factor,
+        guide_pipe.scheduler.config.prediction_type == main.scheduler.config.prediction_type,
+    ]
+    if not all(same):
+        raise UserError(
+            f"--guide {guide}: not the same task as the stage (expected the same scale, residual target and "
+            "prediction type)"
+        )
+    try:
+        check_guide(main.unet, guide_pipe.unet)
+    except ValueError as err:
+        raise UserError(f"--guide {guide}: {err}") from None
+    return folder
+
+
+def attach_guide(folder: Path, target: Path, half: bool) -> None:
+    """Copy the guide stage's UNet into `target/guide_unet/` and name it in model_index.json."""
+    staging = target / ".guide"
+    copy_stage(folder, staging, half)
+    shutil.move(str(staging / "unet"), str(target / "guide_unet"))
+    shutil.rmtree(staging)
+    index_path = target / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["guide_unet"] = ["diffusers", "UNet2DConditionModel"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def load_inputs(inputs: list[Path], overrides: list[str]):
@@ -180,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also write a Gradio Space for the cascade here (app.py, requirements.txt, README.md)",
     )
+    p.add_argument(
+        "--guide",
+        type=Path,
+        default=None,
+        metavar="STAGE_RUN_OR_FOLDER",
+        help="attach this smaller SR stage's UNet as the guide for autoguidance (a single SR stage only)",
+    )
     p.add_argument("--overwrite", action="store_true")
     return p
 
@@ -223,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             args.half,
             args.overrides,
             read_notes(args.notes),
+            args.guide,
         )
         print(f"wrote {folder}/ ({', '.join(sorted(p.name for p in folder.iterdir()))})")
     if args.space is not None:

@@ -27,7 +27,7 @@ from cdm.measure.metrics import psnr
 from cdm.models import sampling_scheduler
 from cdm.train.data import open_dataset
 from cdm.train.degradations import downsample
-from cdm.upscaling import PHOTO_STAGE, check_size, load_sr_stage, read_image, upscale
+from cdm.upscaling import PHOTO_STAGE, check_autoguidance, check_size, load_sr_stage, read_image, upscale
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in input pixels (default tile/4)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the stage's setting)")
+    p.add_argument(
+        "--scheduler", default=None, help="diffusers scheduler class (default: the stage's setting)"
+    )
+    p.add_argument(
+        "--autoguidance",
+        type=float,
+        default=None,
+        metavar="W",
+        help="with a stage that carries a guide UNet: extrapolate away from the guide by W > 1, for more "
+        "detail (default: the stage's setting)",
+    )
     p.add_argument("--noise-level", type=int, default=0, help="augmentation level s of the input (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -99,7 +110,15 @@ def compare(pipe, images, names, args, tile: int, overlap: int, steps: int, size
         start = time.perf_counter()
         model = image_to_tensor(
             upscale(
-                pipe, to_pil(lr[0]), tile, overlap, steps, args.noise_level, args.seed, args.self_ensemble
+                pipe,
+                to_pil(lr[0]),
+                tile,
+                overlap,
+                steps,
+                args.noise_level,
+                args.seed,
+                args.self_ensemble,
+                args.autoguidance,
             )
         )
         seconds = time.perf_counter() - start
@@ -138,6 +157,11 @@ def check_arguments(args, pipe, settings) -> tuple[int, int, int]:
     steps = settings.steps if args.steps is None else args.steps
     if steps < 1:
         raise UserError(f"--steps={steps}: expected an integer >= 1")
+    if args.scheduler is not None:
+        settings.scheduler = args.scheduler
+    if args.autoguidance is not None:
+        settings.autoguidance_scale = args.autoguidance
+    args.autoguidance = check_autoguidance(pipe, settings.autoguidance_scale)
     if args.held_out < 0:
         raise UserError(f"--held-out={args.held_out}: expected an integer >= 0")
     if args.held_out and args.compare is None:
@@ -174,7 +198,17 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for path, image, target in zip(args.inputs, images, outputs):
         start = time.perf_counter()
-        result = upscale(pipe, image, tile, overlap, steps, args.noise_level, args.seed, args.self_ensemble)
+        result = upscale(
+            pipe,
+            image,
+            tile,
+            overlap,
+            steps,
+            args.noise_level,
+            args.seed,
+            args.self_ensemble,
+            args.autoguidance,
+        )
         write_file(target, result.save, args.overwrite)
         print(
             f"{path} {image.width}x{image.height} -> {target} {result.width}x{result.height} "

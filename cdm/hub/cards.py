@@ -106,6 +106,8 @@ def input_note(settings: dict) -> str:
     notes += [f"inputs blurred (sigma {settings['blur']:g} low-res px)"] if settings.get("blur") else []
     notes += [f"inputs stored as JPEG quality {jpeg}"] if jpeg else []
     notes += [f"UNet on {settings['tile']} px tiles"] if settings.get("tile") else []
+    w = settings.get("autoguidance_scale", 1)
+    notes += [f"autoguidance {w:g}"] if w != 1 else []
     return "".join(", " + n for n in notes)
 
 
@@ -344,6 +346,10 @@ def method_sections(names: list[str], pipes: list, infos: list, settings: list) 
         body += [template("clean_inputs")]
     elif any(stage_kind(p) == "sr" for p in pipes):
         body += [template("augmentation"), augmentation_rows(names, pipes, infos, settings), ""]
+    for name, pipe in zip(names, pipes):
+        guide = getattr(pipe, "guide_unet", None)
+        if guide is not None:
+            body += [template("autoguidance").format(name=name, params=count_parameters(guide) / 1e6), ""]
     return body
 
 

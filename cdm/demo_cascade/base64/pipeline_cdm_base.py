@@ -115,6 +115,9 @@ def load_components(cls, folder: Path, torch_dtype=None) -> dict:
         if not (isinstance(value, list) and len(value) == 2):
             init[key] = value
             continue
+        if value == [None, None]:  # an optional component, saved as absent
+            init[key] = None
+            continue
         library, name = value
         component = getattr(diffusers, name, None) if library == "diffusers" else None
         if component is None or not name.endswith(("Model", "Scheduler")):
