@@ -36,6 +36,16 @@ def load_sr_stage(model: str, stage: str | None):
     return pipe, stage_settings(stage_info(root))
 
 
+def add_autoguidance_argument(parser) -> None:
+    parser.add_argument(
+        "--autoguidance",
+        type=float,
+        metavar="W",
+        help="for a stage that carries a guide UNet: extrapolate each step away from the guide's prediction "
+        "by W > 1, for more detail (default: the stage's setting, 1: the UNet alone)",
+    )
+
+
 def check_autoguidance(pipe, scale: float) -> float:
     """`--autoguidance W`: at least 1, and above 1 only for a stage that carries a guide UNet."""
     if not scale >= 1:

@@ -112,6 +112,19 @@ CASES = [
     ("up-noise-level-too-high", [*UP, "--noise-level", "5000"], "--noise-level=5000", None),
     ("up-negative-tile", [*UP, "--tile", "-4"], "--tile=-4", None),
     ("up-unknown-stage", [*UP, "--stage", "nope"], "--stage=nope", None),
+    (
+        "up-autoguidance-without-guide",
+        [*UP, "--autoguidance", "1.5"],
+        "--autoguidance=1.5: this stage has no guide",
+        None,
+    ),
+    (
+        "up-autoguidance-below-one",
+        [*UP, "--autoguidance", "0.5"],
+        "--autoguidance=0.5: expected a number >= 1",
+        None,
+    ),
+    ("up-unknown-scheduler", [*UP, "--scheduler", "NopeScheduler"], "NopeScheduler", None),
     # cdm-eval
     ("eval-zero-batch", [*EVAL_GEN, "--batch", "0"], "--batch=0", None),
     ("eval-zero-images", [*SR, "--num-images", "0"], "--num-images=0", None),
@@ -121,6 +134,12 @@ CASES = [
     ("eval-jpeg-quality-too-high", [*SR, "--jpeg", "200"], "--jpeg=200: expected a JPEG quality 1..95", None),
     ("eval-unknown-downsample", [*SR, "--downsample", "nearest"], "'nearest'", None),
     ("eval-unknown-scheduler", [*SR, "--scheduler", "NopeScheduler"], "NopeScheduler", None),
+    (
+        "eval-autoguidance-without-guide",
+        [*SR, "--autoguidance", "2"],
+        "--autoguidance=2.0: this stage has no guide",
+        None,
+    ),
     (
         "eval-only-corrupt-images",
         [*SR[:4], "--data", "imagefolder", "--data-path", "JPEGS", "--crop", "0", "--out", "NEW"],
@@ -147,6 +166,12 @@ CASES = [
     ("export-unknown-stage-in-set", [*EXPORT, "--set", "nope.steps=3"], "nope", None),
     ("export-missing-input", ["cdm-export", "MISSING", "--out", "NEW"], "MISSING", None),
     ("export-missing-notes", [*EXPORT, "--notes", "MISSING.md"], "--notes MISSING.md", None),
+    (
+        "export-guide-for-a-cascade",
+        [*EXPORT, "--guide", "MISSING"],
+        "MISSING: a guide is attached to one SR stage",
+        None,
+    ),
     ("export-cascade-as-stage", ["cdm-export", "CASCADE", "--out", "NEW"], "is a cascade folder", None),
     ("export-into-existing", [*EXPORT[:-1], "FILE"], "already exists", None),
     ("export-push-offline", ["cdm-export", "CASCADE", "--push-to-hub", "someone/x"], "someone/x", None),

@@ -51,7 +51,7 @@ from cdm.models import sampling_scheduler
 from cdm.stage_io import CASCADE_FILE
 from cdm.train.data import StageDataset, collate, open_dataset
 from cdm.train.degradations import DOWNSAMPLERS, gaussian_blur, other_downsample
-from cdm.upscaling import PHOTO_STAGE, check_autoguidance, load_sr_stage
+from cdm.upscaling import PHOTO_STAGE, add_autoguidance_argument, check_autoguidance, load_sr_stage
 
 DEFAULT_RESIZE = {"digits": ResizeMode.crisp, "photos": ResizeMode.none, "imagefolder": ResizeMode.resize}
 
@@ -684,11 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_sr_arguments(sr: argparse.ArgumentParser) -> None:
-    sr.add_argument(
-        "--model",
-        default=str(PHOTO_STAGE),
-        help="stage folder, cascade folder or Hub repo id (default: the shipped 4x photo stage)",
-    )
+    model_help = "stage folder, cascade folder or Hub repo id (default: the shipped 4x photo stage)"
+    sr.add_argument("--model", default=str(PHOTO_STAGE), help=model_help)
     sr.add_argument("--stage", default=None, help="SR stage of a cascade (default: the first)")
     sr.add_argument("--split", default="test")
     sr.add_argument("--num-images", type=int, default=None, help="at most this many images (default: all)")
@@ -733,14 +730,7 @@ def add_sr_arguments(sr: argparse.ArgumentParser) -> None:
         help="also store each low-res input as a JPEG of this quality (default 0: no)",
     )
     sr.add_argument("--tile", type=int, default=None, help="tile size in output pixels, to bound memory")
-    sr.add_argument(
-        "--autoguidance",
-        type=float,
-        default=None,
-        metavar="W",
-        help="with a stage that carries a guide UNet: extrapolate away from the guide by W (default: the "
-        "stage's setting)",
-    )
+    add_autoguidance_argument(sr)
 
 
 def add_sampling_arguments(g: argparse.ArgumentParser) -> None:

@@ -85,9 +85,7 @@ def assemble(
             copy_stage(folder, target, half)
             write_pipeline_file(pipe, target)
             write_sampler(pipe, s, target)
-        if guide_folder is not None:
-            attach_guide(guide_folder, tmp, half)
-            pipes[0] = load_stage(tmp)  # the card describes the stage as saved, guide included
+        pipes[0] = attach_guide(guide_folder, tmp, half) if guide_folder is not None else pipes[0]
         if not single:
             imagenet = any("imagenet" in str((i or {}).get("data", {})).lower() for i in infos)
             write_cascade_json(tmp, names, settings, {"label_set": "imagenet"} if imagenet else None)
@@ -133,16 +131,19 @@ def check_guide_input(guide: Path, pipes: list) -> Path:
     return folder
 
 
-def attach_guide(folder: Path, target: Path, half: bool) -> None:
-    """Copy the guide stage's UNet into `target/guide_unet/` and name it in model_index.json."""
+def attach_guide(folder: Path, target: Path, half: bool):
+    """Copy the guide stage's UNet into `target/guide_unet/`, name it in model_index.json, and return the
+    stage as saved (for its card)."""
     staging = target / ".guide"
     copy_stage(folder, staging, half)
+    shutil.rmtree(target / "guide_unet", ignore_errors=True)  # a guide the stage already had
     shutil.move(str(staging / "unet"), str(target / "guide_unet"))
     shutil.rmtree(staging)
     index_path = target / "model_index.json"
     index = json.loads(index_path.read_text())
     index["guide_unet"] = ["diffusers", "UNet2DConditionModel"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return load_stage(target)
 
 
 def load_inputs(inputs: list[Path], overrides: list[str]):
@@ -181,6 +182,9 @@ def add_card_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--license", default=None, help="license id for the card (default: from the training config)"
     )
+
+
+GUIDE_HELP = "attach this smaller SR stage's UNet as the guide for autoguidance (a single SR stage only)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,13 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also write a Gradio Space for the cascade here (app.py, requirements.txt, README.md)",
     )
-    p.add_argument(
-        "--guide",
-        type=Path,
-        default=None,
-        metavar="STAGE_RUN_OR_FOLDER",
-        help="attach this smaller SR stage's UNet as the guide for autoguidance (a single SR stage only)",
-    )
+    p.add_argument("--guide", type=Path, metavar="STAGE_RUN_OR_FOLDER", help=GUIDE_HELP)
     p.add_argument("--overwrite", action="store_true")
     return p
 

@@ -2,6 +2,7 @@
 
 cdm-upscale photo.jpg                                   # the shipped 4x photo stage
 cdm-upscale photo.jpg --steps 20                        # sharper, more detail, lower PSNR
+cdm-upscale photo.jpg --scheduler DPMSolverMultistepScheduler --steps 20 --autoguidance 1.25  # sharpest
 cdm-upscale photo.jpg --model runs/sr64to256/export --out upscaled/
 cdm-upscale --compare figure.png original.png           # downsample, upscale, compare with bicubic
 """
@@ -27,7 +28,15 @@ from cdm.measure.metrics import psnr
 from cdm.models import sampling_scheduler
 from cdm.train.data import open_dataset
 from cdm.train.degradations import downsample
-from cdm.upscaling import PHOTO_STAGE, check_autoguidance, check_size, load_sr_stage, read_image, upscale
+from cdm.upscaling import (
+    PHOTO_STAGE,
+    add_autoguidance_argument,
+    check_autoguidance,
+    check_size,
+    load_sr_stage,
+    read_image,
+    upscale,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,17 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in input pixels (default tile/4)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the stage's setting)")
-    p.add_argument(
-        "--scheduler", default=None, help="diffusers scheduler class (default: the stage's setting)"
-    )
-    p.add_argument(
-        "--autoguidance",
-        type=float,
-        default=None,
-        metavar="W",
-        help="with a stage that carries a guide UNet: extrapolate away from the guide by W > 1, for more "
-        "detail (default: the stage's setting)",
-    )
+    p.add_argument("--scheduler", help="diffusers scheduler class (default: the stage's setting)")
+    add_autoguidance_argument(p)
     p.add_argument("--noise-level", type=int, default=0, help="augmentation level s of the input (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
