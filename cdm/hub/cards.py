@@ -349,7 +349,7 @@ def method_sections(names: list[str], pipes: list, infos: list, settings: list) 
     for name, pipe in zip(names, pipes):
         guide = getattr(pipe, "guide_unet", None)
         if guide is not None:
-            body += [template("autoguidance").format(name=name, params=count_parameters(guide) / 1e6), ""]
+            body += [template("autoguidance").format(name=name, params=count_parameters(guide) / 1e6)]
     return body
 
 
