@@ -100,6 +100,13 @@ def centre_crop(x: torch.Tensor, size: int, multiple: int) -> torch.Tensor:
     return x[..., top : top + h, left : left + w]
 
 
+def upscale_as_asked(pipe, image, args, tile: int, overlap: int, steps: int) -> PIL.Image.Image:
+    """`upscale` with the command line's noise level, seed, self-ensemble and autoguidance."""
+    return upscale(
+        pipe, image, tile, overlap, steps, args.noise_level, args.seed, args.self_ensemble, args.autoguidance
+    )
+
+
 def compare(pipe, images, names, args, tile: int, overlap: int, steps: int, size: int = 384) -> None:
     """Downsample each original by the stage's scale, upscale it, and write low-res | bicubic | model | original."""
     check_new([args.compare], args.overwrite)
@@ -108,19 +115,7 @@ def compare(pipe, images, names, args, tile: int, overlap: int, steps: int, size
         original = centre_crop(image_to_tensor(to_rgb(image)), size, f * 4)
         lr = downsample(original, f).clamp(-1, 1)
         start = time.perf_counter()
-        model = image_to_tensor(
-            upscale(
-                pipe,
-                to_pil(lr[0]),
-                tile,
-                overlap,
-                steps,
-                args.noise_level,
-                args.seed,
-                args.self_ensemble,
-                args.autoguidance,
-            )
-        )
+        model = image_to_tensor(upscale_as_asked(pipe, to_pil(lr[0]), args, tile, overlap, steps))
         seconds = time.perf_counter() - start
         bicubic = F.interpolate(lr, scale_factor=f, mode="bicubic", align_corners=False).clamp(-1, 1)
         nearest = F.interpolate(lr, scale_factor=f, mode="nearest")
@@ -198,17 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for path, image, target in zip(args.inputs, images, outputs):
         start = time.perf_counter()
-        result = upscale(
-            pipe,
-            image,
-            tile,
-            overlap,
-            steps,
-            args.noise_level,
-            args.seed,
-            args.self_ensemble,
-            args.autoguidance,
-        )
+        result = upscale_as_asked(pipe, image, args, tile, overlap, steps)
         write_file(target, result.save, args.overwrite)
         print(
             f"{path} {image.width}x{image.height} -> {target} {result.width}x{result.height} "
