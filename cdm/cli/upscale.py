@@ -111,6 +111,7 @@ def compare(pipe, images, names, args, tile: int, overlap: int, steps: int, size
     """Downsample each original by the stage's scale, upscale it, and write low-res | bicubic | model | original."""
     check_new([args.compare], args.overwrite)
     f, rows = pipe.scale_factor, []
+    guided = f", autoguidance {args.autoguidance:g}" if args.autoguidance != 1 else ""
     for name, image in zip(names, images):
         original = centre_crop(image_to_tensor(to_rgb(image)), size, f * 4)
         lr = downsample(original, f).clamp(-1, 1)
@@ -128,7 +129,7 @@ def compare(pipe, images, names, args, tile: int, overlap: int, steps: int, size
             {
                 f"low-res {lr.shape[-1]}x{lr.shape[-2]} (nearest)": nearest[0],
                 f"bicubic {scores[0]:.2f} dB": bicubic[0],
-                f"cdm, {steps} step{'s' * (steps > 1)}: {scores[1]:.2f} dB": model[0],
+                f"cdm, {steps} step{'s' * (steps > 1)}{guided}: {scores[1]:.2f} dB": model[0],
                 "original": original[0],
             }
         )
