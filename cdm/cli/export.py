@@ -76,7 +76,7 @@ def assemble(
     licenses = {(i or {}).get("train", {}).get("license") for i in infos} - {None}
     license = license or (licenses.pop() if len(licenses) == 1 else "apache-2.0")
     single = len(pipes) == 1
-    guide_folder = check_guide_input(guide, pipes) if guide is not None else None
+    guide_folder = take_guide(guide, pipes) if guide is not None else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -85,7 +85,8 @@ def assemble(
             copy_stage(folder, target, half)
             write_pipeline_file(pipe, target)
             write_sampler(pipe, s, target)
-        pipes[0] = attach_guide(guide_folder, tmp, half) if guide_folder is not None else pipes[0]
+        if guide_folder is not None:
+            attach_guide(guide_folder, tmp, half)
         if not single:
             imagenet = any("imagenet" in str((i or {}).get("data", {})).lower() for i in infos)
             write_cascade_json(tmp, names, settings, {"label_set": "imagenet"} if imagenet else None)
@@ -104,8 +105,9 @@ def assemble(
     return out
 
 
-def check_guide_input(guide: Path, pipes: list) -> Path:
-    """`--guide`: an SR stage of the same task (scale, target, prediction) for the one SR stage exported."""
+def take_guide(guide: Path, pipes: list) -> Path:
+    """`--guide`: an SR stage of the same task (scale, target, prediction) for the one SR stage exported.
+    Its UNet joins that stage's pipeline, which the card describes; returns the guide's folder."""
     if len(pipes) != 1 or not isinstance(pipes[0], SR3Pipeline):
         raise UserError(
             f"--guide {guide}: a guide is attached to one SR stage; expected a single SR stage input"
@@ -128,12 +130,12 @@ def check_guide_input(guide: Path, pipes: list) -> Path:
         check_guide(main.unet, guide_pipe.unet)
     except ValueError as err:
         raise UserError(f"--guide {guide}: {err}") from None
+    main.register_modules(guide_unet=guide_pipe.unet)
     return folder
 
 
-def attach_guide(folder: Path, target: Path, half: bool):
-    """Copy the guide stage's UNet into `target/guide_unet/`, name it in model_index.json, and return the
-    stage as saved (for its card)."""
+def attach_guide(folder: Path, target: Path, half: bool) -> None:
+    """Copy the guide stage's UNet into `target/guide_unet/` and name it in model_index.json."""
     staging = target / ".guide"
     copy_stage(folder, staging, half)
     shutil.rmtree(target / "guide_unet", ignore_errors=True)  # a guide the stage already had
@@ -143,7 +145,6 @@ def attach_guide(folder: Path, target: Path, half: bool):
     index = json.loads(index_path.read_text())
     index["guide_unet"] = ["diffusers", "UNet2DConditionModel"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return load_stage(target)
 
 
 def load_inputs(inputs: list[Path], overrides: list[str]):

@@ -155,9 +155,9 @@ def check_arguments(args, pipe, settings) -> tuple[int, int, int]:
         raise UserError(f"--steps={steps}: expected an integer >= 1")
     if args.scheduler is not None:
         settings.scheduler = args.scheduler
-    if args.autoguidance is not None:
-        settings.autoguidance_scale = args.autoguidance
-    args.autoguidance = check_autoguidance(pipe, settings.autoguidance_scale)
+    args.autoguidance = check_autoguidance(
+        pipe, settings.autoguidance_scale if args.autoguidance is None else args.autoguidance
+    )
     if args.held_out < 0:
         raise UserError(f"--held-out={args.held_out}: expected an integer >= 0")
     if args.held_out and args.compare is None:
