@@ -54,7 +54,7 @@ demo-train: install
 DEMO_SOURCES ?= $(DEMO)/base64 $(DEMO)/sr64to256 $(DEMO)/sr256to1024
 # Sampling defaults, and how each was chosen: docs/demo_cascade_notes.md (it goes into the card).
 DEMO_SET := --set base64.scheduler=DDPMScheduler --set base64.steps=50 --set base64.guidance_scale=2.0 \
-	--set sr64to256.aug_level=50 --set sr256to1024.aug_level=200 \
+	--set sr64to256.noise_level=50 --set sr256to1024.noise_level=200 \
 	--set sr64to256.scheduler=DDPMScheduler --set sr64to256.steps=5 \
 	--set sr256to1024.scheduler=DDPMScheduler --set sr256to1024.steps=5
 EVAL := runs/demo-eval

@@ -39,7 +39,7 @@ def peak_1024(bf16: bool, channels_last: bool) -> dict:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     x = torch.rand(1, 3, 256, 256) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        pipe(x, noise_level=s.aug_level, num_inference_steps=s.steps, output_type="pt")
+        pipe(x, noise_level=s.noise_level, num_inference_steps=s.steps, output_type="pt")
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_rss_gib": after / 2**20, "loaded_rss_gib": before / 2**20}
 

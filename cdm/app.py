@@ -19,8 +19,8 @@ import PIL.Image
 from cdm.cascade import DEMO_CASCADE, Cascade
 from cdm.config import SamplingConfig
 from cdm.errors import UserError
-from cdm.images import to_pil
-from cdm.models import sampling_scheduler
+from cdm.images import unit_to_pil
+from cdm.models import with_scheduler
 from cdm.upscaling import PHOTO_STAGE, check_size, load_sr_stage, read_image, upscale
 
 MAX_IMAGES = 8
@@ -58,7 +58,7 @@ def stage_settings(models: AppModels, guidance, aug_mode, stage_values) -> list[
     return cascade.with_overrides(
         steps=[int(s) for s in steps],
         guidance_scale=[float(guidance)],
-        aug_level=[0] + [int(level) for level in levels] if n > 1 else None,
+        noise_level=[0] + [int(level) for level in levels] if n > 1 else None,
         aug_mode=[cascade.settings[0].aug_mode] + [aug_mode] * (n - 1) if n > 1 else None,
     )
 
@@ -70,7 +70,7 @@ def run_cascade(models: AppModels, ids: list[int], seeds: list[int], settings, e
 
         def on_stage_end(k, name, images):
             now = time.perf_counter()
-            events.put(("stage", k, name, [to_pil(x) for x in images], now - start[0]))
+            events.put(("stage", k, name, [unit_to_pil(x) for x in images], now - start[0]))
             start[0] = now
 
         models.cascade(ids, seeds=seeds, settings=settings, on_stage_end=on_stage_end, progress=True)
@@ -125,9 +125,7 @@ def upscale_photo(models: AppModels, path, steps, seed):
             raise UserError(f"steps={steps}: expected an integer >= 1")
     except (UserError, ValueError, TypeError) as err:  # name the upload, not the server's copy of it
         raise gr.Error(str(err).replace(str(path), Path(path).name) if path else str(err)) from None
-    pipe.scheduler = sampling_scheduler(settings.scheduler, pipe.scheduler.config, steps)
-    tile = pipe.config.low_res_size
-    result = upscale(pipe, image, tile, tile // 4, steps, 0, int(seed))
+    result = upscale(with_scheduler(pipe, settings.scheduler, steps), image, steps=steps, seed=int(seed))
     bicubic = image.resize(result.size, PIL.Image.BICUBIC)
     out = Path(tempfile.mkdtemp(dir=models.workdir)) / f"{Path(path).stem}-x{pipe.scale_factor}.png"
     result.save(out)
@@ -165,7 +163,7 @@ def generate_tab(models: AppModels) -> None:
                 for name, s in zip(cascade.names, cascade.settings)
             ]
             levels = [
-                gr.Number(s.aug_level, precision=0, label=f"Augmentation level: {name}")
+                gr.Number(s.noise_level, precision=0, label=f"Augmentation level: {name}")
                 for name, s in zip(cascade.names[1:], cascade.settings[1:])
             ]
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")

@@ -1,8 +1,10 @@
 """The cascade: chains stage pipelines with conditioning augmentation between them (CDM, Ho et al. 2021).
 
 A cascade folder holds `cascade.json` (stage order and per-stage sampling defaults) and one
-diffusers pipeline folder per stage. Between stages, images are tensors in [-1, 1]
-(a finished stage's `output_type="pt"` [0, 1] tensor, rescaled; a truncated stage's raw `"latent"` z_s).
+diffusers pipeline folder per stage. Between stages, images are what the pipelines return and take:
+a finished stage's `output_type="pt"` tensor in [0, 1], or a truncated stage's raw `"latent"` z_s.
+Settings are passed per call: a stage sampled with another scheduler is a new pipeline over the same
+modules, so the loaded stages (and every slice sharing them) never change.
 
 Conditioning augmentation at sampling, per SR stage, with level s:
 - non-truncated: the previous stage runs to the end; its output is upsampled and noised to s by
@@ -27,11 +29,11 @@ from pathlib import Path
 
 import torch
 from cdm_pipelines import CDMBasePipeline, SR3Pipeline
+from cdm_pipelines.pipeline_sr3 import check_handover, check_number
 
 from cdm.config import AUG_MODES, SamplingConfig
 from cdm.errors import UserError
-from cdm.models import sampling_scheduler
-from cdm.seeding import derived_seed
+from cdm.models import sampling_scheduler, with_scheduler
 from cdm.stage_io import (
     CASCADE_FILE,
     load_stage,
@@ -44,7 +46,7 @@ from cdm.stage_io import (
 
 @dataclass
 class CascadeOutput:
-    images: list[torch.Tensor]  # one (B, 3, H, W) tensor in [-1, 1] per stage
+    images: list[torch.Tensor]  # one (B, 3, H, W) tensor in [0, 1] per stage (a truncated stage: its z_s)
     seconds: list[float]
     stage_names: list[str]
     class_ids: list[int] = field(default_factory=list)
@@ -58,14 +60,16 @@ def imagenet_labels() -> dict[str, str]:
 DEMO_CASCADE = Path(__file__).resolve().parent / "demo_cascade"  # the shipped digit cascade
 
 
-def stage_seed(seed: int, stage_index: int) -> int:
-    """Each image's seed drives every stage; stages draw from independent streams."""
-    return derived_seed(seed, stage_index)
+def image_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One generator per image, from the image's seed; every stage draws from it in turn, as the cascade
+    root pipeline does with the generator it is given. The same image in any batch."""
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
 
 
-def stage_generators(seeds: list[int], stage_index: int) -> list[torch.Generator]:
-    """One generator per image for this stage, from the image's seed: the same image in any batch."""
-    return [torch.Generator().manual_seed(stage_seed(seed, stage_index)) for seed in seeds]
+def viewable(images: torch.Tensor, alphabar: float | None) -> torch.Tensor:
+    """A stage's output in [0, 1]: a finished stage's as is, a truncated stage's noisy z_s mapped from the
+    model's [-1, 1] range, as the cascade root pipeline shows it."""
+    return images if alphabar is None else (images / 2 + 0.5).clamp(0, 1)
 
 
 def nearest_level(alphabar: float, noising) -> int:
@@ -74,32 +78,25 @@ def nearest_level(alphabar: float, noising) -> int:
 
 
 def check_settings(name: str, pipe, sampling: SamplingConfig) -> None:
-    """Range checks of one stage's sampling settings, for reading and for writing cascade.json."""
-    if sampling.steps < 1:
-        raise UserError(f"steps={sampling.steps} for stage {name}: expected an integer >= 1")
-    if sampling.guidance_scale < 1:
-        raise UserError(
-            f"guidance_scale={sampling.guidance_scale} for stage {name}: expected >= 1 (1 disables guidance)"
-        )
-    if sampling.autoguidance_scale < 1:
-        raise UserError(
-            f"autoguidance_scale={sampling.autoguidance_scale} for stage {name}: expected >= 1 (1 runs the UNet alone)"
-        )
-    if sampling.autoguidance_scale != 1 and getattr(pipe, "guide_unet", None) is None:
-        raise UserError(
-            f"autoguidance_scale={sampling.autoguidance_scale} for stage {name}: the stage has no guide UNet; "
-            "expected 1"
-        )
-    if sampling.max_batch < 1:
-        raise UserError(f"max_batch={sampling.max_batch} for stage {name}: expected an integer >= 1")
+    """One stage's sampling settings, checked by the rules its pipeline owns (`call_settings`), plus the
+    cascade's own (mode, batch size); for reading and for writing cascade.json."""
+    try:
+        pipe.call_settings(**call_arguments(pipe, sampling))
+        check_number("max_batch", sampling.max_batch, 1, 4096, integer=True)
+    except ValueError as err:
+        raise UserError(f"stage {name}: {err}") from None
     if sampling.aug_mode not in AUG_MODES:
         raise UserError(
-            f"aug_mode={sampling.aug_mode!r} for stage {name}: expected one of {', '.join(AUG_MODES)}"
+            f"stage {name}: aug_mode={sampling.aug_mode!r}: expected one of {', '.join(AUG_MODES)}"
         )
-    if isinstance(pipe, SR3Pipeline) and not 0 <= sampling.aug_level <= pipe.max_noise_level:
-        raise UserError(
-            f"aug_level={sampling.aug_level} for stage {name}: expected 0..{pipe.max_noise_level}"
-        )
+
+
+def call_arguments(pipe, sampling: SamplingConfig) -> dict:
+    """A stage's sampling settings as its pipeline's call arguments."""
+    kwargs = {"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance_scale}
+    if isinstance(pipe, SR3Pipeline):
+        kwargs.update(noise_level=sampling.noise_level, autoguidance_scale=sampling.autoguidance_scale)
+    return kwargs
 
 
 @dataclass
@@ -187,10 +184,7 @@ class Cascade:
                     f"the base stage {self.num_classes}"
                 )
         for stage in self.stages:
-            if stage.sampling.aug_mode not in AUG_MODES:
-                raise UserError(
-                    f"{stage.name}: aug_mode={stage.sampling.aug_mode!r}: expected one of {', '.join(AUG_MODES)}"
-                )
+            check_settings(stage.name, stage.pipe, stage.sampling)
 
     @property
     def base(self) -> CDMBasePipeline:
@@ -235,18 +229,19 @@ class Cascade:
         links[0].put(None)
         seconds, errors = [0.0] * len(self.pipes), []
 
+        gens = image_generators(seeds)  # stage k + 1 takes image i only after stage k is done with it
+
         def work(k: int) -> None:
-            pipe, sampling = self.pipes[k], settings[k]
-            pipe.scheduler = sampling_scheduler(sampling.scheduler, pipe.scheduler.config, sampling.steps)
+            sampling = settings[k]
+            pipe = with_scheduler(self.pipes[k], sampling.scheduler, sampling.steps)
             pipe.set_progress_bar_config(disable=True)
             truncate = self.truncation_alphabar(k, settings)
             while (item := links[k].get()) is not None:
                 lo, hi, x, alphabar = item
                 start = time.perf_counter()
-                gens = stage_generators(seeds[lo:hi], k)
                 try:
                     images, out_alphabar = self.run_stage(
-                        k, sampling, ids[lo:hi], x, alphabar, gens, truncate
+                        pipe, sampling, ids[lo:hi], x, alphabar, gens[lo:hi], truncate
                     )
                 except BaseException as err:  # stop the line; the caller raises it
                     errors.append(err)
@@ -254,7 +249,7 @@ class Cascade:
                 images = images.float().cpu()
                 seconds[k] += time.perf_counter() - start
                 if on_chunk_end is not None:
-                    on_chunk_end(k, lo, hi, images)
+                    on_chunk_end(k, lo, hi, viewable(images, out_alphabar))
                 links[k + 1].put((lo, hi, images, out_alphabar))
             links[k + 1].put(None)
 
@@ -304,24 +299,18 @@ class Cascade:
             scheduler = sampling_scheduler(sampling.scheduler, self.pipes[k].scheduler.config, sampling.steps)
         except ValueError as err:
             raise UserError(f"stage {self.names[k]}: {err}") from None
-        if nxt is None or nxt.aug_mode != "truncated" or nxt.aug_level == 0:
+        if nxt is None or nxt.aug_mode != "truncated" or nxt.noise_level == 0:
             return
         if getattr(scheduler, "alphas_cumprod", None) is None:
             raise UserError(
                 f"scheduler={sampling.scheduler} for stage {self.names[k]}: truncated conditioning augmentation "
                 "needs a scheduler with a DDPM noise schedule (alphas_cumprod), e.g. DDIMScheduler"
             )
-        if self.pipes[k + 1].config.residual:
-            raise UserError(
-                f"aug_mode=truncated for stage {self.names[k + 1]}: a residual SR stage needs the finished "
-                "previous stage, expected non-truncated"
-            )
-        if not self.pipes[k + 1].config.noise_at_low_res:
-            raise UserError(
-                f"aug_mode=truncated for stage {self.names[k + 1]}: it was trained with its augmentation noise "
-                "added after upsampling, and a truncated handover is noisy at the low resolution; expected "
-                "non-truncated, or a stage trained with stage.noise_at_low_res=true"
-            )
+        nxt_pipe = self.pipes[k + 1]
+        try:
+            check_handover(nxt_pipe.config.residual, nxt_pipe.config.noise_at_low_res, takes=True)
+        except ValueError as err:
+            raise UserError(f"stage {self.names[k + 1]}: {err}") from None
 
     # -- sampling ------------------------------------------------------------------------------
 
@@ -349,26 +338,26 @@ class Cascade:
             raise UserError(f"got {len(seeds)} seeds for {len(ids)} images: expected one per image")
         outputs, seconds = [], []
         x, alphabar = None, None
-        for k, (name, pipe, sampling) in enumerate(zip(self.names, self.pipes, settings)):
+        gens = image_generators(seeds)
+        for k, (name, sampling) in enumerate(zip(self.names, settings)):
             start = time.perf_counter()
-            pipe.scheduler = sampling_scheduler(sampling.scheduler, pipe.scheduler.config, sampling.steps)
+            pipe = with_scheduler(self.pipes[k], sampling.scheduler, sampling.steps)
             pipe.set_progress_bar_config(disable=not progress, desc=name, leave=False)
             truncate = self.truncation_alphabar(k, settings)
             chunks, alphabars = [], []
             for lo in range(0, len(ids), sampling.max_batch):
                 hi = min(lo + sampling.max_batch, len(ids))
-                gens = stage_generators(seeds[lo:hi], k)
                 low_res = None if k == 0 else x[lo:hi]
                 images, out_alphabar = self.run_stage(
-                    k, sampling, ids[lo:hi], low_res, alphabar, gens, truncate
+                    pipe, sampling, ids[lo:hi], low_res, alphabar, gens[lo:hi], truncate
                 )
                 chunks.append(images.float().cpu())
                 alphabars.append(out_alphabar)
             x, alphabar = torch.cat(chunks), alphabars[0]
             seconds.append(time.perf_counter() - start)
-            outputs.append(x)  # for a truncated stage: the noisy z_s handed to the next stage
+            outputs.append(viewable(x, alphabar))
             if on_stage_end is not None:
-                on_stage_end(k, name, x)
+                on_stage_end(k, name, outputs[-1])
         return CascadeOutput(images=outputs, seconds=seconds, stage_names=list(self.names), class_ids=ids)
 
     def __getitem__(self, index: slice) -> Cascade:
@@ -380,20 +369,19 @@ class Cascade:
     def truncation_alphabar(self, k: int, settings: list[SamplingConfig]) -> float | None:
         """Where stage k stops when the next stage takes its input truncated (CDM section 3.2)."""
         nxt = settings[k + 1] if k + 1 < len(settings) else None
-        if nxt is None or nxt.aug_mode != "truncated" or nxt.aug_level == 0:
+        if nxt is None or nxt.aug_mode != "truncated" or nxt.noise_level == 0:
             return None
-        return float(self.pipes[k + 1].image_noising_scheduler.alphas_cumprod[nxt.aug_level])
+        return float(self.pipes[k + 1].image_noising_scheduler.alphas_cumprod[nxt.noise_level])
 
-    def run_stage(self, k: int, sampling: SamplingConfig, ids, low_res, alphabar, gens, truncate):
-        """One chunk through stage k: labels for the base stage; for an SR stage, the previous stage's
-        output, noised to `s.aug_level`, or handed over already noisy at `alphabar` (truncated).
+    def run_stage(self, pipe, sampling: SamplingConfig, ids, low_res, alphabar, gens, truncate):
+        """One chunk through a stage's pipeline: labels for the base stage; for an SR stage, the previous
+        stage's output in [0, 1], noised to `sampling.noise_level`, or handed over already noisy at
+        `alphabar` (truncated).
 
-        Returns the images in [-1, 1] (for a truncated stage, its noisy z_s) and the alphabar it stopped at.
+        Returns the images in [0, 1] (for a truncated stage, its noisy z_s) and the alphabar it stopped at.
         """
-        pipe = self.pipes[k]
-        common = {
-            "num_inference_steps": sampling.steps,
-            "guidance_scale": sampling.guidance_scale,
+        kwargs = {
+            **call_arguments(pipe, sampling),
             "generator": gens,
             "output_type": "pt" if truncate is None else "latent",
             "truncate_alphabar": truncate,
@@ -401,22 +389,19 @@ class Cascade:
         dtype = self.autocast_dtype
         with torch.autocast(pipe.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             if low_res is None:
-                out = pipe(ids, **common)
+                out = pipe(ids, **kwargs)
             else:
                 handed_over = alphabar is not None
-                level = (
-                    nearest_level(alphabar, pipe.image_noising_scheduler)
-                    if handed_over
-                    else sampling.aug_level
-                )
+                if handed_over:
+                    kwargs["noise_level"] = nearest_level(alphabar, pipe.image_noising_scheduler)
                 out = pipe(
-                    low_res.to(pipe.device)
-                    if handed_over
-                    else ((low_res + 1) / 2).clamp(0, 1).to(pipe.device),
+                    low_res.to(pipe.device),
                     class_labels=ids if pipe.num_classes else None,
-                    noise_level=level,
                     low_res_is_augmented=handed_over,
-                    autoguidance_scale=sampling.autoguidance_scale,
-                    **common,
+                    **kwargs,
                 )
-        return (out.images if truncate is not None else out.images * 2 - 1), out.alphabar
+        if (
+            truncate is not None and out.alphabar is None
+        ):  # asked to stop early, but the sampler never got there
+            return (out.images / 2 + 0.5).clamp(0, 1), None
+        return out.images, out.alphabar

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from cdm_pipelines.pipeline_sr3 import check_handover
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
@@ -80,7 +81,7 @@ class SamplingConfig:
     scheduler: str = "DPMSolverMultistepScheduler"
     steps: int = 25
     guidance_scale: float = 1.0
-    aug_level: int = 0  # SR stages: conditioning augmentation level of this stage's input
+    noise_level: int = 0  # SR stages: conditioning augmentation level of this stage's input
     aug_mode: str = "non-truncated"  # or "truncated" (CDM section 3.2)
     max_batch: int = 8  # images per UNet call; bounds memory at high resolution
     # SR stages with a guide UNet: extrapolate away from the guide's prediction (1 runs the UNet alone)
@@ -101,7 +102,7 @@ class StageConfig:
     # Training draws t = floor(T u^p): p = 1 is uniform (DDPM); p > 1 trains low noise levels more.
     timestep_power: float = 1.0
     crop_size: int = 0  # high-res training crop for SR stages; 0 trains on whole images
-    aug_max_level: int = 250  # conditioning augmentation: s ~ U{0..aug_max_level}
+    noise_level_max: int = 250  # conditioning augmentation: s ~ U{0..noise_level_max}
     blur_prob: float = 0.0
     blur_sigma: list[float] = field(default_factory=lambda: [0.4, 0.6])
     # SR stages: diffuse the residual over the bicubic upsample, times `residual_scale`, instead of
@@ -256,26 +257,21 @@ def validate_stage(cfg) -> None:
         raise UserError(
             f"data.max_scale={cfg.data.max_scale}: expected a value in [data.min_scale={cfg.data.min_scale}, 1]"
         )
-    if s.residual and s.sample.aug_mode == "truncated":
-        raise UserError(
-            "stage.sample.aug_mode=truncated: a residual SR stage needs the finished previous stage, "
-            "expected non-truncated"
-        )
-    if s.sample.aug_mode == "truncated" and s.kind == StageKind.sr and not s.noise_at_low_res:
-        raise UserError(
-            "stage.sample.aug_mode=truncated: a truncated handover is noisy at the low resolution, so the "
-            "stage must be trained with stage.noise_at_low_res=true"
-        )
+    if s.sample.aug_mode == "truncated" and s.kind == StageKind.sr:
+        try:
+            check_handover(s.residual, s.noise_at_low_res, takes=True)
+        except ValueError as err:
+            raise UserError(f"stage.sample.aug_mode=truncated: {err}") from None
     if s.sample.aug_mode not in AUG_MODES:
         raise UserError(
             f"stage.sample.aug_mode={s.sample.aug_mode!r}: expected one of {', '.join(AUG_MODES)}"
         )
-    if not 0 <= s.sample.aug_level < s.num_train_timesteps:
+    if not 0 <= s.sample.noise_level < s.num_train_timesteps:
         raise UserError(
-            f"stage.sample.aug_level={s.sample.aug_level}: expected 0..{s.num_train_timesteps - 1}"
+            f"stage.sample.noise_level={s.sample.noise_level}: expected 0..{s.num_train_timesteps - 1}"
         )
-    if not 0 <= s.aug_max_level < s.num_train_timesteps:
-        raise UserError(f"stage.aug_max_level={s.aug_max_level}: expected 0..{s.num_train_timesteps - 1}")
+    if not 0 <= s.noise_level_max < s.num_train_timesteps:
+        raise UserError(f"stage.noise_level_max={s.noise_level_max}: expected 0..{s.num_train_timesteps - 1}")
     if s.kind == StageKind.base and not s.class_conditional:
         raise UserError("stage.class_conditional=false: the base stage is class-conditional")
     if s.kind == StageKind.sr:

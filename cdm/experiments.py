@@ -111,7 +111,7 @@ def sample(cascade: Cascade, ids: list[int], seed: int, settings, batch: int = 2
     chunks = []
     for lo in range(0, len(ids), batch):
         out = cascade(ids[lo : lo + batch], seeds[lo : lo + batch], settings, progress=False)
-        chunks.append([x.float().cpu() for x in out.images])
+        chunks.append([x.float().cpu() * 2 - 1 for x in out.images])
     return [torch.cat(parts) for parts in zip(*chunks)]
 
 
@@ -459,9 +459,9 @@ def report_levels(result: dict) -> list[str]:
     best = min(tied, key=lambda level: spread([points[(level, seed)] for seed in SEEDS], "fid")[0])
     made = np.mean([points[("inputs", seed)]["seconds"] for seed in SEEDS])
     verdict = (
-        f"the shipped level, s = {s.aug_level}, is among them"
-        if s.aug_level in tied
-        else f"the shipped level, s = {s.aug_level}, is not (KID {stats[s.aug_level][0]:.4f})"
+        f"the shipped level, s = {s.noise_level}, is among them"
+        if s.noise_level in tied
+        else f"the shipped level, s = {s.noise_level}, is not (KID {stats[s.noise_level][0]:.4f})"
     )
     reference = REFERENCE_LIMIT.get(result["size"], "all")
     lines = [
@@ -531,7 +531,7 @@ def run_trunc(judges: Judges) -> dict:
                 lambda: score_samples(upscale_samples(whole.pipe, low, level, seed, s.steps), ids, judges),
             )
         for level in TRUNC_LEVELS:  # truncated: the base stage stops at level s (its time included)
-            settings = cascade.with_overrides(aug_level=[0, level], aug_mode=["non-truncated", "truncated"])
+            settings = cascade.with_overrides(noise_level=[0, level], aug_mode=["non-truncated", "truncated"])
             points[("truncated", level, seed)] = stored(
                 POINTS / "trunc" / f"truncated-s{level}-seed{seed}.json",
                 lambda: score_samples(sample(cascade, ids, seed, settings)[1], ids, judges),
@@ -707,7 +707,7 @@ def run_blur(judges: Judges) -> dict:
             points[(name, seed)] = stored(
                 POINTS / "blur" / f"{slug}-seed{seed}.json",
                 lambda: score_samples(
-                    upscale_samples(pipe, lows[seed], s.aug_level, seed, s.steps, 2), ids, judges
+                    upscale_samples(pipe, lows[seed], s.noise_level, seed, s.steps, 2), ids, judges
                 ),
             )
         points[(name, "real")] = stored(
@@ -750,7 +750,7 @@ def report_blur(result: dict) -> list[str]:
         "the shipped recipe) and one without (`conf/experiment/ablate_sr256to1024_noblur.yaml`). "
         f"Both upscale the shipped cascade's own 256 px samples ({result['samples']} per seed, "
         f"{BLUR_PER_CLASS} per class, seeds {list(SEEDS)}; making them took {inputs:.0f} s per seed), "
-        f"noised to the shipped level s = {s.aug_level}, sampled with {s.scheduler} at {s.steps} steps. "
+        f"noised to the shipped level s = {s.noise_level}, sampled with {s.scheduler} at {s.steps} steps. "
         f"FID/KID against {REFERENCE_LIMIT.get(1024, 'all')} real 1024 px test digits; each value is the mean "
         "over the seeds ± half their difference.",
         "",

@@ -18,6 +18,13 @@ def to_pil(x: torch.Tensor) -> PIL.Image.Image:
     return PIL.Image.fromarray(array.permute(1, 2, 0).numpy())
 
 
+def unit_to_pil(x: torch.Tensor) -> PIL.Image.Image:
+    """(3, H, W) tensor in [0, 1] (a pipeline's "pt" output) -> 8-bit RGB, rounded exactly as the
+    pipelines round their "pil" output, so a file cdm writes equals what plain diffusers returns."""
+    array = x.detach().clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
+    return PIL.Image.fromarray((array * 255).round().astype("uint8"))
+
+
 def make_grid(images: list[torch.Tensor], ncols: int, pad: int = 2) -> PIL.Image.Image:
     """Tile images (resized to the largest) into rows of `ncols` with a white border."""
     size = max(max(i.shape[-2:]) for i in images)

@@ -10,7 +10,7 @@ import torch
 from cdm_pipelines import CDMBasePipeline, SR3Pipeline
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
-from cdm.config import PredictionType, StageConfig, StageKind, UNetConfig
+from cdm.config import PredictionType, SamplingConfig, StageConfig, StageKind, UNetConfig
 from cdm.errors import UserError
 
 SR_MAX_ATTENTION_RES = 32  # SR3: no self-attention above 32x32, so stages run on whole big images
@@ -97,6 +97,19 @@ def sampling_scheduler(name: str, config, steps: int = 4):
         ) from None
 
 
+def with_scheduler(pipe, name: str | None, steps: int = 4):
+    """The stage sampled with scheduler class `name`: the stage itself when it already has one, else a new
+    pipeline over the same modules (diffusers' `Pipeline(**pipe.components)`), so that a setting of one
+    call never changes a loaded stage, nor the cascades and slices that share it."""
+    if not name or type(pipe.scheduler).__name__ == name:
+        return pipe
+    view = type(pipe)(
+        **{**pipe.components, "scheduler": sampling_scheduler(name, pipe.scheduler.config, steps)}
+    )
+    view.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return view
+
+
 def probe_scheduler(scheduler, steps: int = 4) -> None:
     """Run the whole sampling API once on a 4x4 zero image: what a pipeline calls, in that order."""
     scheduler.set_timesteps(steps)
@@ -122,8 +135,10 @@ def build_pipeline(
     scheduler = sampling_scheduler(stage.sample.scheduler, noise.config)
     labels = id2label if num_classes and stage.class_conditional else None
     unet = unet if unet is not None else build_unet(stage, unet_cfg, num_classes)
-    if stage.kind == StageKind.base:
-        return CDMBasePipeline(unet=unet, scheduler=scheduler, id2label=labels)
+    sr = stage.kind == StageKind.sr
+    defaults = call_defaults(stage.sample, stage.resolution, sr)
+    if not sr:
+        return CDMBasePipeline(unet=unet, scheduler=scheduler, id2label=labels, call_defaults=defaults)
     noising = DDPMScheduler.from_config(noise.config)
     return SR3Pipeline(
         unet=unet,
@@ -134,7 +149,22 @@ def build_pipeline(
         residual=stage.residual,
         residual_scale=stage.residual_scale,
         noise_at_low_res=stage.noise_at_low_res,
+        call_defaults=defaults,
     )
+
+
+def call_defaults(sampling: SamplingConfig, size: int, sr: bool) -> dict:
+    """A stage's sampling settings as the `call_defaults` its pipeline keeps in model_index.json, so that
+    plain diffusers samples as cdm does. An SR stage tiles whole images at its training size (`size`)."""
+    out = {"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance_scale}
+    if sr:
+        out.update(
+            noise_level=sampling.noise_level,
+            autoguidance_scale=sampling.autoguidance_scale,
+            tile_size=size,
+            tile_overlap=size // 4,
+        )
+    return out
 
 
 def build_unet(stage: StageConfig, unet_cfg: UNetConfig, num_classes: int) -> torch.nn.Module:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from cdm.config import SamplingConfig, sampling_fields
 from cdm.errors import UserError
-from cdm.models import sampling_scheduler
+from cdm.models import call_defaults, sampling_scheduler
 
 PIPELINES = {cls.__name__: cls for cls in (CDMBasePipeline, SR3Pipeline)}
 
@@ -170,8 +170,25 @@ def stage_info(folder: Path) -> dict | None:
 
 def stage_settings(info: dict | None):
     """Sampling defaults recorded at training time (conf stage.sample), or the library defaults."""
-    sample = ((info or {}).get("stage") or {}).get("sample") or {}
-    return SamplingConfig(**{k: v for k, v in sample.items() if k in sampling_fields()})
+    stage = (info or {}).get("stage") if isinstance(info, dict) else None
+    sample = stage.get("sample") if isinstance(stage, dict) else None
+    return sampling_from_json(sample if isinstance(sample, dict) else {}, STAGE_INFO_FILE + ": stage.sample")
+
+
+def sampling_from_json(sampling: dict, where: str) -> SamplingConfig:
+    """Typed sampling settings from a folder's JSON; `aug_level`, the old name of `noise_level`, is read too."""
+    if "aug_level" in sampling and "noise_level" not in sampling:
+        sampling = {**sampling, "noise_level": sampling["aug_level"]}
+    fields, values = sampling_fields(), {}
+    for key, value in sampling.items():
+        if key not in fields:
+            continue
+        kind = fields[key]
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if not ok and not (kind is float and isinstance(value, int) and not isinstance(value, bool)):
+            raise UserError(f"{where}: {key}={json.dumps(value)[:80]}: expected a {kind.__name__}")
+        values[key] = kind(value)
+    return SamplingConfig(**values)
 
 
 def copy_stage(src: Path, dst: Path, half: bool = False) -> None:
@@ -190,8 +207,9 @@ def copy_stage(src: Path, dst: Path, half: bool = False) -> None:
 
 
 def write_sampler(pipe, settings, folder: Path) -> None:
-    """Store the stage's sampling scheduler as its `scheduler/`, so plain diffusers samples as cdm does, and
-    its sampling defaults in its cdm_stage.json, so the folder alone samples as its cascade.json says."""
+    """Store the stage's sampling scheduler as its `scheduler/` and its sampling defaults as the pipeline's
+    `call_defaults` in model_index.json, so that plain diffusers samples as cdm does; cdm_stage.json's
+    record of them follows."""
     try:
         scheduler = sampling_scheduler(settings.scheduler, pipe.scheduler.config, settings.steps)
     except ValueError as err:
@@ -200,6 +218,9 @@ def write_sampler(pipe, settings, folder: Path) -> None:
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text())
     index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    index["call_defaults"] = call_defaults(
+        settings, pipe.unet.config.sample_size, isinstance(pipe, SR3Pipeline)
+    )
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     info_path = folder / STAGE_INFO_FILE
     info = stage_info(folder)
@@ -246,15 +267,7 @@ def parse_stage_entry(spec_path: Path, k: int, entry) -> tuple[str, Path, Sampli
     sampling = entry.get("sampling", {})
     if not isinstance(sampling, dict):
         raise UserError(f"{where}: sampling is {json.dumps(sampling)[:80]}: expected an object")
-    fields, values = sampling_fields(), {}
-    for key, value in sampling.items():
-        if key not in fields:
-            continue
-        kind = fields[key]
-        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
-            raise UserError(f"{where}: sampling.{key}={json.dumps(value)}: expected a {kind.__name__}")
-        values[key] = kind(value)
-    return entry["name"], folder, SamplingConfig(**values)
+    return entry["name"], folder, sampling_from_json(sampling, f"{where}: sampling")
 
 
 def write_cascade_json(
@@ -298,6 +311,7 @@ def export_stage(pipe, folder: Path, info: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     save_stage(pipe, tmp)
     (tmp / STAGE_INFO_FILE).write_text(json.dumps(info, indent=1))
+    write_sampler(pipe, stage_settings(info), tmp)  # the folder samples as its config's stage.sample says
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)

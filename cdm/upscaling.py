@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from cdm_pipelines import SR3Pipeline
-from cdm_pipelines.pipeline_sr3 import image_to_tensor
 
 from cdm.cascade import Cascade
-from cdm.config import unet_stride
 from cdm.errors import UserError
 from cdm.images import UNREADABLE, open_image, to_pil, to_rgb
 from cdm.stage_io import CASCADE_FILE, load_stage, resolve_model, stage_info, stage_settings
@@ -44,15 +42,6 @@ def add_autoguidance_argument(parser) -> None:
         help="for a stage that carries a guide UNet: extrapolate each step away from the guide's prediction "
         "by W > 1, for more detail (default: the stage's setting, 1: the UNet alone)",
     )
-
-
-def check_autoguidance(pipe, scale: float) -> float:
-    """`--autoguidance W`: at least 1, and above 1 only for a stage that carries a guide UNet."""
-    if not scale >= 1:
-        raise UserError(f"--autoguidance={scale}: expected a number >= 1 (1 runs the UNet alone)")
-    if scale != 1 and pipe.guide_unet is None:
-        raise UserError(f"--autoguidance={scale}: this stage has no guide UNet; expected 1")
-    return scale
 
 
 def read_image(path: Path) -> PIL.Image.Image:
@@ -119,42 +108,44 @@ def dihedral(x: torch.Tensor, k: int, flip: bool, inverse: bool = False) -> torc
 def upscale(
     pipe,
     image: PIL.Image.Image,
-    tile: int,
-    overlap: int,
-    steps: int,
-    noise_level: int,
-    seed: int,
+    tile: int | None = None,
+    overlap: int | None = None,
+    steps: int | None = None,
+    noise_level: int | None = None,
+    seed: int = 0,
     self_ensemble: bool = False,
-    autoguidance_scale: float = 1.0,
-):
-    """Super-resolve a whole image; the UNet sees tiles of `tile` input pixels, blended at every step.
+    autoguidance_scale: float | None = None,
+) -> PIL.Image.Image:
+    """Super-resolve a whole image: one call of the stage's pipeline, as plain diffusers makes it.
 
-    `self_ensemble` averages the results for the 8 rotations and mirror images of the input (as in
-    EDSR's "+" models): 8x the time, a higher PSNR, and a smoother result.
+    Settings left as `None` are the stage's own (its folder's `call_defaults`), so the result equals
+    `pipe(image, generator=torch.Generator().manual_seed(seed))` pixel for pixel. `tile` and `overlap`
+    are in input pixels. `self_ensemble` averages the results for the 8 rotations and mirror images of
+    the input (as in EDSR's "+" models): 8x the time, a higher PSNR, and a smoother result.
     """
-    x = image_to_tensor(to_rgb(image))
     f = pipe.scale_factor
-    mult = unet_stride(pipe.unet.config.block_out_channels)
-    step = max(1, mult // f) if mult > f else 1
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % step, (-w) % step  # pad so that the output is a multiple of the UNet's stride
-    x = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
-    noise = torch.randn(
-        (1, 3, x.shape[-2] * f, x.shape[-1] * f), generator=torch.Generator().manual_seed(seed)
-    )
+    kwargs = {
+        "num_inference_steps": steps,
+        "noise_level": noise_level,
+        "autoguidance_scale": autoguidance_scale,
+        "tile_size": None if tile is None else tile * f,
+        "tile_overlap": None if overlap is None else overlap * f,
+    }
+    if tile is None and not pipe.config.call_defaults.get("tile_size"):  # a folder without tiling defaults
+        kwargs.update(tile_size=pipe.unet.config.sample_size, tile_overlap=pipe.unet.config.sample_size // 4)
+    rgb = to_rgb(image)
+    if not self_ensemble:
+        out = pipe(rgb, generator=torch.Generator().manual_seed(seed), allow_any_size=True, **kwargs)
+        return as_output_mode(out.images[0], image)
+    x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     total = 0
-    for k, flip in DIHEDRAL if self_ensemble else [(0, False)]:
+    for k, flip in DIHEDRAL:
         out = pipe(
-            ((dihedral(x, k, flip) + 1) / 2).clamp(0, 1).to(pipe.device),
-            noise_level=noise_level,
-            num_inference_steps=steps,
+            dihedral(x, k, flip),
             generator=torch.Generator().manual_seed(seed),
-            latents=dihedral(noise, k, flip),
             output_type="pt",
-            tile_size=tile * f,
-            tile_overlap=overlap * f,
-            autoguidance_scale=autoguidance_scale,
+            allow_any_size=True,
+            **kwargs,
         ).images
         total = total + dihedral(out.float().cpu(), k, flip, inverse=True)
-    out = total / (len(DIHEDRAL) if self_ensemble else 1)
-    return as_output_mode(to_pil(out[0, :, : h * f, : w * f] * 2 - 1), image)
+    return as_output_mode(to_pil(total[0] / len(DIHEDRAL) * 2 - 1), image)

@@ -7,13 +7,18 @@ uploaded next to the weights. Plain diffusers runs it only when the user opts in
 exact call); cdm loads such a folder with its installed copy of this file and never runs the
 folder's. Once loaded::
 
-    image = pipe(class_labels=[7], num_inference_steps=50).images[0]
+    image = pipe(class_labels=[7]).images[0]
+
+A call samples with the stage's tuned settings (its `scheduler/` and the `call_defaults` of its
+`model_index.json`); any of them can be given per call instead.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +93,38 @@ def step_kwargs(scheduler, generator, eta: float | None = None) -> dict:
     return kwargs
 
 
+def check_number(name: str, value, lo=None, hi=None, integer: bool = False):
+    """One rule for every number a caller passes: of the right kind, finite, within [lo, hi]. Returns it
+    as int or float; raises ValueError naming the value and what was expected."""
+    if integer:
+        hi = 2**63 - 1 if hi is None else hi  # a torch.Generator seed and an index must fit in 64 bits
+        lo = -(2**63) if lo is None else lo
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and lo <= value <= hi
+    else:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
+    if ok:
+        return int(value) if integer else float(value)
+    kind = "an integer" if integer else "a finite number"
+    if lo is not None and hi is not None and (not integer or hi < 2**63 - 1):
+        where = f" in {lo}..{hi}"
+    elif lo is not None and lo > -(2**63):
+        where = f" >= {lo}"
+    else:
+        where = f" <= {hi}" if hi is not None and hi < 2**63 - 1 else ""
+    raise ValueError(f"{name}={value!r}: expected {kind}{where}")
+
+
+def merge_call_defaults(library: dict, stored: dict | None, given: dict) -> dict:
+    """The call's settings: each argument the caller gave, else the folder's tuned default, else the
+    library's. Unknown keys in the folder's defaults are refused."""
+    stored = dict(stored or {})
+    unknown = sorted(set(stored) - set(library))
+    if unknown:
+        raise ValueError(f"call_defaults has unknown keys {unknown}: expected keys from {sorted(library)}")
+    return {k: given[k] if given.get(k) is not None else stored.get(k, v) for k, v in library.items()}
+
+
 def check_weight_files(folder: Path) -> None:
     """Weights load from safetensors only: no pickle-based files, and shard indexes name only .safetensors."""
     pickled = sorted(
@@ -141,6 +178,11 @@ def run_offload_hooks_on_cpu(pipe) -> None:
                 h.execution_device = torch.device("cpu")
 
 
+# The call's library defaults; a stage folder's `call_defaults` (model_index.json) replaces any of them
+# with the values tuned for that stage, so that `pipe(class_labels)` samples as the stage was meant to.
+BASE_CALL_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 1.0, "eta": 0.0}
+
+
 class CDMBasePipeline(DiffusionPipeline):
     r"""Class-conditional pixel-space generator: the first stage of a cascade.
 
@@ -152,8 +194,11 @@ class CDMBasePipeline(DiffusionPipeline):
         scheduler (`SchedulerMixin`): any diffusers noise scheduler.
         id2label (`dict`, *optional*): class id (as a string key, since it is stored in JSON) to a
             human-readable name. Saved in `model_index.json`, so it survives `save_pretrained`.
+        call_defaults (`dict`, *optional*): the stage's tuned values for any of the call arguments
+            `num_inference_steps`, `guidance_scale` and `eta`. Stored in `model_index.json`, so plain
+            diffusers reads them too: an argument left out of a call takes its value from here.
 
-    Call arguments (`pipe(class_labels, ...)`):
+    Call arguments (`pipe(class_labels, ...)`); those left as `None` take the stage's `call_defaults`:
         class_labels: a class id, a label name, or a list of either; one image each.
         guidance_scale: classifier-free guidance weight w; 1 runs only the conditional pass.
         num_inference_steps: reverse-process steps.
@@ -176,7 +221,9 @@ class CDMBasePipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet: UNet2DModel, scheduler, id2label: dict | None = None):
+    def __init__(
+        self, unet: UNet2DModel, scheduler, id2label: dict | None = None, call_defaults: dict | None = None
+    ):
         super().__init__()
         if unet.config.num_class_embeds is None or unet.config.num_class_embeds < 2:
             raise ValueError(
@@ -184,12 +231,15 @@ class CDMBasePipeline(DiffusionPipeline):
                 "stage needs num_classes + 1 >= 2 embeddings (the last one is the null label)"
             )
         num_classes = unet.config.num_class_embeds - 1
+        if not isinstance(id2label, (dict, type(None))):
+            raise ValueError(f"id2label={id2label!r}: expected an object of class id -> name")
         id2label = {str(k): str(v) for k, v in (id2label or {}).items()}
         bad = [k for k in id2label if not k.isdigit() or int(k) >= num_classes]
         if bad:
             raise ValueError(f"id2label has ids {bad} outside 0..{num_classes - 1}")
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(id2label=id2label)
+        self.register_to_config(id2label=id2label, call_defaults=dict(call_defaults or {}))
+        self.call_settings()  # the stored defaults follow the call's rules
 
     @property
     def num_classes(self) -> int:
@@ -220,7 +270,7 @@ class CDMBasePipeline(DiffusionPipeline):
     @property
     def components(self) -> dict:
         """The modules and the stored settings, so that `type(pipe)(**pipe.components)` rebuilds this pipeline."""
-        return {**super().components, **{k: self.config[k] for k in ("id2label",)}}
+        return {**super().components, **{k: self.config[k] for k in ("id2label", "call_defaults")}}
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = "cuda"):
         """diffusers' sequential offload, which also runs on CPU (see `run_offload_hooks_on_cpu`)."""
@@ -263,30 +313,38 @@ class CDMBasePipeline(DiffusionPipeline):
                     raise ValueError(f"unknown class label {item!r}; known labels include: {known}")
                 out.append(names[key])
                 continue
+            if not isinstance(item, (str, numbers.Integral)) or isinstance(item, bool):
+                raise ValueError(f"class label {item!r}: expected a class id or a label name")
             idx = int(item)
             if not 0 <= idx < self.num_classes:
                 raise ValueError(f"class id {idx} is out of range: expected 0..{self.num_classes - 1}")
             out.append(idx)
         return out
 
-    def check_inputs(
-        self, class_ids, guidance_scale, num_inference_steps, generator, truncate_alphabar, tensor_inputs
-    ):
+    def call_settings(self, **given) -> dict:
+        """The settings of one call: the given arguments, else this stage's `call_defaults`, checked."""
+        settings = merge_call_defaults(BASE_CALL_DEFAULTS, self.config.call_defaults, given)
+        return {
+            "num_inference_steps": check_number(
+                "num_inference_steps", settings["num_inference_steps"], 1, 10_000, integer=True
+            ),
+            "guidance_scale": check_number("guidance_scale", settings["guidance_scale"], 1, 100),
+            "eta": check_number("eta", settings["eta"], 0, 1),
+        }
+
+    def check_inputs(self, class_ids, generator, truncate_alphabar, tensor_inputs) -> None:
+        """The rules for the inputs of one call (labels, generators, callbacks, truncation)."""
         bad = [k for k in tensor_inputs or [] if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs has {bad}: expected names from {self._callback_tensor_inputs}"
             )
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps}: expected an integer >= 1")
-        if guidance_scale < 1:
-            raise ValueError(f"guidance_scale={guidance_scale}: expected >= 1 (1 disables guidance)")
         if isinstance(generator, list) and len(generator) != len(class_ids):
             raise ValueError(
                 f"got {len(generator)} generators for {len(class_ids)} images: expected one per image"
             )
-        if truncate_alphabar is not None and not 0 < truncate_alphabar <= 1:
-            raise ValueError(f"truncate_alphabar={truncate_alphabar}: expected a value in (0, 1]")
+        if truncate_alphabar is not None:
+            check_number("truncate_alphabar", truncate_alphabar, 1e-9, 1)
 
     def prepare_latents(self, batch_size, generator, latents):
         size = self.unet.config.sample_size
@@ -307,8 +365,8 @@ class CDMBasePipeline(DiffusionPipeline):
     def __call__(
         self,
         class_labels: int | str | list[int | str],
-        guidance_scale: float = 1.0,
-        num_inference_steps: int = 50,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -317,57 +375,39 @@ class CDMBasePipeline(DiffusionPipeline):
         callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         truncate_alphabar: float | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
     ):
         r"""Generate one image per class label; the arguments are described in the class docstring.
 
         Examples:
         """
-        # checks, labels ([cond; null] when guiding), timesteps and noise, denoising, output
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt={num_images_per_prompt}: expected an integer >= 1")
+        # 1. Check the call: settings (given, else the stage's tuned defaults), labels, output type
+        settings = self.call_settings(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta
+        )
+        check_number("num_images_per_prompt", num_images_per_prompt, 1, 4096, integer=True)
         class_ids = [c for c in self.get_label_ids(class_labels) for _ in range(num_images_per_prompt)]
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        self.check_inputs(
-            class_ids, guidance_scale, num_inference_steps, generator, truncate_alphabar, tensor_inputs
-        )
+        self.check_inputs(class_ids, generator, truncate_alphabar, tensor_inputs)
         to_output_type(torch.zeros(0, 3, 1, 1), output_type)  # an unknown output_type fails before work
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        labels = self.prepare_labels(class_ids)
-        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
-        self._num_timesteps = len(self.scheduler.timesteps)
-        latents = self.prepare_latents(len(class_ids), generator, latents)
-        extra = step_kwargs(self.scheduler, generator, eta)
-        callback = (callback_on_step_end, tensor_inputs)
-        latents, alphabar = self.denoise(latents, labels, extra, callback, truncate_alphabar)
-        images = self.postprocess(latents, alphabar, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return CDMBasePipelineOutput(images=images, alphabar=alphabar)
+        self._guidance_scale, self._interrupt = settings["guidance_scale"], False
 
-    def prepare_labels(self, class_ids: list[int]) -> torch.Tensor:
-        """One batch of [cond; null] labels when guiding, so the UNet runs once per step."""
-        labels = torch.tensor(class_ids, device=self._execution_device)
-        if self.guidance_scale > 1.0:
+        # 2. Labels: one batch of [cond; null] when guiding, so the UNet runs once per step
+        device = self._execution_device
+        labels = torch.tensor(class_ids, device=device)
+        do_cfg = self.guidance_scale > 1.0
+        if do_cfg:
             labels = torch.cat([labels, torch.full_like(labels, self.null_class_id)])
-        return labels
 
-    def postprocess(self, latents, alphabar, output_type: str):
-        """Clamp a finished sample to the image range; a truncated run returns the noisy z_s as is."""
-        if alphabar is None and output_type != "latent":
-            latents = latents.clamp(-1, 1)
-        elif output_type != "latent":
-            raise ValueError(f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'latent'")
-        return to_output_type(latents, output_type)
+        # 3. Timesteps and the initial noise
+        self.scheduler.set_timesteps(settings["num_inference_steps"], device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        latents = self.prepare_latents(len(class_ids), generator, latents)
+        extra = step_kwargs(self.scheduler, generator, settings["eta"])
 
-    def denoise(self, latents, labels, extra, callback, truncate_alphabar):
-        """The reverse process; for truncation, hand over z_s once the next timestep is at or below level s.
-
-        Returns the sample and, for a truncated run, the alphabar it stopped at (else None).
-        """
-        callback_fn, tensor_inputs = callback
-        timesteps, do_cfg = self.scheduler.timesteps, self.guidance_scale > 1.0
+        # 4. Denoising loop (stops early to hand over z_s when truncating, CDM section 3.2)
+        alphabar = None
         for i, t in enumerate(self.progress_bar(timesteps)):
             if self.interrupt:
                 break
@@ -377,12 +417,28 @@ class CDMBasePipeline(DiffusionPipeline):
             if do_cfg:
                 model_output = cfg_combine(model_output, self.guidance_scale)
             latents = self.scheduler.step(model_output, t, latents, **extra).prev_sample
-            if callback_fn is not None:
+            if callback_on_step_end is not None:
                 available = {"latents": latents}
-                outputs = callback_fn(self, i, t, {k: available[k] for k in tensor_inputs}) or {}
+                outputs = callback_on_step_end(self, i, t, {k: available[k] for k in tensor_inputs}) or {}
                 latents = outputs.get("latents", latents)
             if truncate_alphabar is not None and i + 1 < len(timesteps):
                 t_next = timesteps[i + 1]
                 if self.alphabar_at(t_next) >= truncate_alphabar:  # VP form for sigma schedulers
-                    return self.scheduler.scale_model_input(latents, t_next), self.alphabar_at(t_next)
-        return latents, None
+                    latents, alphabar = (
+                        self.scheduler.scale_model_input(latents, t_next),
+                        self.alphabar_at(t_next),
+                    )
+                    break
+
+        # 5. Post-process: a finished sample is clamped; a truncated run returns the noisy z_s as is
+        if output_type != "latent":
+            if alphabar is not None:
+                raise ValueError(
+                    f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'latent'"
+                )
+            latents = latents.clamp(-1, 1)
+        images = to_output_type(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return CDMBasePipelineOutput(images=images, alphabar=alphabar)

@@ -7,7 +7,10 @@ uploaded next to the weights. Plain diffusers runs it only when the user opts in
 exact call); cdm loads such a folder with its installed copy of this file and never runs the
 folder's. Once loaded::
 
-    big = pipe(image=small_pil, noise_level=100, num_inference_steps=50).images[0]
+    big = pipe(image=small_pil).images[0]
+
+A call samples with the stage's tuned settings (its `scheduler/` and the `call_defaults` of its
+`model_index.json`); any of them can be given per call instead.
 
 Conditioning. The low-res image is upsampled (bicubic) to the output size, noised to the
 augmentation level s with `image_noising_scheduler` (`augment_low_res`, the same function that
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +46,12 @@ EXAMPLE_DOC_STRING = """
     Examples:
 
     ```py
-    >>> import PIL.Image
+    >>> import PIL.Image, torch
     >>> from cdm_pipelines import SR3Pipeline
     >>> pipe = SR3Pipeline.from_pretrained("cdm/photo_sr4x")  # a 4x residual photo stage
     >>> small = PIL.Image.open("photo.png").convert("RGB")
-    >>> sharp = pipe(small, noise_level=0, num_inference_steps=1, tile_size=256).images[0]
-    >>> detailed = pipe(small, noise_level=0, num_inference_steps=20, tile_size=256).images[0]
+    >>> big = pipe(small, generator=torch.Generator().manual_seed(0)).images[0]  # the stage's tuned settings
+    >>> detailed = pipe(small, num_inference_steps=20).images[0]  # any setting can be given per call
     ```
 """
 
@@ -229,6 +234,56 @@ def run_offload_hooks_on_cpu(pipe) -> None:
                 h.execution_device = torch.device("cpu")
 
 
+# Copied from cdm_pipelines.pipeline_cdm_base.check_number
+def check_number(name: str, value, lo=None, hi=None, integer: bool = False):
+    """One rule for every number a caller passes: of the right kind, finite, within [lo, hi]. Returns it
+    as int or float; raises ValueError naming the value and what was expected."""
+    if integer:
+        hi = 2**63 - 1 if hi is None else hi  # a torch.Generator seed and an index must fit in 64 bits
+        lo = -(2**63) if lo is None else lo
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and lo <= value <= hi
+    else:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
+    if ok:
+        return int(value) if integer else float(value)
+    kind = "an integer" if integer else "a finite number"
+    if lo is not None and hi is not None and (not integer or hi < 2**63 - 1):
+        where = f" in {lo}..{hi}"
+    elif lo is not None and lo > -(2**63):
+        where = f" >= {lo}"
+    else:
+        where = f" <= {hi}" if hi is not None and hi < 2**63 - 1 else ""
+    raise ValueError(f"{name}={value!r}: expected {kind}{where}")
+
+
+# Copied from cdm_pipelines.pipeline_cdm_base.merge_call_defaults
+def merge_call_defaults(library: dict, stored: dict | None, given: dict) -> dict:
+    """The call's settings: each argument the caller gave, else the folder's tuned default, else the
+    library's. Unknown keys in the folder's defaults are refused."""
+    stored = dict(stored or {})
+    unknown = sorted(set(stored) - set(library))
+    if unknown:
+        raise ValueError(f"call_defaults has unknown keys {unknown}: expected keys from {sorted(library)}")
+    return {k: given[k] if given.get(k) is not None else stored.get(k, v) for k, v in library.items()}
+
+
+def check_handover(residual: bool, noise_at_low_res: bool, takes: bool, gives: bool = False) -> None:
+    """Truncated conditioning augmentation (CDM section 3.2): which SR stages can take a noisy z_s from the
+    stage before (`takes`) or stop early to hand one over (`gives`)."""
+    if residual and (takes or gives):
+        raise ValueError(
+            "a residual SR stage adds its output to the upsampled clean input: truncated conditioning "
+            "augmentation (aug_mode=truncated, low_res_is_augmented, truncate_alphabar) is not supported"
+        )
+    if takes and not noise_at_low_res:
+        raise ValueError(
+            "a truncated handover is noisy at the low resolution, but this stage was trained with its "
+            "augmentation noise added after upsampling: expected aug_mode=non-truncated, or a stage trained "
+            "with noise_at_low_res=True"
+        )
+
+
 def check_guide(unet, guide_unet) -> None:
     """An autoguidance guide must take the same inputs and give the same outputs as the UNet."""
     if guide_unet is None:
@@ -241,6 +296,19 @@ def check_guide(unet, guide_unet) -> None:
             )
 
 
+# The call's library defaults; a stage folder's `call_defaults` (model_index.json) replaces any of them
+# with the values tuned for that stage, so that `pipe(image)` samples as the stage was meant to be used.
+SR3_CALL_DEFAULTS = {
+    "num_inference_steps": 50,
+    "noise_level": 100,
+    "guidance_scale": 1.0,
+    "autoguidance_scale": 1.0,
+    "tile_size": 0,
+    "tile_overlap": 32,
+    "eta": 0.0,
+}
+
+
 class SR3Pipeline(DiffusionPipeline):
     r"""SR3 super-resolution from `low_res_size` to `unet.config.sample_size`.
 
@@ -248,7 +316,8 @@ class SR3Pipeline(DiffusionPipeline):
         unet (`UNet2DConditionModel`): 6 input channels (noisy sample + upsampled low-res),
             `time_cond_proj_dim` set for the augmentation level, and optionally
             `num_class_embeds = num_classes + 1` (last id = null label) for class conditioning.
-        scheduler (`SchedulerMixin`): any diffusers noise scheduler for the reverse process.
+        scheduler (`SchedulerMixin`): any diffusers noise scheduler for the reverse process; a saved
+            stage stores the one it is tuned for.
         image_noising_scheduler (`DDPMScheduler`): the forward process used for conditioning
             augmentation; its `num_train_timesteps` bounds `noise_level`.
         guide_unet (`UNet2DConditionModel`, *optional*): a weaker UNet of the same inputs and
@@ -262,10 +331,14 @@ class SR3Pipeline(DiffusionPipeline):
         noise_at_low_res (`bool`): conditioning augmentation adds its noise to the low-res input before
             upsampling (CDM), rather than to the upsampled image. Only such a stage can take a truncated
             handover, whose noise is the previous stage's, at the low resolution.
+        call_defaults (`dict`, *optional*): the stage's tuned values for any of the call arguments
+            `num_inference_steps`, `noise_level`, `guidance_scale`, `autoguidance_scale`, `tile_size`,
+            `tile_overlap` and `eta`. Stored in `model_index.json`, so plain diffusers reads them too:
+            an argument left out of a call takes its value from here.
 
-    Call arguments (`pipe(image, ...)`):
+    Call arguments (`pipe(image, ...)`); those left as `None` take the stage's `call_defaults`:
         image: PIL image, list of PIL, numpy (B, H, W, 3) in [0, 1], or a tensor (B, 3, H, W) or list
-            of tensors in [0, 1], as diffusers' image processors read them; values outside [0, 1] are
+            of tensors in [0, 1] (a previous stage's `output_type="pt"`); values outside [0, 1] are
             refused. With `low_res_is_augmented`, the previous stage's noisy z_s (`output_type="latent"`).
         class_labels: class id(s) for a class-conditional stage; `None` otherwise.
         noise_level: augmentation level s in 0..`image_noising_scheduler.num_train_timesteps - 1`;
@@ -287,16 +360,17 @@ class SR3Pipeline(DiffusionPipeline):
             the noisy z_s (CDM truncated conditioning augmentation for the next stage).
         low_res_is_augmented: the image is already z_s from a truncated previous stage at level
             `noise_level`; upsample it but add no further noise.
-        allow_any_size: the UNet is fully convolutional; accept inputs other than `low_res_size`.
+        allow_any_size: the UNet is fully convolutional; accept inputs other than `low_res_size`
+            (edges are padded by replication to the UNet's stride and cropped off again).
         tile_size: evaluate the UNet on overlapping tiles of this many output pixels (a multiple of
             the UNet's downsampling factor), so memory does not grow with the image; implies
-            `allow_any_size`.
+            `allow_any_size`. 0: the whole image at once.
         tile_overlap: overlap between tiles, in output pixels.
         autoguidance_scale: with a `guide_unet`, extrapolate each prediction away from the guide's,
-            `guide + w (unet - guide)` (autoguidance, Karras et al. 2024); 1 (the default) runs the
-            UNet alone. The guide, a smaller and shorter-trained model of the same task, errs in the
-            same directions as the UNet but more, so the extrapolation puts back detail that both
-            smooth away. It costs one guide evaluation per step.
+            `guide + w (unet - guide)` (autoguidance, Karras et al. 2024); 1 runs the UNet alone.
+            The guide, a smaller and shorter-trained model of the same task, errs in the same
+            directions as the UNet but more, so the extrapolation puts back detail that both smooth
+            away. It costs one guide evaluation per step.
     """
 
     model_cpu_offload_seq = "unet->guide_unet"
@@ -314,6 +388,7 @@ class SR3Pipeline(DiffusionPipeline):
         residual_scale: float = 1.0,
         noise_at_low_res: bool = False,
         guide_unet: UNet2DConditionModel | None = None,
+        call_defaults: dict | None = None,
     ):
         super().__init__()
         check_guide(unet, guide_unet)
@@ -324,25 +399,29 @@ class SR3Pipeline(DiffusionPipeline):
             )
         if not unet.config.time_cond_proj_dim:
             raise ValueError("unet.config.time_cond_proj_dim is not set: it carries the augmentation level")
+        low_res_size = check_number("low_res_size", low_res_size, 1, unet.config.sample_size, integer=True)
         if unet.config.sample_size % low_res_size:
             raise ValueError(
                 f"low_res_size={low_res_size} does not divide the output size {unet.config.sample_size}"
             )
+        check_number("residual_scale", residual_scale, 1e-6)
         self.register_modules(
             unet=unet,
             scheduler=scheduler,
             image_noising_scheduler=image_noising_scheduler,
             guide_unet=guide_unet,
         )
-        if not residual_scale > 0:
-            raise ValueError(f"residual_scale={residual_scale}: expected a value > 0")
+        if not isinstance(id2label, (dict, type(None))):
+            raise ValueError(f"id2label={id2label!r}: expected an object of class id -> name")
         self.register_to_config(
             low_res_size=int(low_res_size),
             id2label={str(k): str(v) for k, v in (id2label or {}).items()},
             residual=bool(residual),
             residual_scale=float(residual_scale),
             noise_at_low_res=bool(noise_at_low_res),
+            call_defaults=dict(call_defaults or {}),
         )
+        self.check_settings(merge_call_defaults(SR3_CALL_DEFAULTS, call_defaults, {}))
 
     @property
     def num_classes(self) -> int:
@@ -373,14 +452,10 @@ class SR3Pipeline(DiffusionPipeline):
 
     @property
     def components(self) -> dict:
-        """The modules and the stored settings, so that `type(pipe)(**pipe.components)` rebuilds this pipeline."""
-        return {
-            **super().components,
-            **{
-                k: self.config[k]
-                for k in ("low_res_size", "id2label", "residual", "residual_scale", "noise_at_low_res")
-            },
-        }
+        """The modules and the stored settings, so that `type(pipe)(**pipe.components)` rebuilds this pipeline
+        (diffusers' way to share components: a new scheduler for one call never touches this pipeline)."""
+        keys = ("low_res_size", "id2label", "residual", "residual_scale", "noise_at_low_res", "call_defaults")
+        return {**super().components, **{k: self.config[k] for k in keys}}
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = "cuda"):
         """diffusers' sequential offload, which also runs on CPU (see `run_offload_hooks_on_cpu`)."""
@@ -396,15 +471,6 @@ class SR3Pipeline(DiffusionPipeline):
     def autoguidance_scale(self) -> float:
         return getattr(self, "_autoguidance_scale", 1.0)
 
-    def check_autoguidance(self, scale: float) -> float:
-        if not scale >= 1:
-            raise ValueError(f"autoguidance_scale={scale}: expected >= 1 (1 runs the UNet alone)")
-        if scale > 1 and self.guide_unet is None:
-            raise ValueError(
-                f"autoguidance_scale={scale}: this stage has no guide_unet; expected 1, or a stage with a guide"
-            )
-        return float(scale)
-
     @property
     def num_timesteps(self) -> int:
         return self._num_timesteps
@@ -418,32 +484,58 @@ class SR3Pipeline(DiffusionPipeline):
         return self.unet.config.sample_size // self.config.low_res_size
 
     @property
+    def stride(self) -> int:
+        """Output sizes must be multiples of this: the UNet halves the size at each level but the last."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
     def max_noise_level(self) -> int:
         return self.image_noising_scheduler.config.num_train_timesteps - 1
 
-    def check_inputs(self, x, class_ids, noise_level, steps, guidance_scale, generator, allow_any_size):
-        lr = self.config.low_res_size
-        h, w = x.shape[-2:]
-        if allow_any_size:
-            mult = 2 ** (len(self.unet.config.block_out_channels) - 1)
-            if (h * self.scale_factor) % mult or (w * self.scale_factor) % mult:
-                raise ValueError(
-                    f"image size {w}x{h}: each side times {self.scale_factor} must be a multiple of {mult}"
-                )
-        elif (h, w) != (lr, lr):
+    def call_settings(self, **given) -> dict:
+        """The settings of one call: the given arguments, else this stage's `call_defaults`, checked."""
+        return self.check_settings(merge_call_defaults(SR3_CALL_DEFAULTS, self.config.call_defaults, given))
+
+    def check_settings(self, settings: dict) -> dict:
+        """The rules for the sampling settings, wherever they come from (a call, the folder, a CLI)."""
+        out = dict(settings)
+        out["num_inference_steps"] = check_number(
+            "num_inference_steps", settings["num_inference_steps"], 1, 10_000, integer=True
+        )
+        out["noise_level"] = check_number(
+            "noise_level", settings["noise_level"], 0, self.max_noise_level, True
+        )
+        guidance = out["guidance_scale"] = check_number("guidance_scale", settings["guidance_scale"], 1, 100)
+        if guidance > 1 and self.num_classes == 0:
+            raise ValueError(f"guidance_scale={guidance}: expected 1 for a stage without a null class label")
+        auto = out["autoguidance_scale"] = check_number(
+            "autoguidance_scale", settings["autoguidance_scale"], 1, 100
+        )
+        if auto > 1 and self.guide_unet is None:
+            raise ValueError(
+                f"autoguidance_scale={auto:g}: this stage has no guide_unet; expected 1, or a stage with a guide"
+            )
+        tile = out["tile_size"] = check_number("tile_size", settings["tile_size"], 0, 65_536, integer=True)
+        if tile % self.stride:
+            raise ValueError(
+                f"tile_size={tile}: expected 0 (no tiles) or a positive multiple of {self.stride}"
+            )
+        hi = max(tile - 1, 0)
+        out["tile_overlap"] = check_number(
+            "tile_overlap", settings["tile_overlap"], 0, hi if tile else None, True
+        )
+        out["eta"] = check_number("eta", settings["eta"], 0, 1)
+        return out
+
+    def check_inputs(self, x, class_ids, generator, any_size: bool, handover: tuple[bool, bool]) -> None:
+        """The rules for the inputs of one call (the image, labels, generators and a truncated handover)."""
+        lr, (h, w) = self.config.low_res_size, x.shape[-2:]
+        if not any_size and (h, w) != (lr, lr):
             raise ValueError(f"image size {w}x{h} does not match this stage's input: expected {lr}x{lr}")
+        if min(h, w) < 1:
+            raise ValueError(f"image size {w}x{h}: expected at least 1x1 pixels")
         if x.shape[1] != self.unet.config.out_channels:
             raise ValueError(f"image has {x.shape[1]} channels: expected {self.unet.config.out_channels}")
-        if not 0 <= noise_level <= self.max_noise_level:
-            raise ValueError(
-                f"noise_level={noise_level} is outside the noising schedule 0..{self.max_noise_level}"
-            )
-        if steps < 1:
-            raise ValueError(f"num_inference_steps={steps}: expected an integer >= 1")
-        if guidance_scale < 1 or (guidance_scale > 1 and self.num_classes == 0):
-            raise ValueError(
-                f"guidance_scale={guidance_scale}: expected >= 1, and exactly 1 for a stage without a null class label"
-            )
         if class_ids is not None:
             if self.num_classes == 0:
                 raise ValueError("class_labels given, but this SR stage is not class-conditional")
@@ -460,18 +552,19 @@ class SR3Pipeline(DiffusionPipeline):
             raise ValueError(
                 f"got {len(generator)} generators for {x.shape[0]} images: expected one per image"
             )
+        check_handover(self.config.residual, self.config.noise_at_low_res, *handover)
 
     def alphabar_at(self, t) -> float:
         return float(self.scheduler.alphas_cumprod[int(round(float(t)))])
 
-    def predict(self, x, t, labels, s_emb, tile_size=None, tile_overlap=0):
+    def predict(self, x, t, labels, s_emb, tile_size: int = 0, tile_overlap: int = 0):
         """UNet prediction, on overlapping tiles blended with linear ramps when `tile_size` is set.
 
         Blending the predictions at every step (as in MultiDiffusion, Bar-Tal et al. 2023) keeps one
         shared sample, so tiles agree and leave no seams; memory is bounded by the tile size.
         """
         h, w = x.shape[-2:]
-        if tile_size is None or (h <= tile_size and w <= tile_size):
+        if not tile_size or (h <= tile_size and w <= tile_size):
             return self.model_output(x, t, labels, s_emb)
         out = torch.zeros((x.shape[0], self.unet.config.out_channels, h, w), device=x.device, dtype=x.dtype)
         total = torch.zeros((1, 1, h, w), device=x.device, dtype=x.dtype)
@@ -494,113 +587,6 @@ class SR3Pipeline(DiffusionPipeline):
         guide = self.guide_unet(x.to(self.guide_unet.dtype), t, **kwargs).sample.to(out.dtype)
         return guide + self.autoguidance_scale * (out - guide)
 
-    @torch.no_grad()
-    @replace_example_docstring(EXAMPLE_DOC_STRING)
-    def __call__(
-        self,
-        image,
-        class_labels: int | list[int] | None = None,
-        noise_level: int = 100,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 1.0,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        latents: torch.Tensor | None = None,
-        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        eta: float = 0.0,
-        truncate_alphabar: float | None = None,
-        low_res_is_augmented: bool = False,
-        allow_any_size: bool = False,
-        tile_size: int | None = None,
-        tile_overlap: int = 32,
-        autoguidance_scale: float = 1.0,
-    ):
-        r"""Super-resolve a batch of images; the arguments are described in the class docstring.
-
-        Examples:
-        """
-        # checks, conditioning (upsampled input noised to level s), initial noise, denoising, output
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        tiles, handover = (tile_size, tile_overlap), (low_res_is_augmented, truncate_alphabar is not None)
-        self.check_call(num_images_per_prompt, tensor_inputs, output_type, tiles, handover)
-        x_lr, ids, size = self.prepare_low_res(
-            image, class_labels, num_images_per_prompt, low_res_is_augmented
-        )
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        self._autoguidance_scale = self.check_autoguidance(autoguidance_scale)
-        any_size = allow_any_size or tile_size is not None  # tiles: any size
-        self.check_inputs(x_lr, ids, noise_level, num_inference_steps, guidance_scale, generator, any_size)
-        cond, s_emb, labels = self.prepare_conditioning(
-            x_lr, size, ids, noise_level, low_res_is_augmented, generator
-        )
-        latents = self.prepare_latents((x_lr.shape[0], *size), num_inference_steps, generator, latents)
-        step = (cond, labels, s_emb, step_kwargs(self.scheduler, generator, eta), tiles)
-        latents, alphabar = self.denoise(
-            latents, step, (callback_on_step_end, tensor_inputs), truncate_alphabar
-        )
-        images = self.postprocess(latents, x_lr, size, alphabar, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return SR3PipelineOutput(images=images, alphabar=alphabar)
-
-    def prepare_latents(self, shape: tuple, num_inference_steps: int, generator, latents=None):
-        """Set the timesteps and return the initial noise (B, C, H, W), scaled for the scheduler."""
-        device = self._execution_device
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        self._num_timesteps = len(self.scheduler.timesteps)
-        shape = (shape[0], self.unet.config.out_channels, *shape[1:])
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        return latents.to(device) * self.scheduler.init_noise_sigma
-
-    def check_call(self, num_images_per_prompt, tensor_inputs, output_type, tiles, handover):
-        """Checks of the call's own arguments, before any work (the input image: `check_inputs`).
-        `handover`: (takes a truncated z_s as input, stops early to hand one over)."""
-        tile_size, tile_overlap = tiles
-        takes_handover, gives_handover = handover
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt={num_images_per_prompt}: expected an integer >= 1")
-        bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs has {bad}: expected names from {self._callback_tensor_inputs}"
-            )
-        to_output_type(torch.zeros(0, 3, 1, 1), output_type)  # an unknown output_type fails before work
-        if tile_size is not None:
-            mult = 2 ** (len(self.unet.config.block_out_channels) - 1)
-            if tile_size < mult or tile_size % mult:
-                raise ValueError(f"tile_size={tile_size}: expected a positive multiple of {mult}")
-            if not 0 <= tile_overlap < tile_size:
-                raise ValueError(
-                    f"tile_overlap={tile_overlap}: expected 0 <= overlap < tile_size={tile_size}"
-                )
-        if self.config.residual and (takes_handover or gives_handover):
-            raise ValueError(
-                "a residual SR stage adds its output to the upsampled clean input: truncated "
-                "conditioning augmentation (low_res_is_augmented, truncate_alphabar) is not supported"
-            )
-        if takes_handover and not self.config.noise_at_low_res:
-            raise ValueError(
-                "low_res_is_augmented=True: this stage was trained with its augmentation noise added after "
-                "upsampling, and a truncated handover's noise is the previous stage's, at the low resolution; "
-                "expected a stage trained with noise_at_low_res=True"
-            )
-
-    def prepare_low_res(self, image, class_labels, num_images_per_prompt: int, raw: bool = False):
-        """The input batch as a tensor in [-1, 1], each image (and its label) repeated per prompt,
-        and the output size. `raw`: a handed-over z_s, already in the model's range."""
-        x_lr = image_to_tensor(image, raw).to(self._execution_device)
-        x_lr = x_lr.repeat_interleave(num_images_per_prompt, dim=0)
-        size = (x_lr.shape[-2] * self.scale_factor, x_lr.shape[-1] * self.scale_factor)
-        if class_labels is None:
-            return x_lr, None, size
-        labels = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels]
-        return x_lr, [int(c) for c in labels for _ in range(num_images_per_prompt)], size
-
     def prepare_conditioning(self, x_lr, size, class_ids, noise_level: int, already_noised: bool, generator):
         """The UNet's extra input channels, level embedding and labels (doubled for guidance). An input
         already noised to `noise_level` (truncated handover) is upsampled without further noise."""
@@ -617,14 +603,96 @@ class SR3Pipeline(DiffusionPipeline):
             labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
         return cond, s_emb, labels
 
-    def denoise(self, latents, step, callback, truncate_alphabar):
-        """The reverse process; for truncation, hand over z_s once the next timestep is at or below level s.
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        image,
+        class_labels: int | list[int] | None = None,
+        noise_level: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        eta: float | None = None,
+        truncate_alphabar: float | None = None,
+        low_res_is_augmented: bool = False,
+        allow_any_size: bool = False,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+        autoguidance_scale: float | None = None,
+    ):
+        r"""Super-resolve a batch of images; the arguments are described in the class docstring.
 
-        Returns the sample and, for a truncated run, the alphabar it stopped at (else None).
+        Examples:
         """
-        cond, labels, s_emb, extra, (tile_size, tile_overlap) = step
-        callback_fn, tensor_inputs = callback
-        timesteps, do_cfg = self.scheduler.timesteps, self.guidance_scale > 1.0
+        # 1. Check the call: settings (given, else the stage's tuned defaults), output type, callbacks
+        settings = self.call_settings(
+            num_inference_steps=num_inference_steps,
+            noise_level=noise_level,
+            guidance_scale=guidance_scale,
+            autoguidance_scale=autoguidance_scale,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            eta=eta,
+        )
+        check_number("num_images_per_prompt", num_images_per_prompt, 1, 4096, integer=True)
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs has {bad}: expected names from {self._callback_tensor_inputs}"
+            )
+        to_output_type(torch.zeros(0, 3, 1, 1), output_type)  # an unknown output_type fails before work
+        if truncate_alphabar is not None:
+            check_number("truncate_alphabar", truncate_alphabar, 1e-9, 1)
+        self._guidance_scale, self._interrupt = settings["guidance_scale"], False
+        self._autoguidance_scale = settings["autoguidance_scale"]
+        tile_size, tile_overlap = settings["tile_size"], settings["tile_overlap"]
+
+        # 2. The low-res batch in [-1, 1], each image (and label) repeated per prompt, then checked
+        device = self._execution_device
+        x_lr = image_to_tensor(image, raw=low_res_is_augmented).to(device)
+        x_lr = x_lr.repeat_interleave(num_images_per_prompt, dim=0)
+        class_ids = None
+        if class_labels is not None:
+            labels = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels]
+            class_ids = [int(c) for c in labels for _ in range(num_images_per_prompt)]
+        any_size = allow_any_size or tile_size > 0
+        handover = (low_res_is_augmented, truncate_alphabar is not None)
+        self.check_inputs(x_lr, class_ids, generator, any_size, handover)
+
+        # 3. Pad to the UNet's stride (replicated edges; cropped off in step 7) and condition on the input
+        f = self.scale_factor
+        step = max(1, self.stride // f)
+        h, w = x_lr.shape[-2:]
+        pad_h, pad_w = (-h) % step, (-w) % step
+        if pad_h or pad_w:
+            x_lr = F.pad(x_lr, (0, pad_w, 0, pad_h), mode="replicate")
+        size = (x_lr.shape[-2] * f, x_lr.shape[-1] * f)
+        cond, s_emb, labels = self.prepare_conditioning(
+            x_lr, size, class_ids, settings["noise_level"], low_res_is_augmented, generator
+        )
+
+        # 4. Timesteps and the initial noise at the output size
+        self.scheduler.set_timesteps(settings["num_inference_steps"], device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        shape = (x_lr.shape[0], self.unet.config.out_channels, *size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}: expected {shape}")
+        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        extra = step_kwargs(self.scheduler, generator, settings["eta"])
+
+        # 5. Denoising loop (stops early to hand over z_s when truncating, CDM section 3.2)
+        do_cfg, alphabar = self.guidance_scale > 1.0, None
         for i, t in enumerate(self.progress_bar(timesteps)):
             if self.interrupt:
                 break
@@ -634,24 +702,34 @@ class SR3Pipeline(DiffusionPipeline):
             if do_cfg:
                 model_output = cfg_combine(model_output, self.guidance_scale)
             latents = self.scheduler.step(model_output, t, latents, **extra).prev_sample
-            if callback_fn is not None:
+            if callback_on_step_end is not None:
                 available = {"latents": latents}
-                outputs = callback_fn(self, i, t, {k: available[k] for k in tensor_inputs}) or {}
+                outputs = callback_on_step_end(self, i, t, {k: available[k] for k in tensor_inputs}) or {}
                 latents = outputs.get("latents", latents)
             if truncate_alphabar is not None and i + 1 < len(timesteps):
                 t_next = timesteps[i + 1]
-                if self.alphabar_at(t_next) >= truncate_alphabar:
-                    return self.scheduler.scale_model_input(latents, t_next), self.alphabar_at(t_next)
-        return latents, None
+                if self.alphabar_at(t_next) >= truncate_alphabar:  # VP form for sigma schedulers
+                    latents, alphabar = (
+                        self.scheduler.scale_model_input(latents, t_next),
+                        self.alphabar_at(t_next),
+                    )
+                    break
 
-    def postprocess(self, latents, x_lr, size, alphabar, output_type: str):
-        """A residual stage adds the sample to the clean upsampled input; "latent" returns the raw sample
-        (for a residual stage, the scaled residual); a truncated run returns the noisy z_s, unclamped."""
-        if output_type != "latent" and self.config.residual:
-            base = augment_low_res(x_lr, size, 0, self.image_noising_scheduler)
-            latents = base.to(latents.dtype) + latents / self.config.residual_scale
-        if alphabar is None and output_type != "latent":
+        # 6. A residual stage adds its sample to the clean upsampled input; a finished sample is clamped
+        if output_type != "latent":
+            if alphabar is not None:
+                raise ValueError(
+                    f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'latent'"
+                )
+            if self.config.residual:
+                base = augment_low_res(x_lr, size, 0, self.image_noising_scheduler)
+                latents = base.to(latents.dtype) + latents / self.config.residual_scale
             latents = latents.clamp(-1, 1)
-        elif alphabar is not None and output_type != "latent":
-            raise ValueError(f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'latent'")
-        return to_output_type(latents, output_type)
+
+        # 7. Post-process: crop the padding off, convert
+        latents = latents[..., : h * f, : w * f]
+        images = to_output_type(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return SR3PipelineOutput(images=images, alphabar=alphabar)

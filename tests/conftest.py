@@ -150,7 +150,7 @@ def make_cascade(
             SamplingConfig(
                 scheduler="DDIMScheduler",
                 steps=2,
-                aug_level=levels[k - 1],
+                noise_level=levels[k - 1],
                 aug_mode=modes[k - 1],
                 max_batch=2,
             )

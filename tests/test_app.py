@@ -79,7 +79,7 @@ def test_bad_inputs_show_a_message_and_the_server_lives_on(app_url):
     (tmp / "fake.png").write_text("not an image")
     with pytest.raises(AppError, match="fake.png"):
         client.predict(handle_file(str(tmp / "fake.png")), 1, 0, api_name="/upscale")
-    with pytest.raises(AppError, match="aug_level=5000"):
+    with pytest.raises(AppError, match="noise_level=5000"):
         client.predict(*GENERATE[:8], 100, 5000, api_name="/generate")
     with pytest.raises(AppError, match="class id 9"):
         client.predict("9", *GENERATE[1:], api_name="/generate")

@@ -68,7 +68,7 @@ CASES = [
     ("gen-zero-steps", [*GEN, "--class", "0", "--steps", "0"], "steps=0", None),
     ("gen-unknown-scheduler", [*GEN, "--class", "0", "--scheduler", "NopeScheduler"], "NopeScheduler", None),
     ("gen-negative-guidance", [*GEN, "--class", "0", "--guidance", "-1"], "guidance_scale=-1.0", None),
-    ("gen-aug-level-too-high", [*GEN, "--class", "0", "--aug-level", "5000"], "5000", None),
+    ("gen-noise-level-too-high", [*GEN, "--class", "0", "--noise-level", "5000"], "5000", None),
     ("gen-unknown-device", [*GEN, "--class", "0", "--device", "tpu9"], "tpu9", None),
     ("gen-out-is-a-file", [*GEN, "--class", "0", "--out", "FILE", "--overwrite"], "is a file", None),
     ("gen-too-many-stages", [*GEN, "--class", "0", "--stages", "7"], "--stages=7", None),
@@ -161,7 +161,7 @@ CASES = [
     ("eval-missing-reference-stats", [*EVAL_GEN, "--reference-stats", "MISSING.npz"], "MISSING.npz", None),
     # cdm-export
     ("export-negative-steps", [*EXPORT, "--set", "base64.steps=-5"], "steps=-5", None),
-    ("export-aug-level-too-high", [*EXPORT, "--set", "sr64to256.aug_level=99999"], "99999", None),
+    ("export-noise-level-too-high", [*EXPORT, "--set", "sr64to256.noise_level=99999"], "99999", None),
     ("export-unknown-scheduler", [*EXPORT, "--set", "base64.scheduler=Foo"], "Foo", None),
     ("export-unknown-stage-in-set", [*EXPORT, "--set", "nope.steps=3"], "nope", None),
     ("export-missing-input", ["cdm-export", "MISSING", "--out", "NEW"], "MISSING", None),

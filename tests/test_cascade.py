@@ -60,14 +60,14 @@ def test_truncation_needs_a_stage_trained_with_its_noise_at_low_res(tmp_path):
     never saw such input, so the cascade refuses to hand it one (and still samples it non-truncated)."""
     cascade = Cascade.from_pretrained(make_cascade(tmp_path / "c", sizes=(8, 32), noise_at_low_res=False))
     assert not cascade.pipes[1].config.noise_at_low_res
-    with pytest.raises(UserError, match="aug_mode=truncated for stage sr64to256: it was trained with its"):
-        cascade.with_overrides(aug_mode=["non-truncated", "truncated"], aug_level=[0, 100])
-    with pytest.raises(ValueError, match="expected a stage trained with noise_at_low_res=True"):
+    with pytest.raises(UserError, match="stage sr64to256: a truncated handover is noisy at the low resolution"):
+        cascade.with_overrides(aug_mode=["non-truncated", "truncated"], noise_level=[0, 100])
+    with pytest.raises(ValueError, match="or a stage trained with noise_at_low_res=True"):
         cascade.pipes[1](torch.zeros(1, 3, 8, 8), num_inference_steps=1, low_res_is_augmented=True)
     assert cascade([0], seeds=[0], progress=False).images[-1].shape == (1, 3, 32, 32)
     loaded = Cascade.from_pretrained(make_cascade(tmp_path / "d", sizes=(8, 32)))
     assert loaded.pipes[1].config.noise_at_low_res  # saved and loaded with the stage
-    loaded.with_overrides(aug_mode=["non-truncated", "truncated"], aug_level=[0, 100])
+    loaded.with_overrides(aug_mode=["non-truncated", "truncated"], noise_level=[0, 100])
 
 
 def test_mismatched_chain_fails_before_any_compute(tmp_path):
@@ -140,7 +140,7 @@ def test_generate_image_equals_same_seed_alone(cascade_dir, tmp_path):
         (["--class", "7"], "class id 7 is out of range: expected 0..2"),
         (["--class", "golden retriever"], "unknown class label 'golden retriever'"),
         (["--class", "1", "--model", "/no/such/cascade"], "/no/such/cascade: no such folder"),
-        (["--class", "1", "--steps", "0"], "steps=0 for stage base64: expected an integer >= 1"),
+        (["--class", "1", "--steps", "0"], "stage base64: num_inference_steps=0: expected an integer in 1..10000"),
         (["--class", "1", "--steps", "2,2"], "steps: got 2 values for 3 stages"),
         (["--class", "1", "--scheduler", "NopeScheduler"], "'NopeScheduler' is not a diffusers scheduler"),
         (["--class", "1", "--aug-mode", "sideways"], "aug_mode='sideways'"),

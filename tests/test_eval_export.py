@@ -191,7 +191,10 @@ def test_sweep_writes_table_plot_and_best_level(tmp_path, cache_env):
     assert len(sweep["rows"]) == 4
     assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     stage = json.loads((root / "cascade.json").read_text())["stages"][1]["sampling"]
-    assert (stage["aug_level"], stage["aug_mode"]) == (sweep["best"]["aug_level"], sweep["best"]["aug_mode"])
+    assert (stage["noise_level"], stage["aug_mode"]) == (
+        sweep["best"]["noise_level"],
+        sweep["best"]["aug_mode"],
+    )
 
 
 def _eval_gen_args(root, data, out, *extra):

@@ -182,7 +182,7 @@ def test_blur_report_names_the_better_stage_only_beyond_the_seed_spread(tmp_path
             "points": points,
             "floor": floor,
             "samples": 20,
-            "settings": SamplingConfig(aug_level=200),
+            "settings": SamplingConfig(noise_level=200),
             "real": 20,
         }
 
@@ -288,7 +288,7 @@ def test_the_ablations_keep_their_own_sr_sampler_whatever_the_shipped_default():
     assert ablation.settings[0] == shipped.settings[0]  # the base stage as shipped
     for mine, theirs in zip(ablation.settings[1:], shipped.settings[1:]):
         assert (mine.scheduler, mine.steps) == ("DDIMScheduler", 5) == tuple(experiments.ABLATION_SR.values())
-        assert (mine.aug_level, mine.aug_mode) == (theirs.aug_level, theirs.aug_mode)
+        assert (mine.noise_level, mine.aug_mode) == (theirs.noise_level, theirs.aug_mode)
 
 
 def levels_result(kid: dict, shipped: int) -> dict:
@@ -306,7 +306,7 @@ def levels_result(kid: dict, shipped: int) -> dict:
     }
     for seed in experiments.SEEDS:
         points[("inputs", seed)] = {"samples": 50, "seconds": 80.0}
-    settings = SamplingConfig(scheduler="DDPMScheduler", steps=5, aug_level=shipped)
+    settings = SamplingConfig(scheduler="DDPMScheduler", steps=5, noise_level=shipped)
     floor = {"fid": 30.0, "kid": 0.0, "seconds": 1.0}
     return {
         "points": points,

@@ -120,7 +120,7 @@ def test_residual_training_target_is_the_scaled_residual_over_the_clean_upsample
         OmegaConf.structured(TrainRunConfig),
         {"stage": OmegaConf.structured(residual_stage()), "unet": OmegaConf.structured(TINY)},
     )
-    cfg.stage.aug_max_level = 100
+    cfg.stage.noise_level_max = 100
     hr = textured(32)
     noising = build_noise_scheduler(cfg.stage)
     unet = build_unet(cfg.stage, cfg.unet, 0)

@@ -277,10 +277,12 @@ def test_sr_bad_input_names_the_value():
     good = {"image": low_res_batch(1), "num_inference_steps": 1}
     cases = [
         (
-            {"image": low_res_batch(1, size=9)},
+            {"image": low_res_batch(1, size=9), "tile_size": 0},  # no tiles: the training size only
             r"image size 9x9 does not match this stage's input: expected 8x8",
         ),
-        ({"noise_level": 1000}, r"noise_level=1000 is outside the noising schedule 0\.\.999"),
+        ({"noise_level": 1000}, r"noise_level=1000: expected an integer in 0\.\.999"),
+        ({"guidance_scale": float("nan")}, r"guidance_scale=nan: expected a finite number"),
+        ({"num_inference_steps": 2.5}, r"num_inference_steps=2\.5: expected an integer"),
         ({"noise_level": -1}, r"noise_level=-1"),
         ({"num_inference_steps": 0}, r"num_inference_steps=0"),
         ({"guidance_scale": 2.0}, r"guidance_scale=2.0"),

@@ -60,7 +60,7 @@ def test_training_conditions_on_what_the_pipeline_augmentation_gives(at_low_res)
         OmegaConf.structured(TrainRunConfig),
         {"stage": OmegaConf.structured(sr_stage(4, 16)), "unet": OmegaConf.structured(TINY)},
     )
-    cfg.stage.aug_max_level = 500
+    cfg.stage.noise_level_max = 500
     cfg.stage.noise_at_low_res = at_low_res
     x0 = torch.rand(2, 3, 16, 16) * 2 - 1
     noising = build_noise_scheduler(cfg.stage)

@@ -47,11 +47,11 @@ from cdm.measure.fid import (
     save_stats,
 )
 from cdm.measure.metrics import consistency, hf_ratio, patch_grid, psnr, ssim
-from cdm.models import sampling_scheduler
+from cdm.models import sampling_scheduler, with_scheduler
 from cdm.stage_io import CASCADE_FILE
 from cdm.train.data import StageDataset, collate, open_dataset
 from cdm.train.degradations import DOWNSAMPLERS, gaussian_blur, other_downsample
-from cdm.upscaling import PHOTO_STAGE, add_autoguidance_argument, check_autoguidance, load_sr_stage
+from cdm.upscaling import PHOTO_STAGE, add_autoguidance_argument, load_sr_stage
 
 DEFAULT_RESIZE = {"digits": ResizeMode.crisp, "photos": ResizeMode.none, "imagefolder": ResizeMode.resize}
 
@@ -167,7 +167,7 @@ def sr_outputs(
                 eta=eta,
                 generator=[torch.Generator().manual_seed(seed + i)],
                 allow_any_size=True,
-                tile_size=tile,
+                tile_size=tile or 0,  # whole images unless --tile
                 autoguidance_scale=autoguidance_scale,
             )
             .images.float()
@@ -228,7 +228,7 @@ def generate(
     for lo in tqdm(range(0, len(ids), batch), desc="generate", unit="batch"):
         out = sub(ids[lo : lo + batch], list(range(lo, min(lo + batch, len(ids)))), progress=False)
         for k, x in enumerate(out.images):
-            per_stage[k].append(x)
+            per_stage[k].append(x * 2 - 1)  # the measures work in [-1, 1]
     return [torch.cat(x) for x in per_stage]
 
 
@@ -266,17 +266,20 @@ def cmd_sr(args) -> None:
         raise UserError(
             f"--crop={size}: expected a multiple of the stage's scale {pipe.scale_factor} and of {mult}"
         )
-    if not 0 <= args.noise_level <= pipe.max_noise_level:
-        raise UserError(f"--noise-level={args.noise_level}: expected 0..{pipe.max_noise_level}")
     if not 0 <= args.blur <= 4:
         raise UserError(f"--blur={args.blur}: expected a Gaussian sigma in low-res pixels, 0..4")
     if not 0 <= args.jpeg <= 95:
         raise UserError(f"--jpeg={args.jpeg}: expected a JPEG quality 1..95, or 0 for none")
-    args.autoguidance = check_autoguidance(
-        pipe, settings.autoguidance_scale if args.autoguidance is None else args.autoguidance
-    )
-    if args.tile is not None and (args.tile < mult or args.tile % mult):
-        raise UserError(f"--tile={args.tile}: expected a positive multiple of {mult} (output pixels)")
+    try:  # the stage's own rules (its pipeline's); unset values are the stage's settings
+        checked = pipe.call_settings(
+            noise_level=args.noise_level,
+            autoguidance_scale=args.autoguidance,
+            tile_size=args.tile,
+            eta=args.eta,
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    args.autoguidance = checked["autoguidance_scale"]
     grid = [
         (name, steps)
         for name in args.scheduler or [settings.scheduler]
@@ -304,12 +307,11 @@ def cmd_sr(args) -> None:
 
 def sr_sweep(pipe, images: list, grid: list[tuple[str, int]], args) -> tuple[list[dict], dict]:
     """Score the stage at every (scheduler, steps) of the grid, and bicubic once."""
-    base_config, kid = pipe.scheduler.config, not args.no_kid
+    kid = not args.no_kid
     sweep, bicubic = [], None
     for name, steps in grid:
-        pipe.scheduler = sampling_scheduler(name, base_config, steps)
         outs = sr_outputs(
-            pipe,
+            with_scheduler(pipe, name, steps),
             images,
             steps,
             args.noise_level,
@@ -586,20 +588,20 @@ def cmd_sweep(args) -> None:
     for mode in modes:
         for level in args.levels:
             settings = cascade.with_overrides(steps=args.steps)
-            settings[k].aug_level, settings[k].aug_mode = level, mode
-            cascade.with_overrides(aug_level=[s.aug_level for s in settings])  # validates the level
+            settings[k].noise_level, settings[k].aug_mode = level, mode
+            cascade.with_overrides(noise_level=[s.noise_level for s in settings])  # validates the level
             images = generate(cascade, ids, settings, args.batch, k + 1)[k]
             if args.metric == "agreement":
                 value = class_agreement(images, ids, data, cascade.resolutions[0])[0]
             else:
                 value = frechet_and_kernel_distance(images, reference)[args.metric]
-            rows.append({"aug_mode": mode, "aug_level": level, args.metric: value})
+            rows.append({"aug_mode": mode, "noise_level": level, args.metric: value})
             print(f"{args.stage} {mode:>13} s={level:<4} {args.metric}={value:.4f}")
     better = max if args.metric == "agreement" else min
     best = better(rows, key=lambda r: r[args.metric])
     table = [f"| aug_mode | s | {args.metric} |", "|---|---|---|"]
-    table += [f"| {r['aug_mode']} | {r['aug_level']} | {r[args.metric]:.4f} |" for r in rows]
-    table.append(f"\nBest: {best['aug_mode']} s={best['aug_level']} ({len(ids)} samples per point).")
+    table += [f"| {r['aug_mode']} | {r['noise_level']} | {r[args.metric]:.4f} |" for r in rows]
+    table.append(f"\nBest: {best['aug_mode']} s={best['noise_level']} ({len(ids)} samples per point).")
     result = {
         "stage": args.stage,
         "metric": args.metric,
@@ -625,7 +627,7 @@ def plot_aug_sweep(rows: list[dict], modes: list[str], stage: str, metric: str, 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for mode in modes:
         pts = [r for r in rows if r["aug_mode"] == mode]
-        ax.plot([r["aug_level"] for r in pts], [r[metric] for r in pts], marker="o", label=mode)
+        ax.plot([r["noise_level"] for r in pts], [r[metric] for r in pts], marker="o", label=mode)
     ax.set_xlabel(f"augmentation level s ({stage})")
     ax.set_ylabel(metric)
     ax.legend()
@@ -640,7 +642,9 @@ def write_best_level(path: Path, stage: str, best: dict) -> None:
     spec = json.loads(path.read_text())
     for entry in spec["stages"]:
         if entry["name"] == stage:
-            entry.setdefault("sampling", {}).update(aug_level=best["aug_level"], aug_mode=best["aug_mode"])
+            entry.setdefault("sampling", {}).update(
+                noise_level=best["noise_level"], aug_mode=best["aug_mode"]
+            )
     write_file(path, lambda tmp: tmp.write_text(json.dumps(spec, indent=2) + "\n"), overwrite=True)
     print(f"wrote the best level into {path}")
 

@@ -18,7 +18,7 @@ from cdm.cascade import DEMO_CASCADE, Cascade
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
 from cdm.files import check_new, check_out_dir, write_file
-from cdm.images import save_grid, to_pil, to_tensor
+from cdm.images import save_grid, to_tensor, unit_to_pil
 
 CHUNK = 16  # images taken through the whole cascade at a time
 GRID_MAX = 64  # the grid shows at most this many final images
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--guidance", type=_csv(float), help="guidance scale (one value: class-conditional stages)"
     )
-    p.add_argument("--aug-level", type=_csv(int), help="augmentation level s per stage, e.g. 0,100,100")
+    p.add_argument("--noise-level", type=_csv(int), help="augmentation level s per stage, e.g. 0,100,100")
     p.add_argument("--aug-mode", type=_csv(str), help="truncated or non-truncated (per stage or one value)")
     p.add_argument(
         "--scheduler", type=_csv(str), help="diffusers scheduler class name(s), e.g. DDIMScheduler"
@@ -66,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bf16", action="store_true", help="bf16 autocast for the UNets (about 1.6x faster on CPU)"
     )
-    p.add_argument("--no-channels-last", action="store_true", help="keep the default memory layout")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels-last memory layout for the UNets (faster on CPU; pixels may differ from plain diffusers by 1/255)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--device-map",
@@ -109,11 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = cascade.with_overrides(
         steps=args.steps,
         guidance_scale=args.guidance,
-        aug_level=args.aug_level,
+        noise_level=args.noise_level,
         aug_mode=args.aug_mode,
         scheduler=args.scheduler,
     )
-    ids = [i for c in args.classes for i in cascade.class_ids([c]) for _ in range(args.num_images)]
+    ids = [i for c in args.classes for i in class_ids(cascade, c, args.model) for _ in range(args.num_images)]
     seeds = [args.seed + i for i in range(len(ids))]
     files = planned_files(cascade, ids, seeds, args.out, args.save_intermediates)
     check_out_dir(args.out)
@@ -142,6 +146,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {sum(len(v) for v in files.values())} PNGs and {grid_path} to {args.out}/")
 
 
+def class_ids(cascade, label: str, model: str | None) -> list[int]:
+    """A class index or name; against the default model, the error says what that model is and how to
+    name another (`--class 207` means an ImageNet cascade)."""
+    try:
+        return cascade.class_ids([label])
+    except UserError as err:
+        if model is not None:
+            raise
+        raise UserError(
+            f"{err}. The default model is the shipped demo cascade ({cascade.num_classes} digit classes, "
+            f"0..{cascade.num_classes - 1}); for other classes pass a cascade trained on them, e.g. "
+            f"cdm-generate --model USER/IMAGENET-CASCADE --class {label!r}"
+        ) from None
+
+
 def place(cascade, state, args) -> None:
     """All stages on this process's device, or each on its own (--device-map, one process)."""
     if args.device_map is None:
@@ -150,7 +169,7 @@ def place(cascade, state, args) -> None:
         raise UserError("--device-map places the stages of one process: run it without accelerate launch")
     else:
         cascade.place([resolve_device(d) for d in args.device_map])
-    cascade.optimize(bf16=args.bf16, channels_last=not args.no_channels_last)
+    cascade.optimize(bf16=args.bf16, channels_last=args.channels_last)
 
 
 def sample_or_clean_up(cascade, ids, seeds, settings, files: dict, mine: list[int], args) -> list[float]:
@@ -174,7 +193,7 @@ def sample_share(cascade, ids, seeds, settings, files: dict, mine: list[int], ar
         def on_chunk_end(k, lo, hi, images):
             for pos, img in zip(mine[lo:hi], images):
                 if k in files:
-                    write_file(files[k][pos], to_pil(img).save, args.overwrite)
+                    write_file(files[k][pos], unit_to_pil(img).save, args.overwrite)
 
         chunk = min(s.max_batch for s in settings)
         sub_ids, sub_seeds = [ids[p] for p in mine], [seeds[p] for p in mine]
@@ -186,7 +205,7 @@ def sample_share(cascade, ids, seeds, settings, files: dict, mine: list[int], ar
         def on_stage_end(k, name, images, part=part):
             for pos, img in zip(part, images):
                 if k in files:
-                    write_file(files[k][pos], to_pil(img).save, args.overwrite)
+                    write_file(files[k][pos], unit_to_pil(img).save, args.overwrite)
 
         result = cascade(
             [ids[p] for p in part], [seeds[p] for p in part], settings, on_stage_end, progress=not args.quiet

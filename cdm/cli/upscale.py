@@ -17,21 +17,20 @@ from pathlib import Path
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from cdm_pipelines.pipeline_sr3 import image_to_tensor
+from cdm_pipelines.pipeline_sr3 import check_number, image_to_tensor
 
-from cdm.config import DataConfig, DataSource, ResizeMode, unet_stride
+from cdm.config import DataConfig, DataSource, ResizeMode
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
 from cdm.files import check_new, check_out_dir, write_file
 from cdm.images import comparison_figure, decode_image, to_pil, to_rgb
 from cdm.measure.metrics import psnr
-from cdm.models import sampling_scheduler
+from cdm.models import with_scheduler
 from cdm.train.data import open_dataset
 from cdm.train.degradations import downsample
 from cdm.upscaling import (
     PHOTO_STAGE,
     add_autoguidance_argument,
-    check_autoguidance,
     check_size,
     load_sr_stage,
     read_image,
@@ -65,13 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default=None, help="which SR stage of a cascade (default: the first)")
     p.add_argument("--out", type=Path, default=Path("upscaled"), help="output folder (default upscaled/)")
     p.add_argument(
-        "--tile", type=int, default=None, help="tile size in input pixels (default: the stage's input size)"
+        "--tile", type=int, default=None, help="tile size in input pixels (default: the stage's setting)"
     )
-    p.add_argument("--overlap", type=int, default=None, help="tile overlap in input pixels (default tile/4)")
+    p.add_argument(
+        "--overlap",
+        type=int,
+        default=None,
+        help="tile overlap in input pixels (default: the stage's setting)",
+    )
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the stage's setting)")
     p.add_argument("--scheduler", help="diffusers scheduler class (default: the stage's setting)")
     add_autoguidance_argument(p)
-    p.add_argument("--noise-level", type=int, default=0, help="augmentation level s of the input (default 0)")
+    p.add_argument(
+        "--noise-level",
+        type=int,
+        default=None,
+        help="augmentation level s of the input (default: the stage's)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--self-ensemble",
@@ -100,23 +109,33 @@ def centre_crop(x: torch.Tensor, size: int, multiple: int) -> torch.Tensor:
     return x[..., top : top + h, left : left + w]
 
 
-def upscale_as_asked(pipe, image, args, tile: int, overlap: int, steps: int) -> PIL.Image.Image:
-    """`upscale` with the command line's noise level, seed, self-ensemble and autoguidance."""
+def upscale_as_asked(pipe, image, args) -> PIL.Image.Image:
+    """`upscale` with the command line's settings; those not given are the stage's own."""
     return upscale(
-        pipe, image, tile, overlap, steps, args.noise_level, args.seed, args.self_ensemble, args.autoguidance
+        pipe,
+        image,
+        args.tile,
+        args.overlap,
+        args.steps,
+        args.noise_level,
+        args.seed,
+        args.self_ensemble,
+        args.autoguidance,
     )
 
 
-def compare(pipe, images, names, args, tile: int, overlap: int, steps: int, size: int = 384) -> None:
+def compare(pipe, images, names, args, size: int = 384) -> None:
     """Downsample each original by the stage's scale, upscale it, and write low-res | bicubic | model | original."""
     check_new([args.compare], args.overwrite)
     f, rows = pipe.scale_factor, []
-    guided = f", autoguidance {args.autoguidance:g}" if args.autoguidance != 1 else ""
+    settings = pipe.call_settings(num_inference_steps=args.steps, autoguidance_scale=args.autoguidance)
+    steps, autoguidance = settings["num_inference_steps"], settings["autoguidance_scale"]
+    guided = f", autoguidance {autoguidance:g}" if autoguidance != 1 else ""
     for name, image in zip(names, images):
         original = centre_crop(image_to_tensor(to_rgb(image)), size, f * 4)
         lr = downsample(original, f).clamp(-1, 1)
         start = time.perf_counter()
-        model = image_to_tensor(upscale_as_asked(pipe, to_pil(lr[0]), args, tile, overlap, steps))
+        model = image_to_tensor(upscale_as_asked(pipe, to_pil(lr[0]), args))
         seconds = time.perf_counter() - start
         bicubic = F.interpolate(lr, scale_factor=f, mode="bicubic", align_corners=False).clamp(-1, 1)
         nearest = F.interpolate(lr, scale_factor=f, mode="nearest")
@@ -137,42 +156,40 @@ def compare(pipe, images, names, args, tile: int, overlap: int, steps: int, size
     print(f"wrote {args.compare}")
 
 
-def check_arguments(args, pipe, settings) -> tuple[int, int, int]:
-    """The tile, overlap and steps to use, each checked against the stage before any work."""
-    if args.tile is not None and args.tile < 1:
-        raise UserError(f"--tile={args.tile}: expected a positive tile size in input pixels")
-    tile = args.tile or pipe.config.low_res_size
-    overlap = tile // 4 if args.overlap is None else args.overlap
-    if not 0 <= args.noise_level <= pipe.max_noise_level:
-        raise UserError(f"--noise-level={args.noise_level}: expected 0..{pipe.max_noise_level}")
-    if not 0 <= overlap < tile:
-        raise UserError(f"--overlap={overlap}: expected 0 <= overlap < --tile={tile}")
-    mult = unet_stride(pipe.unet.config.block_out_channels)
-    if (tile * pipe.scale_factor) % mult:
-        raise UserError(f"--tile={tile}: tile x {pipe.scale_factor} must be a multiple of {mult}")
-    steps = settings.steps if args.steps is None else args.steps
-    if steps < 1:
-        raise UserError(f"--steps={steps}: expected an integer >= 1")
-    if args.scheduler is not None:
-        settings.scheduler = args.scheduler
-    args.autoguidance = check_autoguidance(
-        pipe, settings.autoguidance_scale if args.autoguidance is None else args.autoguidance
-    )
-    if args.held_out < 0:
-        raise UserError(f"--held-out={args.held_out}: expected an integer >= 0")
+def check_arguments(args, pipe) -> None:
+    """The command line's settings, checked by the stage's own rules (its pipeline's) before any work."""
+    f = pipe.scale_factor
+    try:
+        for flag, value, lo in (
+            ("--tile", args.tile, 1),
+            ("--overlap", args.overlap, 0),
+            ("--seed", args.seed, 0),
+        ):
+            if value is not None:
+                check_number(flag, value, lo, None, integer=True)
+        pipe.call_settings(
+            num_inference_steps=args.steps,
+            noise_level=args.noise_level,
+            autoguidance_scale=args.autoguidance,
+            tile_size=None if args.tile is None else args.tile * f,
+            tile_overlap=None if args.overlap is None else args.overlap * f,
+        )
+        check_number("--held-out", args.held_out, 0, 1000, integer=True)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     if args.held_out and args.compare is None:
         raise UserError(
             "--held-out needs --compare FIGURE.png: held-out photos are originals to compare with"
         )
-    return tile, overlap, steps
 
 
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.device = resolve_device(args.device)
-    pipe, settings = load_sr_stage(args.model, args.stage)
-    tile, overlap, steps = check_arguments(args, pipe, settings)
+    pipe, _ = load_sr_stage(args.model, args.stage)
+    check_arguments(args, pipe)
+    pipe = with_scheduler(pipe, args.scheduler, args.steps or pipe.call_settings()["num_inference_steps"])
     images = [read_image(p) for p in args.inputs]  # every input is checked before anything is written
     for path, image in zip(args.inputs, images):
         check_size(path, image, pipe.scale_factor)
@@ -183,10 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     if not images:
         raise UserError("no input image: pass image files (or --compare FIGURE.png --held-out N)")
 
-    pipe.scheduler = sampling_scheduler(settings.scheduler, pipe.scheduler.config, steps)
     pipe.to(args.device)
     if args.compare is not None:
-        compare(pipe, images, names, args, tile, overlap, steps)
+        compare(pipe, images, names, args)
         return
     check_out_dir(args.out)
     outputs = [args.out / f"{p.stem}-x{pipe.scale_factor}.png" for p in args.inputs]
@@ -194,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for path, image, target in zip(args.inputs, images, outputs):
         start = time.perf_counter()
-        result = upscale_as_asked(pipe, image, args, tile, overlap, steps)
+        result = upscale_as_asked(pipe, image, args)
         write_file(target, result.save, args.overwrite)
         print(
             f"{path} {image.width}x{image.height} -> {target} {result.width}x{result.height} "

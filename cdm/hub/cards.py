@@ -214,7 +214,9 @@ def augmentation_rows(names, pipes, infos, settings) -> str:
             continue
         st = (info or {}).get("stage", {})
         blur = f"{st.get('blur_prob', 'n/a')}, {st.get('blur_sigma', 'n/a')}"
-        rows.append(f"| {name} | {st.get('aug_max_level', 'n/a')} | {blur} | {s.aug_level} | {s.aug_mode} |")
+        rows.append(
+            f"| {name} | {st.get('noise_level_max', 'n/a')} | {blur} | {s.noise_level} | {s.aug_mode} |"
+        )
     return "\n".join(rows)
 
 
@@ -238,7 +240,7 @@ out = cascade([{label_example}], seeds=[0])
 ```"""
         lines = "".join(
             template("sr_line").format(
-                var=name.replace("-", "_"), name=name, level=s.aug_level, steps=s.steps
+                var=name.replace("-", "_"), name=name, level=s.noise_level, steps=s.steps
             )
             for name, s in zip(names[1:], settings[1:])
         )
@@ -260,7 +262,7 @@ out = cascade([{label_example}], seeds=[0])
         repo=repo,
         cls="SR3Pipeline",
         prepare='import PIL.Image\nlow_res = PIL.Image.open("photo.png").convert("RGB")\n',
-        call_args=f"image=low_res, noise_level={s.aug_level}, num_inference_steps={s.steps}, "
+        call_args=f"image=low_res, noise_level={s.noise_level}, num_inference_steps={s.steps}, "
         f"tile_size={pipes[0].unet.config.sample_size}, tile_overlap={pipes[0].unet.config.sample_size // 4}",
     )
     return f"### With cdm\n\n{cdm}\n\n### With plain diffusers\n\n{plain}"
@@ -342,7 +344,7 @@ def method_sections(names: list[str], pipes: list, infos: list, settings: list) 
     """What the SR stages were trained on: residual targets, clean inputs or conditioning augmentation."""
     sr = [(i or {}).get("stage", {}) for i, p in zip(infos, pipes) if stage_kind(p) == "sr"]
     body = [template("residual")] if any(st.get("residual") for st in sr) else []
-    if sr and all(st.get("aug_max_level", 1) == 0 for st in sr):
+    if sr and all(st.get("noise_level_max", 1) == 0 for st in sr):
         body += [template("clean_inputs")]
     elif any(stage_kind(p) == "sr" for p in pipes):
         body += [template("augmentation"), augmentation_rows(names, pipes, infos, settings), ""]

@@ -110,12 +110,12 @@ def stage_model_fn(unet, cfg, batch, noising, num_classes, generator):
     x_lr = random_blur(
         downsample(x0, stage.resolution // stage.low_res), stage.blur_prob, stage.blur_sigma, generator
     )
-    aug_level = sample_levels(x0.shape[0], stage.aug_max_level, generator).to(x0.device)
-    cond = augment_low_res(x_lr, x0.shape[-2:], aug_level, noising, generator, stage.noise_at_low_res)
+    noise_level = sample_levels(x0.shape[0], stage.noise_level_max, generator).to(x0.device)
+    cond = augment_low_res(x_lr, x0.shape[-2:], noise_level, noising, generator, stage.noise_at_low_res)
     cond = cond.to(x0.dtype)
     if stage.residual:  # the target is the scaled residual over the clean upsample (as the pipeline adds it)
         x0 = (x0 - augment_low_res(x_lr, x0.shape[-2:], 0, noising).to(x0.dtype)) * stage.residual_scale
-    level_emb = level_embedding(aug_level, cfg.unet.level_embed_dim).to(x0.device, x0.dtype)
+    level_emb = level_embedding(noise_level, cfg.unet.level_embed_dim).to(x0.device, x0.dtype)
 
     def model_fn(x_t, t):
         x_in = torch.cat([x_t, cond], dim=1)
@@ -145,7 +145,11 @@ def save_samples(cfg, pipe, fixed, path: Path, num_classes: int) -> None:
     labels = fixed["labels"][:n].tolist() if cfg.stage.class_conditional else None
     kw["generator"] = gens[: len(target)]
     out = pipe(
-        (x_lr + 1) / 2, class_labels=labels, noise_level=cfg.stage.sample.aug_level, allow_any_size=True, **kw
+        (x_lr + 1) / 2,
+        class_labels=labels,
+        noise_level=cfg.stage.sample.noise_level,
+        allow_any_size=True,
+        **kw,
     )
     up = torch.nn.functional.interpolate(x_lr, size=target.shape[-2:], mode="bicubic").clamp(-1, 1)
     rows = [img for triple in zip(up, out.images * 2 - 1, target) for img in triple]
