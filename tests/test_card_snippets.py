@@ -3,6 +3,7 @@ Hub replaced by the local folder, and the plain-diffusers blocks in a process wh
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -107,3 +108,82 @@ print(json.dumps({
         "same_seed": True,
         "other_seed": True,
     }
+
+
+NO_CDM_RUN = """
+import json, sys, numpy as np, PIL.Image, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(FOLDER, trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+CALL
+np.save(OUT, np.asarray(image))
+print(type(pipe).__name__)
+"""
+
+
+def plain_diffusers(tmp_path, folder, call: str, name: str) -> np.ndarray:
+    """Load `folder` with plain diffusers in a process where cdm cannot be imported, run `call` (which
+    sets `image`), and return the image as an array."""
+    out = tmp_path / f"{name}.npy"
+    code = NO_CDM_RUN.replace("FOLDER", repr(str(folder))).replace("OUT", repr(str(out)))
+    plain, result = run_block(code.replace("CALL", call), {}, tmp_path, name)
+    assert plain and result.returncode == 0, result.stderr[-2000:]
+    return np.load(out)
+
+
+def test_the_shipped_photo_stage_called_alone_equals_cdm_upscale_pixel_for_pixel(tmp_path):
+    from cdm.upscaling import PHOTO_STAGE
+
+    rng = np.random.default_rng(0)
+    small = PIL.Image.fromarray(rng.integers(0, 255, (6, 7, 3), dtype=np.uint8))
+    small.resize((50, 42), PIL.Image.BICUBIC).save(tmp_path / "in.png")  # not a multiple of the UNet's stride
+    res = run_cli(["cdm-upscale", "in.png", "--seed", "3", "--out", "up"], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cli = np.asarray(PIL.Image.open(tmp_path / "up" / "in-x4.png"))
+    call = 'image = pipe(image=PIL.Image.open("in.png").convert("RGB"), generator=torch.Generator().manual_seed(3)).images[0]'
+    folder = shutil.copytree(PHOTO_STAGE, tmp_path / "published")  # a path without "cdm" in it
+    plain = plain_diffusers(tmp_path, folder, call, "photo")
+    assert plain.shape == cli.shape == (168, 200, 3)
+    assert np.array_equal(plain, cli)
+
+
+@pytest.mark.parametrize(
+    "flags, call_args",
+    [
+        ([], ""),
+        (["--steps", "3,1", "--noise-level", "0,250"], "num_inference_steps=[3, 1], noise_level=[0, 250]"),
+        (["--guidance", "3"], "guidance_scale=3.0"),
+    ],
+    ids=["defaults", "per-stage", "one-guidance"],
+)
+def test_the_cascade_root_called_alone_equals_cdm_generate(tmp_path, flags, call_args):
+    root = make_cascade(tmp_path / "c", sizes=(8, 32))
+    res = run_cli(
+        ["cdm-generate", "--model", str(root), "--class", "1", "--seed", "4", "--out", "o", *flags], tmp_path
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    (png,) = (tmp_path / "o").glob("*-32px.png")
+    cli = np.asarray(PIL.Image.open(png))
+    call = (
+        f"image = pipe(class_labels=[1], generator=torch.Generator().manual_seed(4), {call_args}).images[0]"
+    )
+    plain = plain_diffusers(tmp_path, root, call, "root")
+    assert np.array_equal(plain, cli)
+    if flags:  # the settings took effect: they differ from the defaults' image
+        default = plain_diffusers(tmp_path, root, call.replace(call_args, ""), "root-default")
+        assert not np.array_equal(default, cli)
+
+
+def test_a_cascade_written_with_the_old_level_key_still_loads(tmp_path):
+    from cdm.cascade import Cascade
+
+    root = make_cascade(tmp_path / "c", sizes=(8, 32), levels=(250,))
+    for name in ("cascade.json", "model_index.json"):
+        path = root / name
+        path.write_text(path.read_text().replace('"noise_level"', '"aug_level"'))
+    assert '"aug_level": 250' in (root / "cascade.json").read_text()
+    assert Cascade.from_pretrained(root).settings[1].noise_level == 250
+    call = "image = pipe(class_labels=[0], generator=torch.Generator().manual_seed(0), output_type='np').images[0]"
+    old = plain_diffusers(tmp_path, root, call, "old")
+    new = plain_diffusers(tmp_path, root, call.replace("output_type", "noise_level=250, output_type"), "new")
+    assert np.array_equal(old, new)

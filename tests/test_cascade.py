@@ -60,7 +60,9 @@ def test_truncation_needs_a_stage_trained_with_its_noise_at_low_res(tmp_path):
     never saw such input, so the cascade refuses to hand it one (and still samples it non-truncated)."""
     cascade = Cascade.from_pretrained(make_cascade(tmp_path / "c", sizes=(8, 32), noise_at_low_res=False))
     assert not cascade.pipes[1].config.noise_at_low_res
-    with pytest.raises(UserError, match="stage sr64to256: a truncated handover is noisy at the low resolution"):
+    with pytest.raises(
+        UserError, match="stage sr64to256: a truncated handover is noisy at the low resolution"
+    ):
         cascade.with_overrides(aug_mode=["non-truncated", "truncated"], noise_level=[0, 100])
     with pytest.raises(ValueError, match="or a stage trained with noise_at_low_res=True"):
         cascade.pipes[1](torch.zeros(1, 3, 8, 8), num_inference_steps=1, low_res_is_augmented=True)
@@ -140,7 +142,10 @@ def test_generate_image_equals_same_seed_alone(cascade_dir, tmp_path):
         (["--class", "7"], "class id 7 is out of range: expected 0..2"),
         (["--class", "golden retriever"], "unknown class label 'golden retriever'"),
         (["--class", "1", "--model", "/no/such/cascade"], "/no/such/cascade: no such folder"),
-        (["--class", "1", "--steps", "0"], "stage base64: num_inference_steps=0: expected an integer in 1..10000"),
+        (
+            ["--class", "1", "--steps", "0"],
+            "stage base64: num_inference_steps=0: expected an integer in 1..10000",
+        ),
         (["--class", "1", "--steps", "2,2"], "steps: got 2 values for 3 stages"),
         (["--class", "1", "--scheduler", "NopeScheduler"], "'NopeScheduler' is not a diffusers scheduler"),
         (["--class", "1", "--aug-mode", "sideways"], "aug_mode='sideways'"),
@@ -357,3 +362,19 @@ def test_pipelined_stages_see_every_chunk_and_match_the_sequential_cascade(tmp_p
     ref = cascade([0, 1], seeds=[5, 6], progress=False)
     for k in range(3):
         torch.testing.assert_close(torch.cat([got[(k, 0)], got[(k, 1)]]), ref.images[k], atol=1e-5, rtol=0)
+
+
+def test_a_call_with_other_settings_never_changes_the_loaded_stages(tmp_path):
+    root = make_cascade(tmp_path / "c", sizes=(8, 32))
+    cascade = Cascade.from_pretrained(root)
+    schedulers = [p.scheduler for p in cascade.pipes]
+    euler = cascade[:1].with_overrides(scheduler=["EulerDiscreteScheduler"])
+    cascade[:1]([0], [0], euler, progress=False)  # a slice shares the parent's pipelines
+    assert [p.scheduler for p in cascade.pipes] == schedulers
+    assert type(cascade.pipes[0].scheduler).__name__ == "DDIMScheduler"
+    twin = Cascade.from_pretrained(root)  # a second cascade over the same stage folders
+    one_step = twin([0], [1], twin.with_overrides(steps=[1]), progress=False).images[-1]
+    shipped = cascade([0], [1], progress=False).images[-1]
+    assert not torch.equal(one_step, shipped)
+    assert torch.equal(twin([0], [1], twin.with_overrides(steps=[1]), progress=False).images[-1], one_step)
+    assert torch.equal(cascade([0], [1], progress=False).images[-1], shipped)
