@@ -1,6 +1,7 @@
 """Evaluation metrics, cdm-eval, model cards, cdm-export and the Hub push (with a fake HfApi)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -540,3 +541,26 @@ def test_two_process_eval_gives_the_one_process_fid(tmp_path, cache_env):
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = (json.loads((tmp_path / d / "results.json").read_text())["metrics"] for d in ("one", "two"))
     assert a.keys() == b.keys() and a == pytest.approx(b, rel=1e-4)
+
+
+def test_a_card_names_the_repo_it_is_pushed_to_and_installs_this_distribution(tmp_path, monkeypatch):
+    import re
+
+    import huggingface_hub
+    import tomllib
+
+    api = FakeHfApi()
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api)
+    src = make_cascade(tmp_path / "src", sizes=(8, 32))
+    folder = tmp_path / "photo_sr4x"
+    export_main([str(src / "base64"), str(src / "sr64to256"), "--out", str(folder)])
+    assert '"photo_sr4x"' in (folder / "README.md").read_text()
+    export_main([str(folder), "--push-to-hub", "alice/photo-sr"])
+    card = (folder / "README.md").read_text()
+    assert "photo_sr4x" not in card.replace("# photo_sr4x", "")  # the title keeps the folder's name
+    assert card.count('"alice/photo-sr"') >= 3 and "--model alice/photo-sr " in card
+    name = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["name"]
+    assert set(re.findall(r"pip install (\S+)", card)) == {name}
+    written = tmp_path / "named"
+    export_main([str(src / "base64"), "--out", str(written), "--repo-id", "bob/digits-base"])
+    assert '"bob/digits-base"' in (written / "README.md").read_text()

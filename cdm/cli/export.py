@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -20,7 +21,7 @@ from cdm_pipelines.pipeline_sr3 import check_guide
 from cdm.cascade import Cascade, Stage, check_settings
 from cdm.config import sampling_fields
 from cdm.errors import UserError, cli
-from cdm.files import check_replaceable, mark_export, replace_folder
+from cdm.files import EXPORT_MARKER, check_replaceable, mark_export, replace_folder
 from cdm.hub.cards import load_results, make_card
 from cdm.hub.publish import push_to_hub
 from cdm.hub.space import check_space, write_space
@@ -98,7 +99,7 @@ def assemble(
             names, pipes, settings, infos, results, repo, license, has_samples=grid is not None, notes=notes
         )
         card.save(tmp / "README.md")
-        mark_export(tmp, {"written_by": "cdm-export", "inputs": [str(p) for p in inputs]})
+        mark_export(tmp, {"written_by": "cdm-export", "inputs": [str(p) for p in inputs], "repo": repo})
         replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -212,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_card_arguments(p)
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
+    p.add_argument(
+        "--repo-id",
+        default=None,
+        help="the Hub repo id the card's snippets name (default: --push-to-hub's, else the folder's name)",
+    )
     p.add_argument("--private", action="store_true")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in token)")
     p.add_argument(
@@ -237,6 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def rename_repo_in_card(folder: Path, repo: str) -> None:
+    """Point an assembled folder's card at `repo`: every snippet names the repo the card was written
+    for (recorded when cdm-export wrote the folder)."""
+    marker, card = folder / EXPORT_MARKER, folder / "README.md"
+    try:
+        old = json.loads(marker.read_text()).get("repo") if marker.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        old = None
+    if not old or old == repo or not card.is_file():
+        return
+    text = re.sub(rf'(?<=["\s/]){re.escape(old)}(?=["\s)])', repo, card.read_text())
+    card.write_text(text)
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "repo": repo}, indent=1) + "\n")
+
+
 def read_notes(path: Path | None) -> str | None:
     """The text of `--notes FILE`, checked before any work."""
     if path is None:
@@ -252,7 +273,7 @@ def read_notes(path: Path | None) -> str | None:
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    repo = args.push_to_hub or (args.out.name if args.out else args.inputs[0].name)
+    repo = args.push_to_hub or args.repo_id or (args.out.name if args.out else args.inputs[0].name)
     assembled = (
         len(args.inputs) == 1
         and args.out is None
@@ -283,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
         written = write_space(args.space, repo, args.overwrite)
         print(f"wrote a Gradio Space to {args.space}/ ({', '.join(p.name for p in written)})")
     if args.push_to_hub:
+        if assembled:  # the card was written for another repo id: its snippets must name this one
+            rename_repo_in_card(folder, args.push_to_hub)
         url = push_to_hub(folder, args.push_to_hub, args.private, args.token)
         print(f"pushed {folder}/ to {args.push_to_hub}: {url}")
 

@@ -7,6 +7,8 @@ wall time from the run's record, metrics from `cdm-eval` result files.
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import asdict
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -14,6 +16,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from cdm.errors import UserError
 from cdm.models import count_parameters
 
+DISTRIBUTION = "cdm-diffusion"  # the name on PyPI (`pip install cdm` is an unrelated package)
 BASE_TAGS = ["diffusers", "cascaded-diffusion", "cdm", "pixel-diffusion"]
 METRIC_NAMES = {
     "psnr": "PSNR (dB)",
@@ -63,28 +66,43 @@ def hub_dataset_id(info: dict | None) -> str | None:
 
 
 def eval_results(results: list[dict], model_name: str) -> list[EvalResult]:
-    """cdm-eval result files -> EvalResult entries for the card's model-index."""
-    out = []
+    """cdm-eval result files -> EvalResult entries for the card's model-index; each metric's name says
+    which stage and which sampler it measures, so no two entries share a name."""
+    out, seen = [], {}
     for res in results:
         task = "image-to-image" if res["kind"] == "sr" else "unconditional-image-generation"
         task_name = "Super-resolution" if res["kind"] == "sr" else "Class-conditional image generation"
         metrics = res["metrics"]["model"] if res["kind"] == "sr" else res["metrics"]
+        dataset = res["dataset"]["name"]
         for key, value in metrics.items():
-            if value is None:
+            if value is None or not math.isfinite(float(value)):
                 continue
+            name = f"{METRIC_NAMES.get(key, key)} ({res.get('stage', model_name)}{sampler_note(res)})"
+            seen[name] = seen.get(name, 0) + 1
             out.append(
                 EvalResult(
                     task_type=task,
                     task_name=task_name,
-                    dataset_type=res["dataset"]["name"],
-                    dataset_name=res["dataset"]["name"],
+                    dataset_type=HUB_DATASETS.get(dataset) or dataset,
+                    dataset_name=dataset,
                     dataset_split=res["dataset"].get("split"),
                     metric_type=key,
-                    metric_name=f"{METRIC_NAMES.get(key, key)} ({res.get('stage', model_name)})",
+                    metric_name=name if seen[name] == 1 else f"{name} #{seen[name]}",
                     metric_value=float(f"{float(value):.5g}"),
                 )
             )
     return out
+
+
+def sampler_note(res: dict) -> str:
+    """ ", DDPMScheduler 2 steps, autoguidance 1.25" for an SR result: what the metric was measured with."""
+    settings = res.get("settings") or {}
+    if res["kind"] != "sr" or "steps" not in settings:
+        return ""
+    w = settings.get("autoguidance_scale", 1)
+    return f", {settings.get('scheduler', '')} {settings['steps']} steps" + (
+        f", autoguidance {w:g}" if w != 1 else ""
+    )
 
 
 SR_COLUMNS = {
@@ -201,7 +219,7 @@ def fine_tuned_from(run: dict) -> str:
         if "steps" in source
         else ""
     )
-    return f" Fine-tuned from `{source['source']}` ({before}{source.get('data', 'data not recorded')})."
+    return f" Fine-tuned from `{Path(str(source['source'])).name}` ({before}{source.get('data', 'data not recorded')})."
 
 
 def augmentation_rows(names, pipes, infos, settings) -> str:
@@ -226,10 +244,12 @@ def template(name: str) -> str:
 
 
 def usage(repo: str, names: list[str], pipes: list, settings: list, cascade: bool, label_example: str) -> str:
-    base_args = f'class_labels=[{label_example}], {call_settings(settings[0])}, output_type="pt"'
+    """How to run the model, with cdm and with plain diffusers. The plain calls pass no sampling settings:
+    each folder's `call_defaults` and `scheduler/` hold them, so the defaults are the tuned ones."""
+    base_args = f'class_labels=[{label_example}], generator=generator, output_type="pt"'
     if cascade:
         cdm = f"""```bash
-pip install cdm
+pip install {DISTRIBUTION}
 cdm-generate --model {repo} --class {label_example} --num-images 4 --out samples/
 ```
 
@@ -250,28 +270,34 @@ out = cascade([{label_example}], seeds=[0])
             base_args=base_args,
             sr_lines=lines,
             label_example=label_example,
+            steps=", ".join(str(s.steps) for s in settings),
         )
         return f"### With cdm\n\n{cdm}\n\n### With plain diffusers\n\n{plain}"
     if stage_kind(pipes[0]) == "base":
         return template("stage_plain").format(
-            repo=repo, prepare="", call_args=base_args, cls="CDMBasePipeline"
+            repo=repo,
+            prepare="",
+            call_args=base_args,
+            cls="CDMBasePipeline",
+            defaults=defaults_note(settings[0]),
         )
-    s = settings[0]
-    cdm = f"```bash\npip install cdm\ncdm-upscale photo.png --model {repo} --out upscaled/\n```"
+    cdm = f"```bash\npip install {DISTRIBUTION}\ncdm-upscale photo.png --model {repo} --out upscaled/\n```"
     plain = template("stage_plain").format(
         repo=repo,
         cls="SR3Pipeline",
         prepare='import PIL.Image\nlow_res = PIL.Image.open("photo.png").convert("RGB")\n',
-        call_args=f"image=low_res, noise_level={s.noise_level}, num_inference_steps={s.steps}, "
-        f"tile_size={pipes[0].unet.config.sample_size}, tile_overlap={pipes[0].unet.config.sample_size // 4}",
+        call_args="image=low_res, generator=generator",
+        defaults=defaults_note(settings[0], sr=True),
     )
     return f"### With cdm\n\n{cdm}\n\n### With plain diffusers\n\n{plain}"
 
 
-def call_settings(s) -> str:
-    """A stage's sampling settings as call arguments (the folder's scheduler is already the right one)."""
-    guidance = f", guidance_scale={s.guidance_scale}" if s.guidance_scale != 1 else ""
-    return f"num_inference_steps={s.steps}{guidance}"
+def defaults_note(s, sr: bool = False) -> str:
+    """The tuned settings a plain call uses, in words."""
+    guidance = f", guidance scale {s.guidance_scale:g}" if s.guidance_scale != 1 else ""
+    level = f", noise level {s.noise_level}" if sr else ""
+    auto = f", autoguidance {s.autoguidance_scale:g}" if sr and s.autoguidance_scale != 1 else ""
+    return f"{s.scheduler}, {s.steps} steps{guidance}{level}{auto}"
 
 
 def make_card(
@@ -299,7 +325,7 @@ def make_card(
     body += ["## Results", ""]
     body += [results_table(results)] if results else ["No evaluation has been run for this model yet.", ""]
     body += ["## Usage", "", usage(repo, names, pipes, settings, len(pipes) > 1, label_example), ""]
-    body += training_section(names, infos)
+    body += training_section(names, infos, settings)
     body += [template("limitations")]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
 
@@ -355,23 +381,31 @@ def method_sections(names: list[str], pipes: list, infos: list, settings: list) 
     return body
 
 
-def training_section(names: list[str], infos: list) -> list[str]:
+def training_section(names: list[str], infos: list, settings: list | None = None) -> list[str]:
     """Per stage: steps, images per step, data, time and final loss, with the config folded away."""
     body = ["## Training", ""]
-    for name, info in zip(names, infos):
+    for name, info, sampling in zip(names, infos, settings or [None] * len(names)):
         if not info:
             body += [f"- **{name}**: no training record was exported with this stage.", ""]
             continue
         run = info.get("run", {})
         seconds = run.get("seconds_total")
         took = f", {seconds / 60:.1f} min on {run.get('world_size', 1)} process(es)" if seconds else ""
+        loss = run.get("final_loss")
+        loss = f", final loss {loss:.4f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else ""
         body += [
             f"- **{name}**: {run.get('steps', 'n/a')} steps at {run.get('images_per_step', 'n/a')} images "
-            f"per step on {dataset_id(info)}{took}, final loss {run.get('final_loss', float('nan')):.4f}."
-            + fine_tuned_from(run),
+            f"per step on {dataset_id(info)}{took}{loss}." + fine_tuned_from(run),
             "",
         ]
-        config = json.dumps({k: info[k] for k in ("stage", "unet", "train") if k in info}, indent=1)
+        record = {k: info[k] for k in ("stage", "unet", "train") if isinstance(info.get(k), dict)}
+        if "stage" in record and sampling is not None:  # the shipped defaults, not those of training time
+            record["stage"] = {**record["stage"], "sample": asdict(sampling)}
+        if "train" in record:  # where the run lived on the training machine says nothing to a reader
+            record["train"] = {k: v for k, v in record["train"].items() if k not in ("output_dir", "resume")}
+            if record["train"].get("init_from"):
+                record["train"]["init_from"] = Path(str(record["train"]["init_from"])).name
+        config = json.dumps(record, indent=1)
         body += ["<details><summary>config</summary>", "", "```json", config, "```", "", "</details>", ""]
     return body
 
