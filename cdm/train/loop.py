@@ -348,6 +348,23 @@ def make_loader(tr: Trainer):
     return loader, fixed
 
 
+ESTIMATE_AFTER = 10  # steps timed before the whole run's time is estimated
+
+
+def run_estimate(tr: Trainer, seconds: float, total_steps: int) -> str:
+    """One line after the first steps: how long the whole run will take on this machine."""
+    hours = seconds / ESTIMATE_AFTER * total_steps / 3600
+    device = tr.accelerator.device.type
+    took = f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.0f} min"
+    line = f"{tr.cfg.stage.name}: {seconds / ESTIMATE_AFTER:.2f}s per step on {device}: about {took} for {total_steps} steps"
+    if device == "cpu" and hours > 2:
+        line += (
+            "; this recipe is sized for a GPU (the README lists the recipes that fit a CPU, "
+            "e.g. experiment=demo_sr64to256), or shorten it with train.max_steps=N"
+        )
+    return line
+
+
 def run_loop(tr: Trainer, loader, fixed) -> float:
     """Optimizer steps until train.max_steps (or train.stop_after); returns the seconds it took."""
     t = tr.cfg.train
@@ -359,7 +376,7 @@ def run_loop(tr: Trainer, loader, fixed) -> float:
         unit="step",
     )
     start_time, stop_at = time.time(), min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
-    micro = tr.step * t.grad_accum
+    micro, first_step = tr.step * t.grad_accum, tr.step
     tr.unet.train()
     for batch in loader:
         if tr.step >= stop_at:
@@ -372,6 +389,8 @@ def run_loop(tr: Trainer, loader, fixed) -> float:
         tr.ema.step(tr.unet.parameters())
         tr.loss = tr.accelerator.gather(loss.detach().float().reshape(1)).mean().item()
         bar.update(1)
+        if tr.step - first_step == ESTIMATE_AFTER and tr.main:
+            tqdm.write(run_estimate(tr, time.time() - start_time, stop_at - first_step), file=sys.stderr)
         after_step(tr, bar, fixed, stop_at)
     bar.close()
     tr.accelerator.wait_for_everyone()
