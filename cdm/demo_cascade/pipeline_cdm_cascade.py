@@ -52,7 +52,7 @@ class CDMCascadePipelineOutput(BaseOutput):
     stage_images: list | None = None
 
 
-# The per-stage settings the root keeps; `noise_level` is the old name of `noise_level`, still read.
+# The per-stage settings the root keeps; `aug_level` is the old name of `noise_level`, still read.
 SETTING_KEYS = ("scheduler", "steps", "guidance_scale", "noise_level", "aug_mode", "autoguidance_scale")
 AUG_MODES = ("non-truncated", "truncated")
 
@@ -103,8 +103,8 @@ class CDMCascadePipeline(DiffusionPipeline):
         """Stage k's settings for one call: a value given for this call (one, or one per stage), else the
         root's stored setting. Keys that stay `None` are left to the stage's own defaults."""
         stored = dict(self.config.settings.get(STAGES[k], {}))
-        if "noise_level" not in stored and "noise_level" in stored:  # folders written before the rename
-            stored["noise_level"] = stored["noise_level"]
+        if "noise_level" not in stored and "aug_level" in stored:  # folders written before the rename
+            stored["noise_level"] = stored["aug_level"]
         out = {key: stored.get(key) for key in SETTING_KEYS}
         out["aug_mode"] = out["aug_mode"] or "non-truncated"
         if out["aug_mode"] not in AUG_MODES:
