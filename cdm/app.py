@@ -1,7 +1,7 @@
 """The browser app: generate through a cascade stage by stage, and upscale a photo, in Gradio.
 
 `build_app` returns a `gradio.Blocks`; `cdm-app` serves it, and a Hub Space runs it from `app.py`.
-Gradio is an optional dependency (`pip install 'cdm[app]'`), imported only here.
+Gradio is an optional dependency (`pip install 'cdm-diffusion[app]'`), imported only here.
 """
 
 from __future__ import annotations

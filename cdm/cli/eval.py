@@ -712,7 +712,7 @@ def add_sr_arguments(sr: argparse.ArgumentParser) -> None:
         help="diffusers scheduler class(es), comma-separated (default: the stage's setting)",
     )
     sr.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; 1: ancestral noise)")
-    sr.add_argument("--no-kid", action="store_true", help="skip patch KID (needs: pip install 'cdm[fid]')")
+    sr.add_argument("--no-kid", action="store_true", help="skip patch KID (needs: pip install 'cdm-diffusion[fid]')")
     sr.add_argument("--noise-level", type=int, default=0)
     sr.add_argument(
         "--blur",
@@ -750,7 +750,7 @@ def add_gen_arguments(g: argparse.ArgumentParser) -> None:
     add_sampling_arguments(g)
     g.add_argument("--stages", type=int, default=None, help="evaluate the output of the first N stages")
     g.add_argument("--guidance", type=lambda t: [float(v) for v in t.split(",")], default=None)
-    g.add_argument("--fid", action="store_true", help="also FID/KID (needs: pip install 'cdm[fid]')")
+    g.add_argument("--fid", action="store_true", help="also FID/KID (needs: pip install 'cdm-diffusion[fid]')")
     g.add_argument("--reference-split", default="test")
     g.add_argument(
         "--reference-stats",

