@@ -47,6 +47,16 @@ def cli(fn):
     return wrapper
 
 
+def flag_error(err: ValueError, flags: dict[str, str]) -> UserError:
+    """A library rule's one line (`noise_level=5000: expected ...`) in the words of the command line that
+    passed the value (`--noise-level=5000: expected ...`)."""
+    message = str(err)
+    for name, flag in flags.items():
+        if message.startswith(f"{name}="):
+            return UserError(flag + message[len(name) :])
+    return UserError(message)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with its usage errors on one line (exit code 2, as for every other bad input)."""
 

@@ -94,7 +94,7 @@ def test_guided_sampling_on_tiles_matches_whole_images_in_shape_and_blends():
 
 
 def test_bad_scales_and_a_missing_guide_are_refused_before_work():
-    with pytest.raises(ValueError, match="no guide_unet"):
+    with pytest.raises(ValueError, match="no guide UNet"):
         upscale(stage(), 1.5)
     with pytest.raises(ValueError, match="autoguidance_scale=0.5: expected a finite number in 1"):
         upscale(guided(), 0.5)
@@ -102,7 +102,7 @@ def test_bad_scales_and_a_missing_guide_are_refused_before_work():
         mismatched = stage(SMALLER)
         mismatched.unet.register_to_config(out_channels=4)
         type(stage())(**{**stage().components, "guide_unet": mismatched.unet})
-    with pytest.raises(UserError, match="stage photo: autoguidance_scale=1.5: this stage has no guide_unet"):
+    with pytest.raises(UserError, match="stage photo: autoguidance_scale=1.5: this stage has no guide UNet"):
         check_settings("photo", stage(), SamplingConfig(autoguidance_scale=1.5))
     with pytest.raises(UserError, match="autoguidance_scale=0.0: expected a finite number in 1"):
         check_settings("photo", guided(), SamplingConfig(autoguidance_scale=0.0))
@@ -153,7 +153,7 @@ def test_export_attaches_a_guide_and_the_clis_use_it(tmp_path):
     assert res.returncode == 0, res.stderr
     assert Image.open(tmp_path / "up" / "in-x4.png").size == (32, 32)
     res = run_cli(up[:3] + [str(tmp_path / "main"), "--autoguidance", "2"], tmp_path)
-    assert res.returncode == 2 and "autoguidance_scale=2: this stage has no guide_unet" in res.stderr
+    assert res.returncode == 2 and "--autoguidance=2.0: this stage has no guide UNet" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 
 

@@ -121,7 +121,7 @@ CASES = [
     (
         "up-autoguidance-below-one",
         [*UP, "--autoguidance", "0.5"],
-        "--autoguidance=0.5: expected a number >= 1",
+        "--autoguidance=0.5: expected a finite number in 1..100",
         None,
     ),
     ("up-unknown-scheduler", [*UP, "--scheduler", "NopeScheduler"], "NopeScheduler", None),

@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         from cdm.app import build_app
     except ImportError as err:
-        raise UserError(f"cdm-app needs Gradio ({err.name} is missing): pip install 'cdm-diffusion[app]'") from None
+        raise UserError(
+            f"cdm-app needs Gradio ({err.name} is missing): pip install 'cdm-diffusion[app]'"
+        ) from None
     demo = build_app(args.model, args.sr_model)
     demo.queue(default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from cdm.cascade import Cascade
 from cdm.config import DataConfig, DataSource, ResizeMode, StageConfig, StageKind, unet_stride
 from cdm.devices import default_device, resolve_device
-from cdm.errors import OneLineParser, UserError, cli
+from cdm.errors import OneLineParser, UserError, cli, flag_error
 from cdm.files import check_new, check_out_dir, write_file
 from cdm.hub.cards import results_table
 from cdm.images import UNREADABLE, decode_image, save_grid, to_tensor
@@ -278,7 +278,12 @@ def cmd_sr(args) -> None:
             eta=args.eta,
         )
     except ValueError as err:
-        raise UserError(str(err)) from None
+        flags = {
+            "noise_level": "--noise-level",
+            "autoguidance_scale": "--autoguidance",
+            "tile_size": "--tile",
+        }
+        raise flag_error(err, {**flags, "eta": "--eta"}) from None
     args.autoguidance = checked["autoguidance_scale"]
     grid = [
         (name, steps)
@@ -712,7 +717,9 @@ def add_sr_arguments(sr: argparse.ArgumentParser) -> None:
         help="diffusers scheduler class(es), comma-separated (default: the stage's setting)",
     )
     sr.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; 1: ancestral noise)")
-    sr.add_argument("--no-kid", action="store_true", help="skip patch KID (needs: pip install 'cdm-diffusion[fid]')")
+    sr.add_argument(
+        "--no-kid", action="store_true", help="skip patch KID (needs: pip install 'cdm-diffusion[fid]')"
+    )
     sr.add_argument("--noise-level", type=int, default=0)
     sr.add_argument(
         "--blur",
@@ -750,7 +757,9 @@ def add_gen_arguments(g: argparse.ArgumentParser) -> None:
     add_sampling_arguments(g)
     g.add_argument("--stages", type=int, default=None, help="evaluate the output of the first N stages")
     g.add_argument("--guidance", type=lambda t: [float(v) for v in t.split(",")], default=None)
-    g.add_argument("--fid", action="store_true", help="also FID/KID (needs: pip install 'cdm-diffusion[fid]')")
+    g.add_argument(
+        "--fid", action="store_true", help="also FID/KID (needs: pip install 'cdm-diffusion[fid]')"
+    )
     g.add_argument("--reference-split", default="test")
     g.add_argument(
         "--reference-stats",

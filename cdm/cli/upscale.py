@@ -21,7 +21,7 @@ from cdm_pipelines.pipeline_sr3 import check_number, image_to_tensor
 
 from cdm.config import DataConfig, DataSource, ResizeMode
 from cdm.devices import default_device, resolve_device
-from cdm.errors import OneLineParser, UserError, cli
+from cdm.errors import OneLineParser, UserError, cli, flag_error
 from cdm.files import check_new, check_out_dir, write_file
 from cdm.images import comparison_figure, decode_image, to_pil, to_rgb
 from cdm.measure.metrics import psnr
@@ -156,6 +156,16 @@ def compare(pipe, images, names, args, size: int = 384) -> None:
     print(f"wrote {args.compare}")
 
 
+# the pipeline's argument -> this command's flag, for the pipeline's error lines
+FLAGS = {
+    "num_inference_steps": "--steps",
+    "noise_level": "--noise-level",
+    "autoguidance_scale": "--autoguidance",
+    "tile_size": "--tile (times the scale)",
+    "tile_overlap": "--overlap (times the scale)",
+}
+
+
 def check_arguments(args, pipe) -> None:
     """The command line's settings, checked by the stage's own rules (its pipeline's) before any work."""
     f = pipe.scale_factor
@@ -176,7 +186,7 @@ def check_arguments(args, pipe) -> None:
         )
         check_number("--held-out", args.held_out, 0, 1000, integer=True)
     except ValueError as err:
-        raise UserError(str(err)) from None
+        raise flag_error(err, FLAGS) from None
     if args.held_out and args.compare is None:
         raise UserError(
             "--held-out needs --compare FIGURE.png: held-out photos are originals to compare with"

@@ -28,7 +28,9 @@ def version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"writing a Space needs {package} installed: pip install 'cdm-diffusion[app]'") from None
+        raise UserError(
+            f"writing a Space needs {package} installed: pip install 'cdm-diffusion[app]'"
+        ) from None
 
 
 def space_files(repo: str, title: str) -> dict[str, str]:
