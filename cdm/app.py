@@ -6,7 +6,9 @@ Gradio is an optional dependency (`pip install 'cdm-diffusion[app]'`), imported 
 
 from __future__ import annotations
 
+import atexit
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 import PIL.Image
+from cdm_pipelines.pipeline_sr3 import check_number
 
 from cdm.cascade import DEMO_CASCADE, Cascade
 from cdm.config import SamplingConfig
@@ -49,6 +52,12 @@ def parse_class(cascade: Cascade, choice) -> int:
     return cascade.class_ids([int(head) if head.isdigit() else text])[0]
 
 
+def whole(name: str, value, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    """A number from a form field (Gradio sends floats) as an integer, by the pipelines' rule."""
+    value = float(value)
+    return check_number(name, int(value) if value.is_integer() else value, lo, hi, integer=True)
+
+
 def stage_settings(models: AppModels, guidance, aug_mode, stage_values) -> list[SamplingConfig]:
     """The cascade's settings with the UI's values (steps per stage, then the augmentation level of
     each SR stage); the same checks as cdm-generate."""
@@ -56,9 +65,9 @@ def stage_settings(models: AppModels, guidance, aug_mode, stage_values) -> list[
     n = len(cascade.pipes)
     steps, levels = stage_values[:n], stage_values[n:]
     return cascade.with_overrides(
-        steps=[int(s) for s in steps],
-        guidance_scale=[float(guidance)],
-        noise_level=[0] + [int(level) for level in levels] if n > 1 else None,
+        steps=[whole("steps", s) for s in steps],
+        guidance_scale=[check_number("guidance", float(guidance), 1, 100)],
+        noise_level=[0] + [whole("augmentation level", level) for level in levels] if n > 1 else None,
         aug_mode=[cascade.settings[0].aug_mode] + [aug_mode] * (n - 1) if n > 1 else None,
     )
 
@@ -84,13 +93,11 @@ def generate(models: AppModels, choice, num_images, seed, guidance, aug_mode, *s
     cascade, n = models.cascade, len(models.cascade.pipes)
     try:
         class_id = parse_class(cascade, choice)
-        count = int(num_images)
-        if not 1 <= count <= MAX_IMAGES:
-            raise UserError(f"number of images {count}: expected 1..{MAX_IMAGES}")
+        count = whole("number of images", num_images, 1, MAX_IMAGES)
         settings = stage_settings(models, guidance, aug_mode, stage_values)
-    except (UserError, ValueError, TypeError) as err:
+        seeds = [whole("seed", seed, 0, 2**63 - 1 - count) + i for i in range(count)]
+    except (UserError, ValueError, TypeError, OverflowError) as err:
         raise gr.Error(str(err)) from None
-    seeds = [int(seed) + i for i in range(count)]
     events: queue.Queue = queue.Queue()
     threading.Thread(
         target=run_cascade, args=(models, [class_id] * count, seeds, settings, events), daemon=True
@@ -120,16 +127,32 @@ def upscale_photo(models: AppModels, path, steps, seed):
             raise UserError("upload an image first")
         image = read_image(Path(path))
         check_size(Path(path).name, image, pipe.scale_factor)
-        steps = int(steps)
-        if steps < 1:
-            raise UserError(f"steps={steps}: expected an integer >= 1")
-    except (UserError, ValueError, TypeError) as err:  # name the upload, not the server's copy of it
+        steps = whole("steps", steps, 1, 10_000)
+        seed = whole("seed", seed)
+    except (
+        UserError,
+        ValueError,
+        TypeError,
+        OverflowError,
+    ) as err:  # name the upload, not the server's copy of it
         raise gr.Error(str(err).replace(str(path), Path(path).name) if path else str(err)) from None
-    result = upscale(with_scheduler(pipe, settings.scheduler, steps), image, steps=steps, seed=int(seed))
+    result = upscale(with_scheduler(pipe, settings.scheduler, steps), image, steps=steps, seed=seed)
     bicubic = image.resize(result.size, PIL.Image.BICUBIC)
     out = Path(tempfile.mkdtemp(dir=models.workdir)) / f"{Path(path).stem}-x{pipe.scale_factor}.png"
     result.save(out)
+    prune(models.workdir, KEEP_RESULTS)
     return (bicubic, result), str(out)
+
+
+KEEP_RESULTS = 16  # result files kept for download; older ones are removed, so disk use stays bounded
+CACHE_SECONDS = 900  # uploads and results Gradio caches are removed once this old (checked every 5 min)
+
+
+def prune(workdir: Path, keep: int) -> None:
+    """Remove all but the `keep` newest result folders the app wrote under `workdir`."""
+    folders = sorted((p for p in workdir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for old in folders[: max(len(folders) - keep, 0)]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_models(model: str | None, sr_model: str | None, workdir: Path) -> AppModels:
@@ -209,10 +232,13 @@ def build_app(
     model: str | None = None, sr_model: str | None = None, workdir: Path | None = None
 ) -> gr.Blocks:
     """The two-tab app over a cascade (default: the shipped demo) and an SR stage (the photo stage)."""
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="cdm-app-"))
+    if workdir is None:  # the app's own temporary folder, removed when the process ends
+        workdir = Path(tempfile.mkdtemp(prefix="cdm-app-"))
+        atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     models = load_models(model, sr_model, workdir)
-    with gr.Blocks(title="cdm: cascaded diffusion") as demo:
+    with gr.Blocks(title="cdm: cascaded diffusion", delete_cache=(300, CACHE_SECONDS)) as demo:
         gr.Markdown(
             f"# Cascaded diffusion\n{len(models.cascade.pipes)} stages: "
             + " → ".join(f"{n} ({r} px)" for n, r in zip(models.cascade.names, models.cascade.resolutions))

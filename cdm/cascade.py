@@ -20,6 +20,7 @@ Conditioning augmentation at sampling, per SR stage, with level s:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -38,6 +39,7 @@ from cdm.stage_io import (
     CASCADE_FILE,
     load_stage,
     parse_stage_entry,
+    read_json,
     resolve_model,
     stage_info,
     stage_settings,
@@ -57,6 +59,7 @@ def imagenet_labels() -> dict[str, str]:
     return json.loads((Path(__file__).parent / "imagenet_classes.json").read_text())
 
 
+MAX_STAGES = 8  # a cascade of more stages than this is not a cascade cdm wrote
 DEMO_CASCADE = Path(__file__).resolve().parent / "demo_cascade"  # the shipped digit cascade
 
 
@@ -64,6 +67,17 @@ def image_generators(seeds: list[int]) -> list[torch.Generator]:
     """One generator per image, from the image's seed; every stage draws from it in turn, as the cascade
     root pipeline does with the generator it is given. The same image in any batch."""
     return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+@contextlib.contextmanager
+def pipeline_rules():
+    """A pipeline's refusal of its inputs (a ValueError naming the value) as the user's one-line error."""
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def viewable(images: torch.Tensor, alphabar: float | None) -> torch.Tensor:
@@ -147,15 +161,19 @@ class Cascade:
             )
         if not spec_path.is_file():
             raise UserError(f"{root} is not a cascade folder: expected {CASCADE_FILE} inside it")
-        try:
-            spec = json.loads(spec_path.read_text())
-            stages = spec["stages"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise UserError(f"{spec_path} is not a valid cascade description ({err})") from None
-        loaded = []
-        for k, entry in enumerate(stages if isinstance(stages, list) else [stages]):
-            name, folder, sampling = parse_stage_entry(spec_path, k, entry)
-            loaded.append(Stage(name, load_stage(folder, torch_dtype=torch_dtype), sampling))
+        spec = read_json(spec_path, "a cascade description (a JSON object with a stages list)")
+        stages = spec.get("stages")
+        if not isinstance(stages, list) or not 1 <= len(stages) <= MAX_STAGES:
+            raise UserError(
+                f"{spec_path}: stages is {json.dumps(stages)[:80]}: expected a list of 1..{MAX_STAGES} stage entries"
+            )
+        entries = [
+            parse_stage_entry(spec_path, k, entry) for k, entry in enumerate(stages)
+        ]  # all, before any weight
+        loaded = [
+            Stage(name, load_stage(folder, torch_dtype=torch_dtype), sampling)
+            for name, folder, sampling in entries
+        ]
         if spec.get("label_set") == "imagenet" and not loaded[0].pipe.labels:
             loaded[0].pipe.register_to_config(id2label=imagenet_labels())
         return cls(loaded, root)
@@ -387,7 +405,10 @@ class Cascade:
             "truncate_alphabar": truncate,
         }
         dtype = self.autocast_dtype
-        with torch.autocast(pipe.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with (
+            torch.autocast(pipe.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+            pipeline_rules(),
+        ):
             if low_res is None:
                 out = pipe(ids, **kwargs)
             else:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from cdm_pipelines.pipeline_sr3 import check_handover
+from cdm_pipelines.pipeline_sr3 import check_handover, check_number
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
@@ -209,8 +209,59 @@ def config_dir() -> Path:
     raise FileNotFoundError("cdm's conf/ folder was not found beside the package")
 
 
+# key -> (low, high, integer): every number of the config, checked by the same rule as the pipelines' numbers
+NUMBERS = {
+    "train.seed": (0, 2**63 - 1, True),
+    "train.batch_size": (1, 65_536, True),
+    "train.max_steps": (1, 10**9, True),
+    "train.learning_rate": (1e-12, 1, False),
+    "train.warmup_steps": (0, 10**9, True),
+    "train.weight_decay": (0, 10, False),
+    "train.adam_beta2": (0, 0.999999, False),
+    "train.grad_accum": (1, 4096, True),
+    "train.grad_clip": (0, 1e6, False),
+    "train.ema_decay": (0, 0.999999, False),
+    "train.stop_after": (0, 10**9, True),
+    "train.num_samples": (0, 4096, True),
+    "stage.resolution": (1, 4096, True),
+    "stage.num_train_timesteps": (2, 100_000, True),
+    "stage.label_dropout": (0, 0.99, False),
+    "stage.residual_scale": (1e-6, 1e6, False),
+    "stage.sample.steps": (1, 10_000, True),
+    "stage.sample.guidance_scale": (1, 100, False),
+    "stage.sample.autoguidance_scale": (1, 100, False),
+    "stage.sample.max_batch": (1, 4096, True),
+    "unet.layers_per_block": (1, 16, True),
+    "unet.attention_head_dim": (1, 4096, True),
+    "unet.norm_num_groups": (1, 1024, True),
+    "unet.dropout": (0, 0.99, False),
+    "unet.level_embed_dim": (2, 8192, True),
+    "data.num_workers": (0, 256, True),
+    "data.holdout": (0, 10_000, True),
+}
+
+
+def check_numbers(cfg) -> None:
+    """Finite, of the right kind, in range: `check_number`, the pipelines' rule, for every number of the config."""
+    for key, (lo, hi, integer) in NUMBERS.items():
+        section, *rest = key.split(".")
+        value = cfg[section]
+        for part in rest:
+            value = value[part]
+        try:
+            check_number(key, value, lo, hi, integer)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+    channels = list(cfg.unet.block_out_channels)
+    if not 1 <= len(channels) <= 8 or not all(isinstance(c, int) and 1 <= c <= 8192 for c in channels):
+        raise UserError(f"unet.block_out_channels={channels}: expected 1 to 8 integers in 1..8192")
+    if not str(cfg.train.output_dir).strip():
+        raise UserError("train.output_dir is empty: expected a folder for the run (e.g. runs/my-run)")
+
+
 def validate(cfg) -> None:
     """Range and cross-field checks; each raises ValueError naming the key and the expected value."""
+    check_numbers(cfg)
     t, s = cfg.train, cfg.stage
     positive = {
         "train.batch_size": t.batch_size,

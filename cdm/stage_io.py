@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -56,15 +58,15 @@ def read_model_index(folder: str | Path) -> dict:
     path = Path(folder) / "model_index.json"
     if not path.is_file():
         raise UserError(f"{folder} is not a pipeline folder: expected {path.name} inside it")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    return read_json(path, "a diffusers model_index.json (a JSON object)")
 
 
-def pipeline_class_name(index: dict) -> str:
+def pipeline_class_name(index: dict) -> str | None:
+    """The pipeline class a model_index.json names: `"Name"` or `["module", "Name"]`; None for anything else."""
     name = index.get("_class_name")
-    return name[1] if isinstance(name, list) else name
+    if isinstance(name, list) and len(name) == 2:
+        name = name[1]
+    return name if isinstance(name, str) else None
 
 
 def load_stage(folder: str | Path, torch_dtype=torch.float32):
@@ -75,6 +77,7 @@ def load_stage(folder: str | Path, torch_dtype=torch.float32):
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"model folder {folder} does not exist")
+    check_links(folder)
     index = read_model_index(folder)
     name = pipeline_class_name(index)
     cls = PIPELINES.get(name)
@@ -87,18 +90,71 @@ def load_stage(folder: str | Path, torch_dtype=torch.float32):
     for key, value in index.items():
         if key.startswith("_") or key not in params or value == [None, None]:  # [null, null]: absent
             continue
-        if isinstance(value, list) and len(value) == 2:
+        if key in COMPONENTS:
+            if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+                raise UserError(
+                    f"{folder}/model_index.json: {key}={json.dumps(value)[:60]}: expected [library, class name]"
+                )
             components[key] = _check_component(folder, key, value)
+        elif key in SETTING_TYPES:
+            kind = SETTING_TYPES[key]
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                raise UserError(
+                    f"{folder}/model_index.json: {key}={json.dumps(value)[:60]}: expected {SETTING_NAMES[key]}"
+                )
     missing = [
         p for p in params if p != "self" and params[p].default is inspect.Parameter.empty and p not in index
     ]
     if missing:
         raise UserError(f"{folder}/model_index.json lacks components {missing} for {name}")
     try:
-        return cls.from_pretrained(folder, torch_dtype=torch_dtype)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        pipe = cls.from_pretrained(folder, torch_dtype=torch_dtype)
+    except (
+        SafetensorError,
+        OSError,
+        RuntimeError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+    ) as err:
+        # the folder's JSON builds the modules: a value of a wrong kind fails inside diffusers or torch
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{folder}: the stage could not be loaded ({first[:200]})") from None
+    check_finite_weights(pipe, folder)
+    return pipe
+
+
+def check_finite_weights(pipe, folder: Path) -> None:
+    """NaN or infinite weights would sample black images without a word: refuse them when loading."""
+    for key, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise UserError(
+                    f"{folder}/{key}: weight {name} holds NaN or infinite values: the weights are corrupt"
+                )
+
+
+COMPONENTS = ("unet", "scheduler", "image_noising_scheduler", "guide_unet")
+SETTING_TYPES = {  # a stage pipeline's stored settings, by type (their ranges are the pipeline's to check)
+    "low_res_size": int,
+    "id2label": dict,
+    "residual": bool,
+    "residual_scale": (int, float),
+    "noise_at_low_res": bool,
+    "call_defaults": dict,
+}
+SETTING_NAMES = {
+    "low_res_size": "an integer",
+    "id2label": "an object of class id -> name",
+    "residual": "true or false",
+    "residual_scale": "a number",
+    "noise_at_low_res": "true or false",
+    "call_defaults": "an object of call argument -> value",
+}
 
 
 def _check_component(folder: Path, key: str, entry: list) -> str:
@@ -119,27 +175,37 @@ def _check_component(folder: Path, key: str, entry: list) -> str:
 
 MAX_SAMPLE_SIZE = 4096  # pixels on a side: a larger UNet input would not fit any device's memory
 MAX_CHANNELS = 8192
+MODEL_INTS = {  # a diffusers UNet config's sizes: null where the model has none
+    "in_channels": (1, 64),
+    "out_channels": (1, 64),
+    "layers_per_block": (1, 16),
+    "norm_num_groups": (1, 1024),
+    "num_class_embeds": (2, 1_000_000),
+    "time_cond_proj_dim": (1, 8192),
+    "cross_attention_dim": (1, 8192),
+}
 
 
 def check_model_config(path: Path) -> None:
     """Sane bounds before anything is allocated; quantized configs are refused (cdm loads plain safetensors)."""
-    if not path.is_file():
-        raise UserError(f"{path} is missing: expected the model's config.json")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    config = read_json(path, "the model's config.json (a JSON object)")
     if "quantization_config" in config:
         raise UserError(f"{path}: quantization_config is not supported: cdm loads full-precision safetensors")
     size = config.get("sample_size")
     sizes = size if isinstance(size, list) else [size]
     if not all(s is None or (isinstance(s, int) and 1 <= s <= MAX_SAMPLE_SIZE) for s in sizes):
         raise UserError(f"{path}: sample_size={size}: expected an integer in 1..{MAX_SAMPLE_SIZE}")
-    channels = config.get("block_out_channels") or []
-    if not all(isinstance(c, int) and 1 <= c <= MAX_CHANNELS for c in channels):
+    channels = config.get("block_out_channels")
+    if not isinstance(channels, list) or not 1 <= len(channels) <= 8:
+        raise UserError(f"{path}: block_out_channels={channels!r}: expected a list of 1 to 8 channel counts")
+    if not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= MAX_CHANNELS for c in channels):
         raise UserError(f"{path}: block_out_channels={channels}: expected integers in 1..{MAX_CHANNELS}")
+    for key, (lo, hi) in MODEL_INTS.items():  # sizes the constructor allocates from, checked first
+        value = config.get(key)
+        if value is not None and not (
+            isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+        ):
+            raise UserError(f"{path}: {key}={json.dumps(value)[:40]}: expected an integer in {lo}..{hi}")
 
 
 HUB_FILES = ["*.json", "*.safetensors", "*.md", "*.png", "*.py"]  # what a cascade repo holds
@@ -163,9 +229,63 @@ def find_stage_folder(path: Path) -> Path:
     raise UserError(f"{path}: neither a training run nor a pipeline folder (expected model_index.json)")
 
 
+def read_json(path: Path, what: str = "a JSON object", max_bytes: int = 4 << 20):
+    """The one reader of cdm's folder JSON: a regular file inside its folder, small, valid JSON with
+    finite numbers, and an object; anything else is one line naming the file and what was expected."""
+    if path.is_symlink():
+        raise UserError(
+            f"{path} is a link: expected a regular file (cdm does not follow links in model folders)"
+        )
+    if not path.is_file():
+        raise UserError(f"{path} is missing: expected {what}")
+    if path.stat().st_size > max_bytes:
+        raise UserError(f"{path} has {path.stat().st_size} bytes: expected {what} of at most {max_bytes}")
+
+    def no_constant(name):
+        raise ValueError(f"{name} is not a finite number")
+
+    def finite(text):
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"{text} is not a finite number")
+        return value
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=no_constant, parse_float=finite)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise UserError(
+            f"{path} is not valid JSON ({str(err).splitlines()[0][:120]}): expected {what}"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}: expected {what}")
+    return data
+
+
+def check_links(folder: Path, max_files: int = 10_000) -> None:
+    """Refuse a model folder with links that leave it (or too many files) before anything in it is read."""
+    root, count = Path(os.path.realpath(folder)), 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            count += 1
+            path = Path(dirpath) / name
+            if path.is_symlink() and root not in Path(os.path.realpath(path)).parents:
+                raise UserError(
+                    f"{path} is a link that leaves the folder {folder}: cdm reads only files inside it"
+                )
+        if count > max_files:
+            raise UserError(f"{folder} holds more than {max_files} files: expected a model folder")
+
+
 def stage_info(folder: Path) -> dict | None:
+    """The stage's training record (cdm_stage.json), when it has one."""
     f = folder / STAGE_INFO_FILE
-    return json.loads(f.read_text()) if f.is_file() else None
+    if not f.exists() and not f.is_symlink():
+        return None
+    info = read_json(f, "a cdm stage record (a JSON object)")
+    for key in ("stage", "unet", "data", "train", "run"):
+        if key in info and not isinstance(info[key], (dict, type(None))):
+            raise UserError(f"{f}: {key} is a {type(info[key]).__name__}: expected an object")
+    return info
 
 
 def stage_settings(info: dict | None):
@@ -197,6 +317,8 @@ def copy_stage(src: Path, dst: Path, half: bool = False) -> None:
         for f in src.glob(pattern):
             if f.name.startswith("."):  # a marker such as .cdm-export.json speaks for its own folder only
                 continue
+            if f.is_symlink() or f.parent.is_symlink():
+                raise UserError(f"{f} is a link: cdm copies only the regular files of a stage folder")
             target = dst / f.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
             if half and f.suffix == ".safetensors":

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).parents[1] / "benchmarks"
 
 
+@pytest.mark.slow
 def test_the_cascade_benchmark_measures_the_1024_stage():
     res = subprocess.run(
         [sys.executable, str(BENCH / "bench_cascade.py"), "mem", "0", "0"],

@@ -103,7 +103,7 @@ def test_a_wheel_carries_the_configs_pipelines_and_demo_cascade(tmp_path):
         cmd.insert(5, "--no-build-isolation")
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    names = set(zipfile.ZipFile(next(tmp_path.glob("cdm-*.whl"))).namelist())
+    names = set(zipfile.ZipFile(next(tmp_path.glob("cdm_diffusion-*.whl"))).namelist())
     conf = {f"cdm/conf/{p.relative_to(root / 'conf')}" for p in (root / "conf").rglob("*.yaml")}
     assert conf and conf <= names
     assert {

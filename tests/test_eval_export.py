@@ -245,6 +245,7 @@ def test_fid_and_kid_with_a_pluggable_extractor():
     assert far["fid"] > near["fid"] and far["kid"] > near["kid"]
 
 
+@pytest.mark.slow
 def test_offline_inception_tells_real_digits_from_tinted_ones(cache_env):
     """The shipped TorchScript Inception, end to end: two halves of the real test digits are closer
     to each other than a colour-tinted copy of one half is to the other."""
@@ -498,6 +499,7 @@ cdm.cascade.Cascade.__call__ = call
 """
 
 
+@pytest.mark.slow
 def test_a_stopped_eval_resumes_without_redoing_finished_batches(tmp_path, cache_env):
     root = make_cascade(tmp_path / "c", sizes=(8, 32))
     data = _split_imagefolder(tmp_path / "imgs", size=16)

@@ -277,6 +277,7 @@ def test_shipped_photo_stage_card_and_pipeline_copy():
     assert "| bicubic upsampling |" in card
 
 
+@pytest.mark.slow
 def test_eval_sr_on_a_flat_folder_of_photos_reports_every_metric_and_a_sweep(tmp_path, cache_env):
     stage_dir = save_stage(build_pipeline(residual_stage(), TINY, 0), tmp_path / "st")
     flat = tmp_path / "photos"

@@ -105,6 +105,7 @@ def test_guided_diffusion_reference_batch_with_images_gives_pool_features(tmp_pa
     assert stats["pool"].shape == (6, 6) and "arr_0" not in stats
 
 
+@pytest.mark.slow
 def test_eval_gen_saves_stats_and_scores_against_them(tmp_path, cache_env):
     root = make_cascade(tmp_path / "c", sizes=(8, 32))
     data = tmp_path / "imgs"

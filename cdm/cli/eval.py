@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -29,7 +28,7 @@ from cdm.cascade import Cascade
 from cdm.config import DataConfig, DataSource, ResizeMode, StageConfig, StageKind, unet_stride
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli, flag_error
-from cdm.files import check_new, check_out_dir, write_file
+from cdm.files import OutputFolder, atomic_write, write_file
 from cdm.hub.cards import results_table
 from cdm.images import UNREADABLE, decode_image, save_grid, to_tensor
 from cdm.measure.classifier import get_classifier, predict, prepare
@@ -240,22 +239,23 @@ def class_agreement(
     return (preds == torch.tensor(ids)).float().mean().item(), meta
 
 
-def write_results(out: Path, name: str, result: dict, markdown: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{name}.md").write_text(markdown + "\n")
+def write_results(out: OutputFolder, name: str, result: dict, markdown: str) -> None:
+    out.write(out.root / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    out.write(out.root / f"{name}.md", lambda tmp: tmp.write_text(markdown + "\n"))
 
 
-def check_out(out: Path, names: list[str], overwrite: bool) -> None:
-    check_out_dir(out)
-    check_new([out / n for n in names], overwrite)
+# every file a subcommand may write into --out, planned (and checked) before any work
+OUTPUTS = {
+    "sr": ["results.json", "results.md", "sweep.png"],
+    "gen": ["results.json", "results.md", "samples.png"],
+    "sweep-aug": ["sweep.json", "sweep.md", "sweep.png"],
+}
 
 
 # -- subcommands ---------------------------------------------------------------------------------
 
 
 def cmd_sr(args) -> None:
-    check_out(args.out, ["results.json"], args.overwrite)
     if args.num_images is not None and args.num_images < 1:
         raise UserError(f"--num-images={args.num_images}: expected an integer >= 1")
     pipe, settings = load_sr_stage(args.model, args.stage)
@@ -303,9 +303,9 @@ def cmd_sr(args) -> None:
     sweep, bicubic = sr_sweep(pipe.to(args.device), images, grid, args)
     result = sr_result(args, data, images, size, sweep, bicubic, time.perf_counter() - start)
     table = results_table([result])
-    write_results(args.out, "results", result, table)
+    write_results(args.writer, "results", result, table)
     if len(sweep) > 1:
-        plot_sweep(result, args.out / "sweep.png")
+        args.writer.write(args.out / "sweep.png", lambda tmp: plot_sweep(result, tmp))
     print(table)
     print(f"{len(images)} images in {result['seconds']:.1f}s; wrote {args.out}/results.json and results.md")
 
@@ -439,12 +439,24 @@ def open_partial(out: Path, plan: dict, state) -> Path:
     folder = out / PARTIAL
     if state.is_main_process:
         record = folder / "plan.json"
-        if folder.exists() and (not record.is_file() or json.loads(record.read_text()) != plan):
-            shutil.rmtree(folder)
+        if folder.exists() and not record.is_file():
+            raise UserError(
+                f"{folder} exists and was not written by cdm-eval: nothing was removed; use another --out"
+            )
+        if folder.exists() and json.loads(record.read_text()) != plan:
+            remove_partial(folder)
         folder.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(plan))
     state.wait_for_everyone()
     return folder
+
+
+def remove_partial(folder: Path) -> None:
+    """Remove cdm-eval's own files from `.partial/` (its batches and plan), and the folder once empty."""
+    for path in [*folder.glob("batch-*.npz"), folder / "plan.json", folder / ".cdm-outputs.json"]:
+        path.unlink(missing_ok=True)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def sample_batches(cascade, n, ids, settings, batches, folder: Path, judge, feature) -> None:
@@ -475,9 +487,11 @@ def load_batches(folder: Path, batches) -> dict:
 
 
 def cmd_gen(args) -> None:
-    check_out(args.out, ["results.json"], args.overwrite)
+    stats_writer = None
     if args.save_stats:
-        check_new([args.save_stats], args.overwrite)
+        stats_writer = OutputFolder(args.save_stats.parent, args.overwrite, flag="--save-stats")
+        stats_writer.plan([args.save_stats])
+    args.stats_writer = stats_writer
     # one Inception for the samples, the reference statistics and the real images; the reference is read
     # before any sampling, so a bad file writes nothing
     feature = OfflineInception() if args.fid or args.reference_stats or args.save_stats else None
@@ -503,7 +517,7 @@ def cmd_gen(args) -> None:
             else None
         )
         report_gen(args, cascade, n, ids, settings, data, meta, found, distances, time.perf_counter() - start)
-        shutil.rmtree(folder)
+        remove_partial(folder)
 
 
 def report_gen(args, cascade, n, ids, settings, data, meta, found: dict, distances, seconds: float) -> None:
@@ -534,8 +548,9 @@ def report_gen(args, cascade, n, ids, settings, data, meta, found: dict, distanc
         "seconds": round(seconds, 2),
     }
     table = results_table([result])
-    write_results(args.out, "results", result, table)
-    save_grid(list(found["images"]), args.out / "samples.png", ncols=args.num_per_class)
+    write_results(args.writer, "results", result, table)
+    grid = list(found["images"])
+    args.writer.write(args.out / "samples.png", lambda tmp: save_grid(grid, tmp, ncols=args.num_per_class))
     print(table)
     print(f"{len(ids)} samples in {seconds:.1f}s; wrote {args.out}/results.json, results.md, samples.png")
 
@@ -548,7 +563,8 @@ def reference_distances(
     real-data floor (the same count of real images from another split; None with reference stats)
     and a note for the results."""
     if args.save_stats:
-        write_file(args.save_stats, lambda tmp: save_stats(tmp, pool), args.overwrite)
+        with args.stats_writer:
+            args.stats_writer.write(args.save_stats, lambda tmp: save_stats(tmp, pool))
     if args.reference_stats:
         ref = reference
         distances = {"fid": frechet_distance(*feature_stats(pool), ref["mu"], ref["sigma"])}
@@ -579,7 +595,6 @@ def reference_distances(
 
 
 def cmd_sweep(args) -> None:
-    check_out(args.out, ["sweep.json", "sweep.png"], args.overwrite)
     cascade, _, ids = _cascade_and_ids(args)
     if args.stage not in cascade.names[1:]:
         raise UserError(f"--stage={args.stage}: expected one of the SR stages {cascade.names[1:]}")
@@ -615,8 +630,10 @@ def cmd_sweep(args) -> None:
         "best": best,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    write_results(args.out, "sweep", result, "\n".join(table))
-    plot_aug_sweep(rows, modes, args.stage, args.metric, args.out / "sweep.png")
+    write_results(args.writer, "sweep", result, "\n".join(table))
+    args.writer.write(
+        args.out / "sweep.png", lambda tmp: plot_aug_sweep(rows, modes, args.stage, args.metric, tmp)
+    )
     print("\n".join(table))
     if args.write_best:
         write_best_level(cascade.root / CASCADE_FILE, args.stage, best)
@@ -650,7 +667,7 @@ def write_best_level(path: Path, stage: str, best: dict) -> None:
             entry.setdefault("sampling", {}).update(
                 noise_level=best["noise_level"], aug_mode=best["aug_mode"]
             )
-    write_file(path, lambda tmp: tmp.write_text(json.dumps(spec, indent=2) + "\n"), overwrite=True)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(spec, indent=2) + "\n"))  # the user asked for it
     print(f"wrote the best level into {path}")
 
 
@@ -798,7 +815,10 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--num-per-class={args.num_per_class}: expected an integer >= 1")
     if getattr(args, "batch", 1) < 1:
         raise UserError(f"--batch={args.batch}: expected an integer >= 1")
-    {"sr": cmd_sr, "gen": cmd_gen, "sweep-aug": cmd_sweep}[args.command](args)
+    args.writer = OutputFolder(args.out, args.overwrite)
+    args.writer.plan([args.out / name for name in OUTPUTS[args.command]])
+    with args.writer:
+        {"sr": cmd_sr, "gen": cmd_gen, "sweep-aug": cmd_sweep}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from cdm.stage_io import (
     write_sampler,
 )
 
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
 
 def apply_overrides(names: list[str], settings: list, overrides: list[str]) -> None:
     """`STAGE.KEY=VALUE` edits of the per-stage sampling defaults, typed like SamplingConfig."""
@@ -157,6 +159,11 @@ def load_inputs(inputs: list[Path], overrides: list[str]):
         (i or {}).get("stage", {}).get("name") or f.parent.name if f.name == "export" else f.name
         for f, i in zip(folders, infos)
     ]
+    for name in names:  # a name becomes a folder of the export: a plain name, never a path
+        if not isinstance(name, str) or not STAGE_NAME.fullmatch(name):
+            raise UserError(
+                f"stage name {name!r}: expected a plain folder name (letters, digits, '.', '_', '-'; at most 64)"
+            )
     if len(set(names)) != len(names):
         raise UserError(f"stage names repeat: {names}")
     settings = [stage_settings(i) for i in infos]

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import PIL.Image
 from accelerate import PartialState
+from cdm_pipelines.pipeline_sr3 import check_number
 
 from cdm.cascade import DEMO_CASCADE, Cascade
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli
-from cdm.files import check_new, check_out_dir, write_file
+from cdm.files import OutputFolder
 from cdm.images import save_grid, to_tensor, unit_to_pil
 
 CHUNK = 16  # images taken through the whole cascade at a time
@@ -103,8 +104,11 @@ def planned_files(cascade, ids, seeds, out: Path, intermediates: bool) -> dict[i
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.device = resolve_device(args.device)
-    if args.num_images < 1:
-        raise UserError(f"--num-images={args.num_images}: expected an integer >= 1")
+    try:
+        check_number("--num-images", args.num_images, 1, 100_000, integer=True)
+        check_number("--seed", args.seed, 0, 2**63 - 1 - 100_000 * len(args.classes), integer=True)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     cascade = Cascade.from_pretrained(args.model or DEMO_CASCADE)
     if args.stages is not None:
         if not 1 <= args.stages <= len(cascade.pipes):
@@ -120,23 +124,23 @@ def main(argv: list[str] | None = None) -> None:
     ids = [i for c in args.classes for i in class_ids(cascade, c, args.model) for _ in range(args.num_images)]
     seeds = [args.seed + i for i in range(len(ids))]
     files = planned_files(cascade, ids, seeds, args.out, args.save_intermediates)
-    check_out_dir(args.out)
     grid_path = args.out / "grid.png"
-    check_new([p for group in files.values() for p in group] + [grid_path], args.overwrite)
-
     # one process, unless started by accelerate launch (which marks CPU-only launches in the environment)
     state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    out = OutputFolder(args.out, args.overwrite, lock=state.is_main_process)
+    out.plan([p for group in files.values() for p in group] + [grid_path])
     place(cascade, state, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with state.split_between_processes(list(range(len(ids)))) as mine:
-        mine = list(mine)
-    seconds = sample_or_clean_up(cascade, ids, seeds, settings, files, mine, args)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return
-    final = files[len(cascade.pipes) - 1][:GRID_MAX]
-    grid = [to_tensor(PIL.Image.open(p).convert("RGB")) for p in final]
-    write_file(grid_path, lambda tmp: save_grid(grid, tmp, ncols=min(len(final), 8)), args.overwrite)
+    with out:
+        with state.split_between_processes(list(range(len(ids)))) as mine:
+            mine = list(mine)
+        seconds = sample_share(cascade, ids, seeds, settings, files, mine, args, out)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return
+        out.adopt([p for group in files.values() for p in group])  # the other processes' images too
+        final = files[len(cascade.pipes) - 1][:GRID_MAX]
+        grid = [to_tensor(PIL.Image.open(p).convert("RGB")) for p in final]
+        out.write(grid_path, lambda tmp: save_grid(grid, tmp, ncols=min(len(final), 8)))
     labels = cascade.base.labels
     names = ", ".join(dict.fromkeys(f"{c} ({labels.get(c, c)})" for c in ids))
     share = f" ({len(mine)} on this process of {state.num_processes})" if state.num_processes > 1 else ""
@@ -172,20 +176,7 @@ def place(cascade, state, args) -> None:
     cascade.optimize(bf16=args.bf16, channels_last=args.channels_last)
 
 
-def sample_or_clean_up(cascade, ids, seeds, settings, files: dict, mine: list[int], args) -> list[float]:
-    """`sample_share`; if it stops (a full disk, Ctrl-C), the new files it wrote are removed again."""
-    planned = [group[i] for group in files.values() for i in mine]
-    existing = {p for p in planned if p.exists()}  # with --overwrite: the user's files, never removed
-    try:
-        return sample_share(cascade, ids, seeds, settings, files, mine, args)
-    except BaseException:
-        for path in planned:
-            if path not in existing:
-                path.unlink(missing_ok=True)
-        raise
-
-
-def sample_share(cascade, ids, seeds, settings, files: dict, mine: list[int], args) -> list[float]:
+def sample_share(cascade, ids, seeds, settings, files: dict, mine: list[int], args, out) -> list[float]:
     """Sample this process's images in chunks (memory stays flat), writing each stage's PNGs as they
     arrive; returns the seconds spent per stage."""
     if args.device_map is not None:  # the stages as a pipeline, a few images at a time
@@ -193,7 +184,7 @@ def sample_share(cascade, ids, seeds, settings, files: dict, mine: list[int], ar
         def on_chunk_end(k, lo, hi, images):
             for pos, img in zip(mine[lo:hi], images):
                 if k in files:
-                    write_file(files[k][pos], unit_to_pil(img).save, args.overwrite)
+                    out.write(files[k][pos], unit_to_pil(img).save)
 
         chunk = min(s.max_batch for s in settings)
         sub_ids, sub_seeds = [ids[p] for p in mine], [seeds[p] for p in mine]
@@ -205,7 +196,7 @@ def sample_share(cascade, ids, seeds, settings, files: dict, mine: list[int], ar
         def on_stage_end(k, name, images, part=part):
             for pos, img in zip(part, images):
                 if k in files:
-                    write_file(files[k][pos], unit_to_pil(img).save, args.overwrite)
+                    out.write(files[k][pos], unit_to_pil(img).save)
 
         result = cascade(
             [ids[p] for p in part], [seeds[p] for p in part], settings, on_stage_end, progress=not args.quiet

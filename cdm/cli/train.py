@@ -7,6 +7,7 @@ accelerate launch --num_processes 8 -m cdm.cli.train stage=base64 data=imagenet
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cdm.config import TrainRunConfig, config_dir, register_configs, validate
 from cdm.errors import UserError, cli, one_line
-from cdm.train.loop import train
+from cdm.train.loop import LAUNCH_FILES, train
 
 HELP = """usage: cdm-train [KEY=VALUE ...]
 
@@ -112,8 +113,28 @@ def hydra_task(cfg: DictConfig) -> None:
         cfg, notes = check_config(cfg, overrides)
         train(cfg, notes)
     except UserError as err:  # Hydra would print a traceback; a bad value is one line and exit 2
+        hydra = HydraConfig.get()
+        run_dir = Path(hydra.runtime.output_dir)
+        remove_launch_files(run_dir, run_dir / hydra.output_subdir if hydra.output_subdir else None)
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
+
+
+def remove_launch_files(run_dir: Path, record: Path | None) -> None:
+    """A refused launch takes back what it wrote before refusing (this launch's Hydra record, the lock, an
+    empty log), and the run folder if that left it empty; anything else stays."""
+    if not run_dir.is_dir() or any(p.name not in LAUNCH_FILES for p in run_dir.iterdir()):
+        return
+    if record is not None and record.is_dir():
+        shutil.rmtree(record, ignore_errors=True)
+    for path in (run_dir / ".hydra", run_dir / ".lock", run_dir / "train.log", run_dir):
+        try:
+            if path.is_dir():
+                path.rmdir()  # only when empty
+            elif path.is_file() and (path.name == ".lock" or path.stat().st_size == 0):
+                path.unlink()
+        except OSError:
+            pass
 
 
 def portable(folder: str) -> str:

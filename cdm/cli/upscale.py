@@ -22,7 +22,7 @@ from cdm_pipelines.pipeline_sr3 import check_number, image_to_tensor
 from cdm.config import DataConfig, DataSource, ResizeMode
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli, flag_error
-from cdm.files import check_new, check_out_dir, write_file
+from cdm.files import OutputFolder
 from cdm.images import comparison_figure, decode_image, to_pil, to_rgb
 from cdm.measure.metrics import psnr
 from cdm.models import with_scheduler
@@ -124,9 +124,8 @@ def upscale_as_asked(pipe, image, args) -> PIL.Image.Image:
     )
 
 
-def compare(pipe, images, names, args, size: int = 384) -> None:
+def compare(pipe, images, names, args, out, size: int = 384) -> None:
     """Downsample each original by the stage's scale, upscale it, and write low-res | bicubic | model | original."""
-    check_new([args.compare], args.overwrite)
     f, rows = pipe.scale_factor, []
     settings = pipe.call_settings(num_inference_steps=args.steps, autoguidance_scale=args.autoguidance)
     steps, autoguidance = settings["num_inference_steps"], settings["autoguidance_scale"]
@@ -152,7 +151,7 @@ def compare(pipe, images, names, args, size: int = 384) -> None:
                 "original": original[0],
             }
         )
-    write_file(args.compare, comparison_figure(rows).save, args.overwrite)
+    out.write(args.compare, comparison_figure(rows).save)
     print(f"wrote {args.compare}")
 
 
@@ -210,22 +209,24 @@ def main(argv: list[str] | None = None) -> None:
     if not images:
         raise UserError("no input image: pass image files (or --compare FIGURE.png --held-out N)")
 
-    pipe.to(args.device)
     if args.compare is not None:
-        compare(pipe, images, names, args)
+        out = OutputFolder(args.compare.parent, args.overwrite, flag="--compare", inputs=args.inputs)
+        out.plan([args.compare])
+        with out:
+            compare(pipe.to(args.device), images, names, args, out)
         return
-    check_out_dir(args.out)
-    outputs = [args.out / f"{p.stem}-x{pipe.scale_factor}.png" for p in args.inputs]
-    check_new(outputs, args.overwrite)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for path, image, target in zip(args.inputs, images, outputs):
-        start = time.perf_counter()
-        result = upscale_as_asked(pipe, image, args)
-        write_file(target, result.save, args.overwrite)
-        print(
-            f"{path} {image.width}x{image.height} -> {target} {result.width}x{result.height} "
-            f"({time.perf_counter() - start:.1f}s)"
-        )
+    out = OutputFolder(args.out, args.overwrite, inputs=args.inputs)
+    outputs = out.plan([args.out / f"{p.stem}-x{pipe.scale_factor}.png" for p in args.inputs])
+    pipe.to(args.device)
+    with out:
+        for path, image, target in zip(args.inputs, images, outputs):
+            start = time.perf_counter()
+            result = upscale_as_asked(pipe, image, args)
+            out.write(target, result.save)
+            print(
+                f"{path} {image.width}x{image.height} -> {target} {result.width}x{result.height} "
+                f"({time.perf_counter() - start:.1f}s)"
+            )
 
 
 if __name__ == "__main__":

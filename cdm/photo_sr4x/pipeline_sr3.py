@@ -513,7 +513,7 @@ class SR3Pipeline(DiffusionPipeline):
         )
         if auto > 1 and self.guide_unet is None:
             raise ValueError(
-                f"autoguidance_scale={auto:g}: this stage has no guide_unet; expected 1, or a stage with a guide"
+                f"autoguidance_scale={auto}: this stage has no guide UNet (guide_unet); expected 1, or a stage with a guide"
             )
         tile = out["tile_size"] = check_number("tile_size", settings["tile_size"], 0, 65_536, integer=True)
         if tile % self.stride:

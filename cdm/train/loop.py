@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -39,6 +40,55 @@ from cdm.train.data import (
 from cdm.train.degradations import downsample, drop_labels, random_blur, sample_levels
 from cdm.train.losses import DiffusionLoss
 
+LAUNCH_FILES = {".hydra", ".lock", "train.log"}  # what a launch writes before it knows it may run
+# settings a resumed run may change: when it stops, how often it logs, samples and saves
+RESUMABLE = (
+    "train.max_steps",
+    "train.stop_after",
+    "train.resume",
+    "train.log_every",
+    "train.sample_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.num_samples",
+    "train.tracker",
+    "train.output_dir",
+    "data.num_workers",
+)
+
+
+def flat_config(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
+    """A resumed run continues the same run: a changed seed, batch size, learning rate or model is refused
+    with the keys that differ; steps, logging and checkpoint settings may change."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    try:
+        before = flat_config(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        raise UserError(f"{path} is not readable JSON: the run's config is needed to resume it") from None
+    now = flat_config(OmegaConf.to_container(cfg, enum_to_str=True))
+    changed = sorted(
+        k for k in set(before) | set(now) if before.get(k) != now.get(k) and not k.startswith(RESUMABLE)
+    )
+    if changed:
+        shown = ", ".join(f"{k}={before.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
+        raise UserError(
+            f"train.resume=latest: the run was started with other settings ({shown}"
+            f"{', ...' if len(changed) > 3 else ''}); only {', '.join(RESUMABLE[:2])} and the logging and "
+            "checkpoint settings may change; start a new run in another train.output_dir"
+        )
+
 
 def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     """The run folder and the checkpoint to resume from; never reuse a finished or running folder silently."""
@@ -51,11 +101,22 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
                 f"train.output_dir={run_dir} already holds a run: pass train.resume=latest to continue it, "
                 "or choose another train.output_dir"
             )
+        foreign = (
+            sorted(p.name for p in run_dir.iterdir() if p.name not in LAUNCH_FILES)
+            if run_dir.is_dir()
+            else []
+        )
+        if foreign:
+            raise UserError(
+                f"train.output_dir={run_dir} holds {foreign[0]!r} and is not a cdm run: a new run starts in a new "
+                "or empty folder, and nothing there was changed; choose another train.output_dir"
+            )
         return run_dir, None
     if resume == "latest":
         found = list_checkpoints(ckpt_dir)
         if not found:
             raise UserError(f"train.resume=latest: no checkpoint in {ckpt_dir}")
+        check_resumable(run_dir, cfg)
         return run_dir, found[-1]
     path = Path(resume)
     if not (path / "trainer.json").is_file():
@@ -493,7 +554,7 @@ def run_record(tr: Trainer, elapsed: float, checksums: list) -> dict:
         "stage": tr.cfg.stage.name,
         "steps": tr.step,
         "target_steps": t.max_steps,
-        "final_loss": tr.loss,
+        "final_loss": tr.loss if math.isfinite(tr.loss) else None,  # JSON has no NaN
         "seconds_this_launch": round(elapsed, 2),
         "steps_per_second": round((tr.step - tr.start_step) / max(elapsed - tr.side_seconds, 1e-9), 4),
         "seconds_sampling_and_checkpoints": round(tr.side_seconds, 2),
