@@ -245,9 +245,3 @@ def replace_folder(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
-
-
-def check_out_dir(out: Path, flag: str = "--out") -> None:
-    """The output folder may exist, but not as a file."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{flag} {out} is a file: expected a folder (existing or new)")

@@ -180,6 +180,13 @@ CASES = [
     ("app-bad-port", ["cdm-app", "--model", "CASCADE", "--port", "0"], "--port=0", None),
     # cdm-train
     ("train-zero-batch", [*TRAIN, "train.batch_size=0"], "train.batch_size=0", None),
+    ("train-into-a-folder-of-the-users", ["cdm-train", "train.output_dir=JPEGS"], "holds 'broken.jpg'", None),
+    ("train-empty-output-dir", ["cdm-train", "train.output_dir="], "train.output_dir is empty", None),
+    ("train-adam-beta2-above-one", [*TRAIN, "train.adam_beta2=2"], "train.adam_beta2=2.0", None),
+    ("train-zero-norm-groups", [*TRAIN, "unet.norm_num_groups=0"], "unet.norm_num_groups=0", None),
+    ("train-no-unet-levels", [*TRAIN, "unet.block_out_channels=[]"], "unet.block_out_channels=[]", None),
+    ("train-huge-seed", [*TRAIN, "train.seed=99999999999999999999"], "train.seed=99999999999999999999", None),
+    ("train-nan-learning-rate", [*TRAIN, "train.learning_rate=nan"], "train.learning_rate=nan", None),
     ("train-misspelt-key", [*TRAIN, "+train.max_stepz=5"], "max_stepz", None),
     ("train-unknown-top-level-key", [*TRAIN, "+foo=1"], "foo", None),
     ("train-unknown-stage", [*TRAIN, "stage=nope"], "nope", None),
@@ -232,6 +239,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, name, cmd, n
     }
     args = [subs.get(a, a.replace("data.path=MISSING", f"data.path={tmp_path / 'MISSING'}")) for a in cmd]
     args = [a.replace("train.output_dir=NEW", f"train.output_dir={tmp_path / 'new'}") for a in args]
+    args = [a.replace("train.output_dir=JPEGS", f"train.output_dir={tmp_path / 'JPEGS'}") for a in args]
     before = tree_hashes(tmp_path)
     res = run_cli(args, tmp_path)
     lines = res.stderr.strip().splitlines()

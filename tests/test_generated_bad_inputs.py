@@ -245,3 +245,133 @@ def test_generated_user_files_in_the_output_folder_are_never_replaced(world, tmp
             assert code == 0, stderr
             after = tree_hashes(out)
             assert {k: v for k, v in after.items() if k in before} == before
+
+
+def test_the_reported_ways_around_the_checks_are_closed(world, tmp_path, cache_env):
+    """Each case once found by hand: exit 2, one line, and nothing of the user's changed."""
+    import stat
+
+    from cdm.cli import export as export_cli
+
+    root, image = world
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "mine.py").write_text("print('mine')\n")
+    # a run whose record names an absolute stage folder: export must not write or delete there
+    run_dir = tmp_path / "run"
+    shutil.copytree(root / "base64", run_dir / "export")
+    (run_dir / "export" / "cdm_stage.json").write_text(json.dumps({"stage": {"name": str(victim)}}))
+    (run_dir / "config.json").write_text("{}")
+    # a stage folder with a link to a file outside it
+    linked = tmp_path / "linked"
+    shutil.copytree(root / "sr64to256", linked)
+    (linked / "scheduler" / "extra.json").symlink_to(victim / "mine.py")
+    # an upscale whose output would be one of its inputs
+    (tmp_path / "photos").mkdir()
+    for name in ("a.png", "a-x4.png"):
+        shutil.copyfile(image, tmp_path / "photos" / name)
+    # a results.md, a .partial/ and a .<out>-old/ of the user's
+    (tmp_path / "evalout").mkdir()
+    (tmp_path / "evalout" / "results.md").write_text("my notes\n")
+    (tmp_path / "genout" / ".partial").mkdir(parents=True)
+    (tmp_path / "genout" / ".partial" / "keep.txt").write_text("mine\n")
+    (tmp_path / ".published-old").mkdir()
+    (tmp_path / ".published-old" / "keep.txt").write_text("mine\n")
+    # NaN weights
+    nan = tmp_path / "nan"
+    shutil.copytree(root, nan)
+    from safetensors.torch import load_file, save_file
+
+    weights = nan / "base64" / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    first = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[first] = tensors[first] * float("nan")
+    save_file(tensors, weights)
+    cases = [
+        (export_cli.main, [str(run_dir), "--out", str(tmp_path / "e1")], "stage name"),
+        (export_cli.main, [str(linked), "--out", str(tmp_path / "e2")], "is a link"),
+        (
+            upscale_cli.main,
+            [
+                *(str(tmp_path / "photos" / n) for n in ("a.png", "a-x4.png")),
+                "--out",
+                str(tmp_path / "photos"),
+                "--overwrite",
+            ],
+            "is one of the inputs",
+        ),
+        (
+            eval_cli.main,
+            ["sr", "--model", str(root), "--data", "digits", "--out", str(tmp_path / "evalout")],
+            "results.md already exists",
+        ),
+        (
+            eval_cli.main,
+            [
+                "sr",
+                "--model",
+                str(root),
+                "--data",
+                "digits",
+                "--out",
+                str(tmp_path / "evalout"),
+                "--overwrite",
+            ],
+            "results.md exists and was not written by cdm",
+        ),
+        (
+            eval_cli.main,
+            [
+                "gen",
+                "--model",
+                str(root),
+                "--data",
+                "digits",
+                "--num-per-class",
+                "1",
+                "--out",
+                str(tmp_path / "genout"),
+            ],
+            ".partial exists and was not written by cdm-eval",
+        ),
+        (
+            export_cli.main,
+            [
+                str(root / "base64"),
+                str(root / "sr64to256"),
+                "--out",
+                str(tmp_path / "e3"),
+                "--set",
+                "sr64to256.guidance_scale=inf",
+            ],
+            "guidance_scale=inf",
+        ),
+        (
+            generate_cli.main,
+            ["--model", str(root), "--class", "1", "--guidance", "nan", "--out", str(tmp_path / "g")],
+            "guidance_scale=nan",
+        ),
+        (generate_cli.main, ["--model", str(nan), "--class", "1", "--out", str(tmp_path / "g")], "NaN"),
+    ]
+    before = tree_hashes(tmp_path)
+    for main, argv, needle in cases:
+        code, stderr = run(main, argv)
+        assert_refused(code, stderr, " ".join(argv[:4]))
+        assert needle in stderr, stderr
+        assert tree_hashes(tmp_path) == before, argv
+    # --overwrite of an export never removes a folder of the user's with the name of its old copy
+    out = tmp_path / "published"
+    for _ in range(2):
+        assert run(export_cli.main, [str(root / "base64"), "--out", str(out), "--overwrite"])[0] == 0
+    assert (tmp_path / ".published-old" / "keep.txt").read_text() == "mine\n"
+    # outputs are readable by others as the umask says, not private temporary files
+    old = os.umask(0o022)
+    try:
+        assert (
+            run(generate_cli.main, ["--model", str(root), "--class", "1", "--out", str(tmp_path / "g")])[0]
+            == 0
+        )
+    finally:
+        os.umask(old)
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in (tmp_path / "g").glob("*.png"))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755

@@ -332,8 +332,13 @@ def test_resume_skips_a_truncated_latest_checkpoint_and_says_so(tmp_path, cache_
 def test_resume_with_another_model_config_is_one_line(tmp_path, cache_env):
     out = tmp_path / "run"
     assert run_cli(train_args("base64", out, 4, "train.stop_after=2"), tmp_path, cache_env).returncode == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     res = run_cli(train_args("base64", out, 4, "train.resume=latest", *OTHER_UNET), tmp_path, cache_env)
-    assert_one_line(res, "different model configuration")
+    assert_one_line(res, "the run was started with other settings (unet.block_out_channels=")
+    for change, shown in (("train.seed=7", "train.seed=0 -> 7"), ("train.batch_size=3", "train.batch_size=")):
+        res = run_cli(train_args("base64", out, 4, "train.resume=latest", change), tmp_path, cache_env)
+        assert_one_line(res, shown)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the run's config stays
 
 
 OTHER_UNET = ["unet.block_out_channels=[8,16]", "unet.norm_num_groups=8"]

@@ -439,16 +439,21 @@ def open_partial(out: Path, plan: dict, state) -> Path:
     folder = out / PARTIAL
     if state.is_main_process:
         record = folder / "plan.json"
-        if folder.exists() and not record.is_file():
-            raise UserError(
-                f"{folder} exists and was not written by cdm-eval: nothing was removed; use another --out"
-            )
+        check_partial(folder)
         if folder.exists() and json.loads(record.read_text()) != plan:
             remove_partial(folder)
         folder.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(plan))
     state.wait_for_everyone()
     return folder
+
+
+def check_partial(folder: Path) -> None:
+    """A `.partial/` that cdm-eval did not write (no plan.json) is the user's: refused before any work."""
+    if folder.exists() and not (folder / "plan.json").is_file():
+        raise UserError(
+            f"{folder} exists and was not written by cdm-eval: nothing was removed; use another --out"
+        )
 
 
 def remove_partial(folder: Path) -> None:
@@ -817,6 +822,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--batch={args.batch}: expected an integer >= 1")
     args.writer = OutputFolder(args.out, args.overwrite)
     args.writer.plan([args.out / name for name in OUTPUTS[args.command]])
+    if args.command == "gen":
+        check_partial(args.out / PARTIAL)
     with args.writer:
         {"sr": cmd_sr, "gen": cmd_gen, "sweep-aug": cmd_sweep}[args.command](args)
 

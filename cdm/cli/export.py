@@ -21,7 +21,7 @@ from cdm_pipelines.pipeline_sr3 import check_guide
 from cdm.cascade import Cascade, Stage, check_settings
 from cdm.config import sampling_fields
 from cdm.errors import UserError, cli
-from cdm.files import EXPORT_MARKER, check_replaceable, mark_export, replace_folder
+from cdm.files import EXPORT_MARKER, UMASK, check_replaceable, mark_export, replace_folder
 from cdm.hub.cards import load_results, make_card
 from cdm.hub.publish import push_to_hub
 from cdm.hub.space import check_space, write_space
@@ -82,6 +82,7 @@ def assemble(
     guide_folder = take_guide(guide, pipes) if guide is not None else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o777 & ~UMASK)  # the export is for others to read: not mkdtemp's private mode
     try:
         targets = [tmp] if single else [tmp / name for name in names]
         for folder, target, pipe, s in zip(folders, targets, pipes, settings):

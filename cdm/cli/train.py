@@ -6,6 +6,7 @@ accelerate launch --num_processes 8 -m cdm.cli.train stage=base64 data=imagenet
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -121,12 +122,14 @@ def hydra_task(cfg: DictConfig) -> None:
 
 
 def remove_launch_files(run_dir: Path, record: Path | None) -> None:
-    """A refused launch takes back what it wrote before refusing (this launch's Hydra record, the lock, an
-    empty log), and the run folder if that left it empty; anything else stays."""
-    if not run_dir.is_dir() or any(p.name not in LAUNCH_FILES for p in run_dir.iterdir()):
-        return
+    """A refused launch takes back what it wrote before refusing: this launch's Hydra record, and, in a
+    folder that holds nothing else, the lock, an empty log and the folder itself. Anything else stays."""
     if record is not None and record.is_dir():
         shutil.rmtree(record, ignore_errors=True)
+    if not run_dir.is_dir() or any(p.name not in LAUNCH_FILES for p in run_dir.iterdir()):
+        with contextlib.suppress(OSError):
+            (run_dir / ".hydra").rmdir()  # only when this launch's record was all it held
+        return
     for path in (run_dir / ".hydra", run_dir / ".lock", run_dir / "train.log", run_dir):
         try:
             if path.is_dir():

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from cdm.errors import UserError
-from cdm.files import check_new, check_out_dir, write_file
+from cdm.files import OutputFolder
 from cdm.hub.cards import DISTRIBUTION
 
 APP_PY = '''"""A Gradio Space for the cascade {repo}: cdm's app, generating stage by stage and upscaling photos."""
@@ -61,18 +61,19 @@ def space_files(repo: str, title: str) -> dict[str, str]:
 SPACE_FILES = ("app.py", "requirements.txt", "README.md")
 
 
-def check_space(out: Path, overwrite: bool) -> None:
-    """Before any work: the Space folder may exist, but its files only with `overwrite`."""
-    check_out_dir(out, "--space")
-    check_new([out / name for name in SPACE_FILES], overwrite)
+def check_space(out: Path, overwrite: bool) -> OutputFolder:
+    """Before any work: the Space folder may exist, but its files only with `overwrite` (and only files
+    cdm wrote there)."""
+    writer = OutputFolder(out, overwrite, flag="--space")
+    writer.plan([out / name for name in SPACE_FILES])
+    return writer
 
 
 def write_space(out: Path, repo: str, overwrite: bool) -> list[Path]:
-    """Write the Space folder; existing files are replaced only with `overwrite`."""
-    check_space(out, overwrite)
+    """Write the Space folder through one `OutputFolder`."""
     files = space_files(repo, title=f"{repo.split('/')[-1]} (cdm)")
     targets = [out / name for name in files]
-    out.mkdir(parents=True, exist_ok=True)
-    for target, text in zip(targets, files.values()):
-        write_file(target, lambda tmp, text=text: tmp.write_text(text), overwrite)
+    with check_space(out, overwrite) as writer:
+        for target, text in zip(targets, files.values()):
+            writer.write(target, lambda tmp, text=text: tmp.write_text(text))
     return targets

@@ -252,8 +252,9 @@ def train(cfg: DictConfig, notes: list[str] = ()) -> Path:
     """Train one stage, top to bottom: setup, data, model, batches, the loop, the export."""
     accelerator = make_accelerator(cfg)
     run_dir = Path(cfg.train.output_dir)
+    resolve_run_dir(cfg)  # refuse before the lock is taken, so a refused launch changes nothing in the folder
     _lock = lock_run(run_dir) if accelerator.is_main_process else None  # one writer per run folder
-    run_dir, resume_from = resolve_run_dir(cfg)
+    run_dir, resume_from = resolve_run_dir(cfg)  # again, now that no other process can change it
     if resume_from is not None and finished(resume_from, cfg.train.max_steps, run_dir):
         if accelerator.is_main_process:
             print(
