@@ -141,7 +141,7 @@ class OutputFolder:
         if existed and not (self.overwrite and self.written_by_cdm(path)):
             raise UserError(f"{path} already exists (written by another run): nothing was replaced")
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, save)
+        atomic_write(path, save, replace=existed)
         if not existed:
             self.created.append(path)
         self.manifest[name] = file_digest(path)
@@ -173,10 +173,11 @@ class OutputFolder:
                     pass
 
 
-def atomic_write(path: Path, save: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, save: Callable[[Path], None], replace: bool = True) -> None:
     """Write through `save(tmp)` to a temporary name beside `path`, then move it into place in one step,
     readable as the user's umask says (a temporary file is private). Used directly only for a file the
-    user asked cdm to update (a cascade's defaults); outputs go through `OutputFolder`."""
+    user asked cdm to update (a cascade's defaults); outputs go through `OutputFolder`. With `replace`
+    false the file must still be new when it is moved into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
@@ -185,7 +186,15 @@ def atomic_write(path: Path, save: Callable[[Path], None]) -> None:
         except OSError as err:  # name the file the user asked for, not its temporary name
             raise OSError(err.errno, err.strerror, str(path)) from err
         os.chmod(tmp, 0o666 & ~UMASK)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:  # claim the new name with a hard link: it fails if another process created it meanwhile
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise UserError(
+                    f"{path} already exists (written by another run): nothing was replaced"
+                ) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -136,8 +136,9 @@ def test_a_file_created_by_another_run_meanwhile_is_never_replaced(tmp_path):
         write_file(target, slow_save, overwrite=False)
     assert target.read_text() == "the other run's grid"
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temporary file left behind
-    write_file(target, lambda tmp: Path(tmp).write_text("ours"), overwrite=True)
-    assert target.read_text() == "ours"
+    with pytest.raises(UserError, match="was not written by cdm"):  # not even with --overwrite
+        write_file(target, lambda tmp: Path(tmp).write_text("ours"), overwrite=True)
+    assert target.read_text() == "the other run's grid"
 
 
 def test_generate_writes_complete_files_and_refuses_existing_ones(tmp_path):
@@ -147,7 +148,8 @@ def test_generate_writes_complete_files_and_refuses_existing_ones(tmp_path):
     before = tree_hashes(tmp_path / "s")
     again = run_cli(args, tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
-    assert tree_hashes(tmp_path / "s") == before and not list((tmp_path / "s").glob(".*"))
+    assert tree_hashes(tmp_path / "s") == before
+    assert [p.name for p in (tmp_path / "s").glob(".*")] == [".cdm-outputs.json"]  # no temporary file
 
 
 class Planted:

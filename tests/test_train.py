@@ -171,7 +171,7 @@ def test_bad_images_are_converted_or_counted(tmp_path, cache_env):
     "override, needle",
     [
         (["stage=nope"], "stage=nope: no such stage; expected one of base64, sr256to1024, sr64to256"),
-        (["train.batch_size=0"], "train.batch_size=0: expected an integer >= 1"),
+        (["train.batch_size=0"], "train.batch_size=0: expected an integer in 1..65536"),
         (["data=imagefolder"], "data.path"),
         (
             ["stage=sr64to256", "data=photos", "stage.crop_size=2048"],

@@ -129,6 +129,9 @@ def remove_launch_files(run_dir: Path, record: Path | None) -> None:
     if not run_dir.is_dir() or any(p.name not in LAUNCH_FILES for p in run_dir.iterdir()):
         with contextlib.suppress(OSError):
             (run_dir / ".hydra").rmdir()  # only when this launch's record was all it held
+            log = run_dir / "train.log"  # so this launch made Hydra's (empty) log too
+            if log.is_file() and log.stat().st_size == 0:
+                log.unlink()
         return
     for path in (run_dir / ".hydra", run_dir / ".lock", run_dir / "train.log", run_dir):
         try:

@@ -90,7 +90,7 @@ def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
         )
 
 
-def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
+def resolve_run_dir(cfg: DictConfig, locked: bool = True) -> tuple[Path, Path | None]:
     """The run folder and the checkpoint to resume from; never reuse a finished or running folder silently."""
     run_dir = Path(cfg.train.output_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -106,6 +106,13 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
             if run_dir.is_dir()
             else []
         )
+        if foreign and (run_dir / ".lock").is_file() and (run_dir / "config.yaml").is_file():
+            if not locked:  # it may be running: taking the lock tells, with the holder's PID
+                return run_dir, None
+            raise UserError(  # a run another launch started (lock_run names its PID while it runs)
+                f"train.output_dir={run_dir} holds a run that has no checkpoint yet: pass train.resume=latest "
+                "once it has one, or choose another train.output_dir"
+            )
         if foreign:
             raise UserError(
                 f"train.output_dir={run_dir} holds {foreign[0]!r} and is not a cdm run: a new run starts in a new "
@@ -252,7 +259,7 @@ def train(cfg: DictConfig, notes: list[str] = ()) -> Path:
     """Train one stage, top to bottom: setup, data, model, batches, the loop, the export."""
     accelerator = make_accelerator(cfg)
     run_dir = Path(cfg.train.output_dir)
-    resolve_run_dir(cfg)  # refuse before the lock is taken, so a refused launch changes nothing in the folder
+    resolve_run_dir(cfg, locked=False)  # refuse before taking the lock: a refused launch changes nothing
     _lock = lock_run(run_dir) if accelerator.is_main_process else None  # one writer per run folder
     run_dir, resume_from = resolve_run_dir(cfg)  # again, now that no other process can change it
     if resume_from is not None and finished(resume_from, cfg.train.max_steps, run_dir):
