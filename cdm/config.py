@@ -214,7 +214,7 @@ NUMBERS = {
     "train.seed": (0, 2**63 - 1, True),
     "train.batch_size": (1, 65_536, True),
     "train.max_steps": (1, 10**9, True),
-    "train.learning_rate": (1e-12, 1, False),
+    "train.learning_rate": (1e-30, 1, False),
     "train.warmup_steps": (0, 10**9, True),
     "train.weight_decay": (0, 10, False),
     "train.adam_beta2": (0, 0.999999, False),

@@ -85,7 +85,7 @@ class OutputFolder:
             name = self.relative(p)
             if name in seen:
                 raise UserError(
-                    f"{p}: two outputs would be written to the same file; use another {self.flag}"
+                    f"{p}: two inputs would write the same output file; rename one or use another {self.flag}"
                 )
             seen.add(name)
             if Path(os.path.realpath(p)) in self.inputs:

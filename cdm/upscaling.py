@@ -44,15 +44,21 @@ def add_autoguidance_argument(parser) -> None:
     )
 
 
-def read_image(path: Path) -> PIL.Image.Image:
+def read_image(path: Path, scale: int | None = None) -> PIL.Image.Image:
     """Open an image file, upright by its EXIF orientation, in its own mode: `upscale` gives the model its
-    RGB form (`to_rgb`) and the result the source's grey or alpha back (`as_output_mode`)."""
+    RGB form (`to_rgb`) and the result the source's grey or alpha back (`as_output_mode`). With `scale`,
+    the size is checked from the header (`check_size`) before any pixel is decoded."""
     if path.is_dir():
         raise UserError(f"{path} is a folder: expected an image file")
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
+        with PIL.Image.open(path) as header:
+            if scale is not None:
+                check_size(path, header, scale)
         image = open_image({"path": str(path)})
+    except UserError:
+        raise
     except PIL.Image.DecompressionBombError:
         raise UserError(
             f"{path}: the image header claims more pixels than PIL allows (a decompression bomb?)"

@@ -28,7 +28,7 @@ from cdm.cascade import Cascade
 from cdm.config import DataConfig, DataSource, ResizeMode, StageConfig, StageKind, unet_stride
 from cdm.devices import default_device, resolve_device
 from cdm.errors import OneLineParser, UserError, cli, flag_error
-from cdm.files import OutputFolder, atomic_write, write_file
+from cdm.files import OutputFolder, atomic_write
 from cdm.hub.cards import results_table
 from cdm.images import UNREADABLE, decode_image, save_grid, to_tensor
 from cdm.measure.classifier import get_classifier, predict, prepare
@@ -478,7 +478,7 @@ def sample_batches(cascade, n, ids, settings, batches, folder: Path, judge, feat
             arrays["pool"] = inception_features(images, feature)
         if lo < GRID_IMAGES:
             arrays["images"] = ((images[: GRID_IMAGES - lo].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-        write_file(path, lambda tmp, a=arrays: np.savez(tmp, **a), overwrite=True)
+        atomic_write(path, lambda tmp, a=arrays: np.savez(tmp, **a), replace=False)  # cdm-eval's scratch
 
 
 def load_batches(folder: Path, batches) -> dict:
@@ -820,7 +820,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--num-per-class={args.num_per_class}: expected an integer >= 1")
     if getattr(args, "batch", 1) < 1:
         raise UserError(f"--batch={args.batch}: expected an integer >= 1")
-    args.writer = OutputFolder(args.out, args.overwrite)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch, rank 0 holds the folder
+    args.writer = OutputFolder(args.out, args.overwrite, lock=main_rank)
     args.writer.plan([args.out / name for name in OUTPUTS[args.command]])
     if args.command == "gen":
         check_partial(args.out / PARTIAL)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cdm.config import TrainRunConfig, config_dir, register_configs, validate
-from cdm.errors import UserError, cli, one_line
+from cdm.errors import DISK_ERRORS, UserError, cli, one_line
 from cdm.train.loop import LAUNCH_FILES, train
 
 HELP = """usage: cdm-train [KEY=VALUE ...]
@@ -113,6 +113,11 @@ def hydra_task(cfg: DictConfig) -> None:
         cfg.train.output_dir = portable(HydraConfig.get().runtime.output_dir)
         cfg, notes = check_config(cfg, overrides)
         train(cfg, notes)
+    except OSError as err:  # a full disk or a refused permission, e.g. while writing a checkpoint
+        if err.errno not in DISK_ERRORS or os.environ.get("CDM_DEBUG"):
+            raise
+        print(f"error: {err.filename or ''}: {err.strerror}: nothing more was written", file=sys.stderr)
+        sys.exit(2)
     except UserError as err:  # Hydra would print a traceback; a bad value is one line and exit 2
         hydra = HydraConfig.get()
         run_dir = Path(hydra.runtime.output_dir)

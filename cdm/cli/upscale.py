@@ -31,7 +31,6 @@ from cdm.train.degradations import downsample
 from cdm.upscaling import (
     PHOTO_STAGE,
     add_autoguidance_argument,
-    check_size,
     load_sr_stage,
     read_image,
     upscale,
@@ -199,9 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     pipe, _ = load_sr_stage(args.model, args.stage)
     check_arguments(args, pipe)
     pipe = with_scheduler(pipe, args.scheduler, args.steps or pipe.call_settings()["num_inference_steps"])
-    images = [read_image(p) for p in args.inputs]  # every input is checked before anything is written
-    for path, image in zip(args.inputs, images):
-        check_size(path, image, pipe.scale_factor)
+    # every input is checked (its size from the header, before decoding) before anything is written
+    images = [read_image(p, pipe.scale_factor) for p in args.inputs]
     names = [p.stem for p in args.inputs]
     if args.held_out:
         held = held_out_photos(args.held_out)
