@@ -86,6 +86,7 @@ def test_eval_sr_reports_finite_metrics_for_model_and_bicubic(tmp_path, cache_en
     assert "| bicubic upsampling |" in (tmp_path / "ev" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_eval_sr_skips_a_corrupt_image_and_names_it(tmp_path, cache_env):
     stage_dir = tmp_path / "sr"
     save_stage(build_pipeline(sr_stage(8, 32), TINY, 0), stage_dir)

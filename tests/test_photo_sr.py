@@ -212,6 +212,7 @@ def test_shipped_photo_stage_beats_bicubic_on_the_held_out_photos(cache_env):
     assert min(gains.values()) > 0 and sum(gains.values()) / len(gains) > 0.5, gains
 
 
+@pytest.mark.slow
 def test_upscale_compare_writes_the_figure_and_reports_psnr(tmp_path, cache_env):
     stage_dir = save_stage(build_pipeline(residual_stage(), TINY, 0), tmp_path / "st")
     (stage_dir / "cdm_stage.json").write_text(

@@ -107,6 +107,7 @@ def test_each_stage_trains_and_exports_a_loadable_pipeline(stage, tmp_path, cach
     assert np.isfinite(out if isinstance(out, np.ndarray) else out.images).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("streamed", [False, True], ids=["map-style", "streamed"])
 def test_resume_equals_an_uninterrupted_run(tmp_path, cache_env, streamed):
     common = ["train.checkpoint_every=3", "train.sample_every=100"]
@@ -136,6 +137,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, cache_env, streamed):
         assert worst <= 1e-6, (name, worst)
 
 
+@pytest.mark.slow
 def test_an_existing_run_is_never_overwritten(tmp_path, cache_env):
     args = train_args("base64", tmp_path / "run", 2)
     assert run_cli(args, tmp_path, cache_env).returncode == 0
