@@ -85,8 +85,34 @@ def load_stage(folder: str | Path, torch_dtype=torch.float32):
         raise UserError(
             f"{folder}: pipeline class {name!r} is not a cdm stage: expected one of {sorted(PIPELINES)}"
         )
+    check_index(folder, index, cls)
+    try:
+        pipe = cls.from_pretrained(folder, torch_dtype=torch_dtype)
+    except LOAD_ERRORS as err:
+        # the folder's JSON builds the modules: a value of a wrong kind fails inside diffusers or torch
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{folder}: the stage could not be loaded ({first[:200]})") from None
+    check_finite_weights(pipe, folder)
+    return pipe
+
+
+# what building modules from a folder's JSON raises when a value is of a wrong kind (diffusers, torch)
+LOAD_ERRORS = (
+    SafetensorError,
+    OSError,
+    RuntimeError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+)
+
+
+def check_index(folder: Path, index: dict, cls) -> None:
+    """model_index.json against the pipeline class: components are `[library, class]` of stock diffusers
+    models and schedulers with safetensors weights, settings have their types, none is missing."""
     params = inspect.signature(cls.__init__).parameters
-    components = {}
     for key, value in index.items():
         if key.startswith("_") or key not in params or value == [None, None]:  # [null, null]: absent
             continue
@@ -95,7 +121,7 @@ def load_stage(folder: str | Path, torch_dtype=torch.float32):
                 raise UserError(
                     f"{folder}/model_index.json: {key}={json.dumps(value)[:60]}: expected [library, class name]"
                 )
-            components[key] = _check_component(folder, key, value)
+            _check_component(folder, key, value)
         elif key in SETTING_TYPES:
             kind = SETTING_TYPES[key]
             if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
@@ -106,24 +132,7 @@ def load_stage(folder: str | Path, torch_dtype=torch.float32):
         p for p in params if p != "self" and params[p].default is inspect.Parameter.empty and p not in index
     ]
     if missing:
-        raise UserError(f"{folder}/model_index.json lacks components {missing} for {name}")
-    try:
-        pipe = cls.from_pretrained(folder, torch_dtype=torch_dtype)
-    except (
-        SafetensorError,
-        OSError,
-        RuntimeError,
-        ValueError,
-        TypeError,
-        KeyError,
-        IndexError,
-        AttributeError,
-    ) as err:
-        # the folder's JSON builds the modules: a value of a wrong kind fails inside diffusers or torch
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{folder}: the stage could not be loaded ({first[:200]})") from None
-    check_finite_weights(pipe, folder)
-    return pipe
+        raise UserError(f"{folder}/model_index.json lacks components {missing} for {cls.__name__}")
 
 
 def check_finite_weights(pipe, folder: Path) -> None:

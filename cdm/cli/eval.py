@@ -255,17 +255,9 @@ OUTPUTS = {
 # -- subcommands ---------------------------------------------------------------------------------
 
 
-def cmd_sr(args) -> None:
-    if args.num_images is not None and args.num_images < 1:
-        raise UserError(f"--num-images={args.num_images}: expected an integer >= 1")
-    pipe, settings = load_sr_stage(args.model, args.stage)
-    data = data_config(args.data, args.data_path, sr=True)
-    size = pipe.unet.config.sample_size if args.crop is None else args.crop
-    mult = unet_stride(pipe.unet.config.block_out_channels)
-    if size % pipe.scale_factor or size % mult:
-        raise UserError(
-            f"--crop={size}: expected a multiple of the stage's scale {pipe.scale_factor} and of {mult}"
-        )
+def check_sr_arguments(args, pipe) -> float:
+    """`cdm-eval sr`'s own ranges, then the stage's rules (its pipeline's) for the sampling settings;
+    returns the autoguidance scale to use (unset: the stage's)."""
     if not 0 <= args.blur <= 4:
         raise UserError(f"--blur={args.blur}: expected a Gaussian sigma in low-res pixels, 0..4")
     if not 0 <= args.jpeg <= 95:
@@ -284,7 +276,21 @@ def cmd_sr(args) -> None:
             "tile_size": "--tile",
         }
         raise flag_error(err, {**flags, "eta": "--eta"}) from None
-    args.autoguidance = checked["autoguidance_scale"]
+    return checked["autoguidance_scale"]
+
+
+def cmd_sr(args) -> None:
+    if args.num_images is not None and args.num_images < 1:
+        raise UserError(f"--num-images={args.num_images}: expected an integer >= 1")
+    pipe, settings = load_sr_stage(args.model, args.stage)
+    data = data_config(args.data, args.data_path, sr=True)
+    size = pipe.unet.config.sample_size if args.crop is None else args.crop
+    mult = unet_stride(pipe.unet.config.block_out_channels)
+    if size % pipe.scale_factor or size % mult:
+        raise UserError(
+            f"--crop={size}: expected a multiple of the stage's scale {pipe.scale_factor} and of {mult}"
+        )
+    args.autoguidance = check_sr_arguments(args, pipe)
     grid = [
         (name, steps)
         for name in args.scheduler or [settings.scheduler]
