@@ -243,6 +243,14 @@ def mark_export(folder: Path, info: dict) -> None:
     (folder / EXPORT_MARKER).write_text(json.dumps(info, indent=1) + "\n")
 
 
+def staging_folder(out: Path) -> Path:
+    """A new temporary folder beside `out`, readable as the user's umask says (not mkdtemp's private mode),
+    to be moved into place by `replace_folder` once complete."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o777 & ~UMASK)
+    return tmp
+
+
 def replace_folder(tmp: Path, out: Path) -> None:
     """Move a completed folder into place; an older export at `out` is removed only after the check above,
     through a fresh temporary name of its own (never a name that may already hold someone's folder)."""

@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import PIL.Image
@@ -21,7 +20,7 @@ from cdm_pipelines.pipeline_sr3 import check_guide
 from cdm.cascade import Cascade, Stage, check_settings
 from cdm.config import sampling_fields
 from cdm.errors import UserError, cli
-from cdm.files import EXPORT_MARKER, UMASK, check_replaceable, mark_export, replace_folder
+from cdm.files import EXPORT_MARKER, check_replaceable, mark_export, replace_folder, staging_folder
 from cdm.hub.cards import load_results, make_card
 from cdm.hub.publish import push_to_hub
 from cdm.hub.space import check_space, write_space
@@ -81,8 +80,7 @@ def assemble(
     single = len(pipes) == 1
     guide_folder = take_guide(guide, pipes) if guide is not None else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    tmp.chmod(0o777 & ~UMASK)  # the export is for others to read: not mkdtemp's private mode
+    tmp = staging_folder(out)
     try:
         targets = [tmp] if single else [tmp / name for name in names]
         for folder, target, pipe, s in zip(folders, targets, pipes, settings):
@@ -181,6 +179,11 @@ def load_inputs(inputs: list[Path], overrides: list[str]):
 
 def add_card_arguments(p: argparse.ArgumentParser) -> None:
     """What goes into the model card besides the measured results."""
+    p.add_argument(
+        "--repo-id",
+        default=None,
+        help="the Hub repo id the card's snippets name (default: --push-to-hub's, else the folder's name)",
+    )
     p.add_argument("--samples", type=Path, default=None, help="a sample grid image to show in the card")
     p.add_argument(
         "--notes",
@@ -221,11 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_card_arguments(p)
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
-    p.add_argument(
-        "--repo-id",
-        default=None,
-        help="the Hub repo id the card's snippets name (default: --push-to-hub's, else the folder's name)",
-    )
     p.add_argument("--private", action="store_true")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in token)")
     p.add_argument(

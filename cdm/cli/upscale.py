@@ -62,15 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stage", default=None, help="which SR stage of a cascade (default: the first)")
     p.add_argument("--out", type=Path, default=Path("upscaled"), help="output folder (default upscaled/)")
-    p.add_argument(
-        "--tile", type=int, default=None, help="tile size in input pixels (default: the stage's setting)"
-    )
-    p.add_argument(
-        "--overlap",
-        type=int,
-        default=None,
-        help="tile overlap in input pixels (default: the stage's setting)",
-    )
+    p.add_argument("--tile", type=int, help="tile size in input pixels (default: the stage's)")
+    p.add_argument("--overlap", type=int, help="tile overlap in input pixels (default: the stage's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the stage's setting)")
     p.add_argument("--scheduler", help="diffusers scheduler class (default: the stage's setting)")
     add_autoguidance_argument(p)
