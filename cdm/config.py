@@ -135,7 +135,7 @@ class DataConfig:
     random_flip: bool = False
     random_rot90: bool = False
     # For the offline photos set: how many images are held out for evaluation, and whether to add
-    # the photographs of Debian's background packages (cdm.train.debian_photos) to its training split.
+    # the photographs of Debian's background packages (cdm.train.builders) to its training split.
     holdout: int = 3
     debian_photos: bool = False
     # data=hub: local or remote data files (a path, a glob, or a list) for a builder such as

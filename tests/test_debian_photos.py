@@ -9,8 +9,8 @@ import pytest
 from conftest import run_cli
 
 from cdm.errors import UserError
-from cdm.train import debian_photos
-from cdm.train.debian_photos import DEBIAN_PHOTOS, MAX_SIDE, build_photo_folder, photo_name, read_deb
+from cdm.train import builders
+from cdm.train.builders import DEBIAN_PHOTOS, MAX_SIDE, build_photo_folder, photo_name, read_deb
 
 
 def ar_member(name: str, data: bytes) -> bytes:
@@ -68,7 +68,7 @@ def test_the_folder_holds_the_wheel_photos_and_the_downscaled_debian_photos(tmp_
     with PIL.Image.open(root / "train" / "photo" / "Path.png") as image:
         assert image.size == (MAX_SIDE, 640) and image.mode == "RGB"
     # complete: kept as it is, without reading any package again
-    monkeypatch.setattr(debian_photos, "read_deb", None)
+    monkeypatch.setattr(builders, "read_deb", None)
     assert build_photo_folder(tmp_path / "photos", tmp_path / "debs") == root
 
 
@@ -82,7 +82,7 @@ def test_without_apt_get_the_error_says_where_to_put_the_packages(tmp_path, monk
 def test_a_corrupt_package_is_one_line_exit_2_and_writes_nothing(tmp_path):
     (tmp_path / "debs").mkdir()
     (tmp_path / "debs" / "mate-backgrounds_1_all.deb").write_bytes(b"not a package")
-    res = run_cli(["python", "-m", "cdm.train.debian_photos", "out", "--debs", "debs"], tmp_path)
+    res = run_cli(["python", "-m", "cdm.cli.photos", "out", "--debs", "debs"], tmp_path)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "mate-backgrounds_1_all.deb: not a readable Debian package" in res.stderr
     assert not (tmp_path / "out").exists()

@@ -172,10 +172,10 @@ def test_random_scaled_crop_shrinks_the_content_within_the_range(min_scale, max_
 
 
 def test_every_photo_source_loads_as_rgb():
-    from cdm.train.data import PHOTO_SOURCES, _load_photo
+    from cdm.train.builders import PHOTO_SOURCES, load_photo
 
     for spec in PHOTO_SOURCES:
-        image = _load_photo(spec).convert("RGB")
+        image = load_photo(spec).convert("RGB")
         assert min(image.size) >= 256, spec
 
 

@@ -50,7 +50,7 @@ def dataset_id(info: dict | None) -> str:
     source = data.get("source")
     described = data.get("name") or DATA_DESCRIPTIONS.get(source) or source or "unknown"
     if source == "photos" and data.get("debian_photos"):
-        from cdm.train.debian_photos import DEBIAN_PHOTOS
+        from cdm.train.builders import DEBIAN_PHOTOS
 
         count = sum(map(len, DEBIAN_PHOTOS.values()))
         described += f", and the {count} photographs of Debian's {' and '.join(DEBIAN_PHOTOS)} packages"

