@@ -116,4 +116,4 @@ clean:
 # docs/experiments/points/ (committed) and rewrites its section and plot.
 # `make experiments EXPERIMENTS=guidance` runs one.
 experiments: install
-	$(BIN)/python -m cdm.experiments $(EXPERIMENTS)
+	$(BIN)/python -m cdm.cli.experiments $(EXPERIMENTS)

@@ -22,7 +22,7 @@ from cdm_pipelines.pipeline_sr3 import check_number
 from cdm.cascade import DEMO_CASCADE, Cascade
 from cdm.config import SamplingConfig
 from cdm.errors import UserError
-from cdm.images import unit_to_pil
+from cdm.images import to_pil
 from cdm.models import with_scheduler
 from cdm.upscaling import PHOTO_STAGE, check_size, load_sr_stage, read_image, upscale
 
@@ -79,7 +79,7 @@ def run_cascade(models: AppModels, ids: list[int], seeds: list[int], settings, e
 
         def on_stage_end(k, name, images):
             now = time.perf_counter()
-            events.put(("stage", k, name, [unit_to_pil(x) for x in images], now - start[0]))
+            events.put(("stage", k, name, [to_pil(x) for x in images], now - start[0]))
             start[0] = now
 
         models.cascade(ids, seeds=seeds, settings=settings, on_stage_end=on_stage_end, progress=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import errno
 import functools
 import os
@@ -55,13 +54,6 @@ def flag_error(err: ValueError, flags: dict[str, str]) -> UserError:
         if message.startswith(f"{name}="):
             return UserError(flag + message[len(name) :])
     return UserError(message)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with its usage errors on one line (exit code 2, as for every other bad input)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {self.prog}: {message}\n")
 
 
 def one_line(err: Exception) -> str:

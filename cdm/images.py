@@ -1,4 +1,9 @@
-"""Image helpers: tensors in [-1, 1] to PIL, grids without torchvision."""
+"""Image helpers: PIL to and from tensors, grids without torchvision.
+
+Every image tensor outside a model is (3, H, W) or (N, 3, H, W) in [0, 1], the range the pipelines take
+and return (`output_type="pt"`); [-1, 1] is the models' own space, used only inside the pipelines and the
+training loss.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,6 @@ import torch.nn.functional as F
 
 
 def to_pil(x: torch.Tensor) -> PIL.Image.Image:
-    """(3, H, W) tensor in [-1, 1] -> 8-bit RGB image."""
-    array = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return PIL.Image.fromarray(array.permute(1, 2, 0).numpy())
-
-
-def unit_to_pil(x: torch.Tensor) -> PIL.Image.Image:
     """(3, H, W) tensor in [0, 1] (a pipeline's "pt" output) -> 8-bit RGB, rounded exactly as the
     pipelines round their "pil" output, so a file cdm writes equals what plain diffusers returns."""
     array = x.detach().clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
@@ -132,5 +131,12 @@ def to_8bit(array: np.ndarray, mode: str) -> np.ndarray:
 
 
 def to_tensor(image: PIL.Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float tensor in [-1, 1]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+    """PIL RGB -> (3, H, W) float tensor in [0, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def centre_crop(x: torch.Tensor, size: int, multiple: int) -> torch.Tensor:
+    """The centre crop of at most size x size whose sides are multiples of `multiple`."""
+    h, w = (min(size, n) // multiple * multiple for n in x.shape[-2:])
+    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    return x[..., top : top + h, left : left + w]

@@ -34,16 +34,6 @@ def load_sr_stage(model: str, stage: str | None):
     return pipe, stage_settings(stage_info(root))
 
 
-def add_autoguidance_argument(parser) -> None:
-    parser.add_argument(
-        "--autoguidance",
-        type=float,
-        metavar="W",
-        help="for a stage that carries a guide UNet: extrapolate each step away from the guide's prediction "
-        "by W > 1, for more detail (default: the stage's setting, 1: the UNet alone)",
-    )
-
-
 def read_image(path: Path, scale: int | None = None) -> PIL.Image.Image:
     """Open an image file, upright by its EXIF orientation, in its own mode: `upscale` gives the model its
     RGB form (`to_rgb`) and the result the source's grey or alpha back (`as_output_mode`). With `scale`,
@@ -154,4 +144,4 @@ def upscale(
             **kwargs,
         ).images
         total = total + dihedral(out.float().cpu(), k, flip, inverse=True)
-    return as_output_mode(to_pil(total[0] / len(DIHEDRAL) * 2 - 1), image)
+    return as_output_mode(to_pil(total[0] / len(DIHEDRAL)), image)

@@ -38,7 +38,7 @@ def test_every_stage_and_data_composes_and_instantiates(stage, data, tmp_path, c
     if data in ("hub", "imagenet"):  # no network here: composing and building the model is what can run
         return
     ds, label_col, id2label = open_dataset(cfg.data)
-    item = StageDataset(ds, cfg.data, label_col, cfg.stage, seed=0)[(0, 0)]
+    item = StageDataset(ds, cfg.data, label_col, (cfg.stage.resolution, cfg.stage.crop_size), seed=0)[(0, 0)]
     size = cfg.stage.crop_size or cfg.stage.resolution
     image = item["image"]
     assert image is not None and image.shape == (3, size, size)

@@ -141,7 +141,9 @@ def _streamed(tmp_path, num_shards=None, **kw):
         data.streaming = False
         ds = open_dataset(data)[0].to_iterable_dataset(num_shards=num_shards)
     stage = StageConfig(name="base64", resolution=16)
-    return lambda **more: StreamingStageDataset(ds, data, label_col, stage, seed=3, **{**kw, **more})
+    return lambda **more: StreamingStageDataset(
+        ds, data, label_col, (stage.resolution, stage.crop_size), seed=3, **{**kw, **more}
+    )
 
 
 def _take(dataset, n):

@@ -15,228 +15,40 @@ import math
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from accelerate import PartialState
-from tqdm.auto import tqdm
 
 from cdm.cascade import Cascade
-from cdm.config import DataConfig, DataSource, ResizeMode, StageConfig, StageKind, unet_stride
+from cdm.cli.arguments import OneLineParser, add_autoguidance_argument
+from cdm.config import DataSource, unet_stride
 from cdm.devices import default_device, resolve_device
-from cdm.errors import OneLineParser, UserError, cli, flag_error
+from cdm.errors import UserError, cli, flag_error
 from cdm.files import OutputFolder, atomic_write
 from cdm.hub.cards import results_table
-from cdm.images import UNREADABLE, decode_image, save_grid, to_tensor
-from cdm.measure.classifier import get_classifier, predict, prepare
+from cdm.images import save_grid
+from cdm.measure.classifier import get_classifier
 from cdm.measure.fid import (
     OfflineInception,
-    feature_distances,
-    feature_stats,
-    frechet_and_kernel_distance,
-    frechet_distance,
-    inception_features,
-    kernel_distance,
     load_stats,
-    patch_kid,
-    precision_recall,
     save_stats,
 )
-from cdm.measure.metrics import consistency, hf_ratio, patch_grid, psnr, ssim
-from cdm.models import sampling_scheduler, with_scheduler
+from cdm.measure.generation import (
+    level_sweep,
+    load_batches,
+    real_distances,
+    sample_batches,
+    stats_distances,
+    stats_note,
+)
+from cdm.measure.heldout import DEFAULT_RESIZE, data_config, real_images, whole_images
+from cdm.measure.plots import plot_aug_sweep, plot_sweep
+from cdm.measure.sr import Degradation, kid_patch_size, kid_patches, sr_sweep
+from cdm.models import sampling_scheduler
 from cdm.stage_io import CASCADE_FILE
-from cdm.train.data import StageDataset, collate, open_dataset
-from cdm.train.degradations import DOWNSAMPLERS, gaussian_blur, other_downsample
-from cdm.upscaling import PHOTO_STAGE, add_autoguidance_argument, load_sr_stage
-
-DEFAULT_RESIZE = {"digits": ResizeMode.crisp, "photos": ResizeMode.none, "imagefolder": ResizeMode.resize}
-
-
-def data_config(source: str, path: str | None, sr: bool = False) -> DataConfig:
-    """The held-out data: for SR, any folder of images at native resolution (no labels needed)."""
-    if source == "imagefolder" and not path:
-        raise UserError("--data imagefolder needs --data-path DIR")
-    label = None if source == "photos" or sr else "label"
-    resize = ResizeMode.none if sr and source == "imagefolder" else DEFAULT_RESIZE[source]
-    return DataConfig(source=DataSource(source), path=path, resize=resize, label_column=label)
-
-
-def real_images(data: DataConfig, split: str, size: int, limit: int | None, seed: int = 0):
-    """Held-out images at `size` (rendered, resized or cropped as the data's mode says) in [-1, 1]."""
-    crop = size if data.resize == ResizeMode.none else 0
-    stage = StageConfig(name="eval", kind=StageKind.sr, resolution=size, crop_size=crop)
-    ds, label_col, _ = open_dataset(data, split)
-    items = StageDataset(ds, data, label_col, stage, seed)
-    n = len(items) if limit is None else min(limit, len(items))
-    picks = torch.linspace(0, len(items) - 1, n).round().long().tolist() if n else []  # spread over classes
-    batch = collate([items[(0, i)] for i in picks])
-    if batch["images"] is None and batch["skipped_corrupt"] == len(picks):
-        raise UserError(
-            f"none of the {len(picks)} {split} images of {data.source.value} could be read (corrupt?)"
-        )
-    if batch["images"] is None:
-        raise UserError(
-            f"no {split} image of {data.source.value} is at least {size}x{size}"
-            f"{unreadable_note(batch['skipped_corrupt'])}: pass a smaller --crop"
-        )
-    warn_unreadable(batch["skipped_corrupt"])
-    return batch["images"], batch["labels"]
-
-
-def whole_images(data: DataConfig, split: str, multiple: int, limit: int | None) -> list[torch.Tensor]:
-    """Held-out images at native size, each cropped to a multiple of `multiple`, as (1, 3, H, W) in [-1, 1]."""
-    ds, _, _ = open_dataset(data, split)
-    n = len(ds) if limit is None else min(limit, len(ds))
-    images, unreadable = [], []
-    for i in torch.linspace(0, len(ds) - 1, n).round().long().tolist() if n else []:
-        record = ds[i][data.image_column]
-        try:
-            x = to_tensor(decode_image(record))[None]
-        except UNREADABLE:  # measure the others; say which were left out
-            unreadable.append(str(record.get("path") or f"#{i}"))  # undecoded: {"bytes", "path"}
-            continue
-        h, w = x.shape[-2] // multiple * multiple, x.shape[-1] // multiple * multiple
-        if h and w:
-            images.append(x[..., :h, :w])
-    if unreadable and len(unreadable) == n:  # not one could be read (a small one is another error)
-        raise UserError(
-            f"{unreadable[0]}: not a readable image, nor any other {split} image of {data.source.value}"
-        )
-    if not images:
-        raise UserError(
-            f"no {split} image of {data.source.value} is at least {multiple}x{multiple} pixels"
-            f"{unreadable_note(len(unreadable))}"
-        )
-    warn_unreadable(len(unreadable), unreadable)
-    return images
-
-
-def unreadable_note(count: int) -> str:
-    """For an error about the images that were read: how many others could not be."""
-    return f" ({count} more could not be read)" if count else ""
-
-
-def warn_unreadable(count: int, names: list[str] = ()) -> None:
-    """One warning line for held-out images that could not be decoded, naming up to three."""
-    if count:
-        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        print(
-            f"warning: skipped {count} unreadable image(s) (corrupt or not images){': ' + shown if shown else ''}",
-            file=sys.stderr,
-        )
-
-
-SR_METRICS = ("psnr", "ssim", "consistency", "hf_ratio")
-KID_PATCH, KID_PATCHES_PER_IMAGE = 64, 64
-
-
-def sr_outputs(
-    pipe,
-    images: list[torch.Tensor],
-    steps: int,
-    noise_level: int,
-    seed: int,
-    tile=None,
-    eta=0.0,
-    blur=0.0,
-    kernel: str = "bicubic",
-    jpeg: int = 0,
-    autoguidance_scale: float = 1.0,
-):
-    """The stage's output and bicubic upsampling for the downsampled `images` (the SR3 degradation).
-
-    `blur` > 0 also blurs each low-res input by a Gaussian of that sigma, in low-res pixels: the soft
-    input a lower stage hands over, which CDM's blur augmentation trains a stage to expect. `kernel`
-    and `jpeg` make the low-res input another way (`other_downsample`).
-    """
-    pipe.set_progress_bar_config(disable=True)
-    outs = {"model": [], "bicubic": [], "lr": []}
-    for i, target in enumerate(tqdm(images, desc=f"sr eval, {steps} steps", unit="img", leave=False)):
-        lr = other_downsample(target, pipe.scale_factor, kernel, jpeg).clamp(-1, 1)
-        lr = gaussian_blur(lr, torch.tensor([float(blur)])) if blur > 0 else lr
-        out = (
-            pipe(
-                ((lr + 1) / 2).to(pipe.device),
-                noise_level=noise_level,
-                num_inference_steps=steps,
-                output_type="pt",
-                eta=eta,
-                generator=[torch.Generator().manual_seed(seed + i)],
-                allow_any_size=True,
-                tile_size=tile or 0,  # whole images unless --tile
-                autoguidance_scale=autoguidance_scale,
-            )
-            .images.float()
-            .cpu()
-        )
-        outs["model"].append(out * 2 - 1)
-        outs["bicubic"].append(
-            F.interpolate(lr, size=target.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
-        )
-        outs["lr"].append(lr)
-    return outs
-
-
-def kid_patch_size(images: list[torch.Tensor]) -> int:
-    """Patch KID's patch side: 64 px, or the smallest image's side when images are smaller."""
-    return min(KID_PATCH, *(min(x.shape[-2:]) for x in images))
-
-
-def score_sr(
-    preds: list[torch.Tensor], images: list[torch.Tensor], lrs: list[torch.Tensor], kid: bool
-) -> dict:
-    """Mean PSNR, SSIM, consistency and HF ratio over the images, and patch KID over all their patches."""
-    rows = {m: [] for m in SR_METRICS}
-    for pred, target, lr in zip(preds, images, lrs):
-        p01, t01, l01 = pred * 0.5 + 0.5, target * 0.5 + 0.5, lr * 0.5 + 0.5
-        rows["psnr"].append(psnr(p01, t01).item())
-        rows["ssim"].append(ssim(p01, t01).item())
-        rows["consistency"].append(consistency(p01, l01).item())
-        rows["hf_ratio"].append(hf_ratio(p01, t01, target.shape[-1] // lr.shape[-1]).item())
-    result = {m: sum(v) / len(v) for m, v in rows.items()}
-    if kid:
-        size = kid_patch_size(images)
-
-        def patches(xs):
-            return torch.cat([patch_grid(x, size, KID_PATCHES_PER_IMAGE) for x in xs])
-
-        result["patch_kid"] = patch_kid(patches(preds), patches(images))
-    return result
-
-
-def evaluate_sr(
-    pipe, images, steps: int, noise_level: int, seed: int, tile=None, kid: bool = False, blur: float = 0.0
-) -> dict:
-    """PSNR, SSIM, consistency, HF ratio (and patch KID) of the stage and of bicubic on the same inputs."""
-    outs = sr_outputs(pipe, images, steps, noise_level, seed, tile, blur=blur)
-    return {m: score_sr(outs[m], images, outs["lr"], kid) for m in ("model", "bicubic")}
-
-
-def generate(
-    cascade, ids: list[int], settings, batch: int, stop_after: int | None = None
-) -> list[torch.Tensor]:
-    """Outputs of every stage for these class ids (seed i for image i), in batches."""
-    n = stop_after or len(cascade.pipes)
-    sub = Cascade(
-        [replace(stage, sampling=s) for stage, s in zip(cascade.stages[:n], settings)], cascade.root
-    )
-    per_stage = [[] for _ in range(n)]
-    for lo in tqdm(range(0, len(ids), batch), desc="generate", unit="batch"):
-        out = sub(ids[lo : lo + batch], list(range(lo, min(lo + batch, len(ids)))), progress=False)
-        for k, x in enumerate(out.images):
-            per_stage[k].append(x * 2 - 1)  # the measures work in [-1, 1]
-    return [torch.cat(x) for x in per_stage]
-
-
-def class_agreement(
-    images: torch.Tensor, ids: list[int], data: DataConfig, resolution: int
-) -> tuple[float, dict]:
-    model, meta = get_classifier(data, resolution)
-    preds = predict(model, prepare(images))
-    return (preds == torch.tensor(ids)).float().mean().item(), meta
+from cdm.train.degradations import DOWNSAMPLERS
+from cdm.upscaling import PHOTO_STAGE, load_sr_stage
 
 
 def write_results(out: OutputFolder, name: str, result: dict, markdown: str) -> None:
@@ -306,7 +118,11 @@ def cmd_sr(args) -> None:
         images = whole_images(data, args.split, multiple, args.num_images)
     else:
         images = list(real_images(data, args.split, size, args.num_images)[0].split(1))
-    sweep, bicubic = sr_sweep(pipe.to(args.device), images, grid, args)
+    degrade = Degradation(args.downsample, args.blur, args.jpeg)
+    call = {"noise_level": args.noise_level, "eta": args.eta, "autoguidance_scale": args.autoguidance}
+    sweep, bicubic = sr_sweep(
+        pipe.to(args.device), images, grid, args.seed, degrade, not args.no_kid, tile_size=args.tile, **call
+    )
     result = sr_result(args, data, images, size, sweep, bicubic, time.perf_counter() - start)
     table = results_table([result])
     write_results(args.writer, "results", result, table)
@@ -316,41 +132,12 @@ def cmd_sr(args) -> None:
     print(f"{len(images)} images in {result['seconds']:.1f}s; wrote {args.out}/results.json and results.md")
 
 
-def sr_sweep(pipe, images: list, grid: list[tuple[str, int]], args) -> tuple[list[dict], dict]:
-    """Score the stage at every (scheduler, steps) of the grid, and bicubic once."""
-    kid = not args.no_kid
-    sweep, bicubic = [], None
-    for name, steps in grid:
-        outs = sr_outputs(
-            with_scheduler(pipe, name, steps),
-            images,
-            steps,
-            args.noise_level,
-            args.seed,
-            args.tile,
-            args.eta,
-            args.blur,
-            args.downsample,
-            args.jpeg,
-            args.autoguidance,
-        )
-        if bicubic is None:
-            bicubic = score_sr(outs["bicubic"], images, outs["lr"], kid)
-        row = {"scheduler": name, "steps": steps, **score_sr(outs["model"], images, outs["lr"], kid)}
-        sweep.append(row)
-        line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-        print(line, file=sys.stderr)
-    return sweep, bicubic
-
-
 def sr_result(args, data, images: list, size: int, sweep: list[dict], bicubic: dict, seconds: float) -> dict:
     """results.json of `cdm-eval sr`: the data, the first setting's metrics beside bicubic, the sweep."""
     model_path = Path(str(args.model).rstrip("/"))
     stage_name = args.stage or (model_path.parent.name if model_path.name == "export" else model_path.name)
     kid = not args.no_kid
-    patches = (
-        sum(len(patch_grid(x, kid_patch_size(images), KID_PATCHES_PER_IMAGE)) for x in images) if kid else 0
-    )
+    patches = len(kid_patches(images, kid_patch_size(images))) if kid else 0
     return {
         "kind": "sr",
         "stage": stage_name,
@@ -383,35 +170,6 @@ def sr_result(args, data, images: list, size: int, sweep: list[dict], bicubic: d
     }
 
 
-def plot_sweep(result: dict, path: Path) -> None:
-    """PSNR and HF ratio against sampling steps, one line per scheduler, bicubic as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key in zip(axes, ("psnr", "hf_ratio")):
-        for name in dict.fromkeys(r["scheduler"] for r in result["sweep"]):
-            rows = [r for r in result["sweep"] if r["scheduler"] == name]
-            ax.plot(
-                [r["steps"] for r in rows],
-                [r[key] for r in rows],
-                marker="o",
-                label=name.replace("Scheduler", ""),
-            )
-        ax.axhline(result["metrics"]["bicubic"][key], color="grey", linestyle="--", label="bicubic")
-        ax.set_xscale("log")
-        ax.set_xlabel("sampling steps (UNet evaluations)")
-        ax.set_ylabel({"psnr": "PSNR (dB)", "hf_ratio": "HF ratio (1 = original)"}[key])
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{result['stage']} on {result['dataset']['num_images']} {result['dataset']['name']} images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _cascade_and_ids(args, device=None):
     cascade = Cascade.from_pretrained(args.model)
     n = args.stages or len(cascade.pipes)
@@ -425,7 +183,6 @@ def _cascade_and_ids(args, device=None):
 
 
 PARTIAL = ".partial"  # per-batch results of an unfinished `cdm-eval gen`, for resuming and for ranks
-GRID_IMAGES = 100
 
 
 def eval_plan(args, cascade, n: int, ids: list[int], settings) -> dict:
@@ -468,33 +225,6 @@ def remove_partial(folder: Path) -> None:
         path.unlink(missing_ok=True)
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
-
-
-def sample_batches(cascade, n, ids, settings, batches, folder: Path, judge, feature) -> None:
-    """Sample each batch not yet on disk and keep only what the metrics need: class predictions,
-    Inception features, and the first images for the grid. Memory stays flat for any count."""
-    sub = Cascade([replace(st, sampling=s) for st, s in zip(cascade.stages[:n], settings)], cascade.root)
-    for lo, hi in tqdm(batches, desc="generate", unit="batch"):
-        path = folder / f"batch-{lo:08d}.npz"
-        if path.is_file():
-            continue  # done by an earlier run
-        images = sub(ids[lo:hi], list(range(lo, hi)), progress=False).images[-1]
-        arrays = {"pred": predict(judge, prepare(images)).numpy()}
-        if feature is not None:
-            arrays["pool"] = inception_features(images, feature)
-        if lo < GRID_IMAGES:
-            arrays["images"] = ((images[: GRID_IMAGES - lo].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-        atomic_write(path, lambda tmp, a=arrays: np.savez(tmp, **a), replace=False)  # cdm-eval's scratch
-
-
-def load_batches(folder: Path, batches) -> dict:
-    parts = [np.load(folder / f"batch-{lo:08d}.npz", allow_pickle=False) for lo, _ in batches]
-    out = {"pred": np.concatenate([p["pred"] for p in parts])}
-    if "pool" in parts[0]:
-        out["pool"] = np.concatenate([p["pool"] for p in parts])
-    grid = [p["images"] for p in parts if "images" in p]
-    out["images"] = torch.from_numpy(np.concatenate(grid)).float() / 127.5 - 1
-    return out
 
 
 def cmd_gen(args) -> None:
@@ -569,40 +299,15 @@ def report_gen(args, cascade, n, ids, settings, data, meta, found: dict, distanc
 def reference_distances(
     args, pool: np.ndarray, data, size: int, feature, reference
 ) -> tuple[dict, dict | None, str]:
-    """FID/KID/precision/recall of the samples against real images of `--data` at `size` px, or against
-    `--reference-stats`; `--save-stats` writes the samples' statistics. Returns the metrics, the
-    real-data floor (the same count of real images from another split; None with reference stats)
-    and a note for the results."""
+    """The samples' distances to `--reference-stats`, or to real images of `--data` at `size` px (with the
+    real-data floor); `--save-stats` writes the samples' statistics first."""
     if args.save_stats:
         with args.stats_writer:
             args.stats_writer.write(args.save_stats, lambda tmp: save_stats(tmp, pool))
     if args.reference_stats:
-        ref = reference
-        distances = {"fid": frechet_distance(*feature_stats(pool), ref["mu"], ref["sigma"])}
-        if "pool" in ref:
-            distances["kid"] = kernel_distance(pool, ref["pool"])
-            distances.update(precision_recall(ref["pool"], pool))
-        note = f"FID against the statistics in {args.reference_stats}" + (
-            f" ({len(ref['pool'])} reference features)."
-            if "pool" in ref
-            else " (mu and sigma only: no KID, precision or recall)."
-        )
-        return distances, None, note
-    reference, _ = real_images(data, args.reference_split, size, None)
-    ref_pool = inception_features(reference, feature)
-    other = "train" if args.reference_split != "train" else "test"  # what a perfect model would score
-    real, _ = real_images(data, other, size, len(pool))
-    floor = {
-        "split": other,
-        "num_images": len(real),
-        **feature_distances(inception_features(real, feature), ref_pool),
-    }
-    note = (
-        f"FID/KID against {len(reference)} real {args.reference_split} images at {size} px. "
-        f"Small-sample FID is biased upward: {len(real)} real {other} images score "
-        f"FID {floor['fid']:.1f} and KID {floor['kid']:.4f} against the same reference."
-    )
-    return feature_distances(pool, ref_pool), floor, note
+        note = stats_note(reference, args.reference_stats)
+        return stats_distances(pool, reference), None, note
+    return real_distances(pool, data, args.reference_split, size, feature)
 
 
 def cmd_sweep(args) -> None:
@@ -612,22 +317,8 @@ def cmd_sweep(args) -> None:
     k = cascade.names.index(args.stage)
     data = data_config(args.data, args.data_path)
     modes = args.modes.split(",")
-    rows, start = [], time.perf_counter()
-    reference = None
-    if args.metric in ("fid", "kid"):
-        reference, _ = real_images(data, "test", cascade.resolutions[k], None)
-    for mode in modes:
-        for level in args.levels:
-            settings = cascade.with_overrides(steps=args.steps)
-            settings[k].noise_level, settings[k].aug_mode = level, mode
-            cascade.with_overrides(noise_level=[s.noise_level for s in settings])  # validates the level
-            images = generate(cascade, ids, settings, args.batch, k + 1)[k]
-            if args.metric == "agreement":
-                value = class_agreement(images, ids, data, cascade.resolutions[0])[0]
-            else:
-                value = frechet_and_kernel_distance(images, reference)[args.metric]
-            rows.append({"aug_mode": mode, "noise_level": level, args.metric: value})
-            print(f"{args.stage} {mode:>13} s={level:<4} {args.metric}={value:.4f}")
+    start = time.perf_counter()
+    rows = level_sweep(cascade, k, ids, data, args.metric, modes, args.levels, args.steps, args.batch)
     better = max if args.metric == "agreement" else min
     best = better(rows, key=lambda r: r[args.metric])
     table = [f"| aug_mode | s | {args.metric} |", "|---|---|---|"]
@@ -648,26 +339,6 @@ def cmd_sweep(args) -> None:
     print("\n".join(table))
     if args.write_best:
         write_best_level(cascade.root / CASCADE_FILE, args.stage, best)
-
-
-def plot_aug_sweep(rows: list[dict], modes: list[str], stage: str, metric: str, path: Path) -> None:
-    """The metric against the augmentation level, one line per mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for mode in modes:
-        pts = [r for r in rows if r["aug_mode"] == mode]
-        ax.plot([r["noise_level"] for r in pts], [r[metric] for r in pts], marker="o", label=mode)
-    ax.set_xlabel(f"augmentation level s ({stage})")
-    ax.set_ylabel(metric)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_best_level(path: Path, stage: str, best: dict) -> None:

@@ -16,10 +16,11 @@ from accelerate import PartialState
 from cdm_pipelines.pipeline_sr3 import check_number
 
 from cdm.cascade import DEMO_CASCADE, Cascade
+from cdm.cli.arguments import OneLineParser
 from cdm.devices import default_device, resolve_device
-from cdm.errors import OneLineParser, UserError, cli
+from cdm.errors import UserError, cli
 from cdm.files import OutputFolder
-from cdm.images import save_grid, to_tensor, unit_to_pil
+from cdm.images import save_grid, to_pil, to_tensor
 
 CHUNK = 16  # images taken through the whole cascade at a time
 GRID_MAX = 64  # the grid shows at most this many final images
@@ -184,7 +185,7 @@ def sample_share(cascade, ids, seeds, settings, files: dict, mine: list[int], ar
         def on_chunk_end(k, lo, hi, images):
             for pos, img in zip(mine[lo:hi], images):
                 if k in files:
-                    out.write(files[k][pos], unit_to_pil(img).save)
+                    out.write(files[k][pos], to_pil(img).save)
 
         chunk = min(s.max_batch for s in settings)
         sub_ids, sub_seeds = [ids[p] for p in mine], [seeds[p] for p in mine]
@@ -196,7 +197,7 @@ def sample_share(cascade, ids, seeds, settings, files: dict, mine: list[int], ar
         def on_stage_end(k, name, images, part=part):
             for pos, img in zip(part, images):
                 if k in files:
-                    out.write(files[k][pos], unit_to_pil(img).save)
+                    out.write(files[k][pos], to_pil(img).save)
 
         result = cascade(
             [ids[p] for p in part], [seeds[p] for p in part], settings, on_stage_end, progress=not args.quiet

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cdm.errors import OneLineParser, cli
+from cdm.cli.arguments import OneLineParser
+from cdm.errors import cli
 from cdm.train.builders import build_photo_folder
 
 

@@ -15,22 +15,21 @@ import time
 from pathlib import Path
 
 import PIL.Image
-import torch
 import torch.nn.functional as F
-from cdm_pipelines.pipeline_sr3 import check_number, image_to_tensor
+from cdm_pipelines.pipeline_sr3 import check_number
 
+from cdm.cli.arguments import OneLineParser, add_autoguidance_argument
 from cdm.config import DataConfig, DataSource, ResizeMode
 from cdm.devices import default_device, resolve_device
-from cdm.errors import OneLineParser, UserError, cli, flag_error
+from cdm.errors import UserError, cli, flag_error
 from cdm.files import OutputFolder
-from cdm.images import comparison_figure, decode_image, to_pil, to_rgb
+from cdm.images import centre_crop, comparison_figure, decode_image, to_pil, to_rgb, to_tensor
 from cdm.measure.metrics import psnr
 from cdm.models import with_scheduler
 from cdm.train.data import open_dataset
 from cdm.train.degradations import downsample
 from cdm.upscaling import (
     PHOTO_STAGE,
-    add_autoguidance_argument,
     load_sr_stage,
     read_image,
     upscale,
@@ -94,13 +93,6 @@ def held_out_photos(n: int) -> list[tuple[str, PIL.Image.Image]]:
     return [(Path(ds[i]["image"]["path"]).stem, decode_image(ds[i]["image"])) for i in range(n)]
 
 
-def centre_crop(x: torch.Tensor, size: int, multiple: int) -> torch.Tensor:
-    """The centre crop of at most size x size whose sides are multiples of `multiple`."""
-    h, w = (min(size, n) // multiple * multiple for n in x.shape[-2:])
-    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
-    return x[..., top : top + h, left : left + w]
-
-
 def upscale_as_asked(pipe, image, args) -> PIL.Image.Image:
     """`upscale` with the command line's settings; those not given are the stage's own."""
     return upscale(
@@ -123,14 +115,14 @@ def compare(pipe, images, names, args, out, size: int = 384) -> None:
     steps, autoguidance = settings["num_inference_steps"], settings["autoguidance_scale"]
     guided = f", autoguidance {autoguidance:g}" if autoguidance != 1 else ""
     for name, image in zip(names, images):
-        original = centre_crop(image_to_tensor(to_rgb(image)), size, f * 4)
-        lr = downsample(original, f).clamp(-1, 1)
+        original = centre_crop(to_tensor(to_rgb(image))[None], size, f * 4)
+        lr = downsample(original, f).clamp(0, 1)
         start = time.perf_counter()
-        model = image_to_tensor(upscale_as_asked(pipe, to_pil(lr[0]), args))
+        model = to_tensor(to_rgb(upscale_as_asked(pipe, to_pil(lr[0]), args)))[None]
         seconds = time.perf_counter() - start
-        bicubic = F.interpolate(lr, scale_factor=f, mode="bicubic", align_corners=False).clamp(-1, 1)
+        bicubic = F.interpolate(lr, scale_factor=f, mode="bicubic", align_corners=False).clamp(0, 1)
         nearest = F.interpolate(lr, scale_factor=f, mode="nearest")
-        scores = [psnr(x * 0.5 + 0.5, original * 0.5 + 0.5).item() for x in (bicubic, model)]
+        scores = [psnr(x, original).item() for x in (bicubic, model)]
         print(
             f"{name} {lr.shape[-1]}x{lr.shape[-2]} -> {original.shape[-1]}x{original.shape[-2]}: PSNR bicubic "
             f"{scores[0]:.2f} dB, model {scores[1]:.2f} dB ({steps} steps, {seconds:.1f}s)"

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from cdm.config import DataConfig, StageConfig, StageKind
+from cdm.config import DataConfig
 from cdm.train.builders import cache_root
 from cdm.train.data import StageDataset, collate, open_dataset
 
@@ -42,7 +42,7 @@ class SmallCNN(nn.Module):
 
 
 def prepare(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, 1, 32, 32) grey, standardised per image.
+    """(B, 3, H, W) in [0, 1] -> (B, 1, 32, 32) grey, standardised per image.
 
     Standardising each image makes the judge look at shape, not at global brightness, contrast or
     background tint, which say nothing about the class.
@@ -54,9 +54,8 @@ def prepare(images: torch.Tensor) -> torch.Tensor:
 
 
 def _real_images(data: DataConfig, split: str, resolution: int):
-    stage = StageConfig(name="eval", kind=StageKind.base, resolution=resolution)
     ds, label_col, id2label = open_dataset(data, split)
-    items = StageDataset(ds, data, label_col, stage, seed=0)
+    items = StageDataset(ds, data, label_col, (resolution, 0), seed=0)
     batch = collate([items[(0, i)] for i in tqdm(range(len(items)), desc=f"load {split}", leave=False)])
     return prepare(batch["images"]), batch["labels"], len(id2label)
 

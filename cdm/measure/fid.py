@@ -45,14 +45,14 @@ class OfflineInception(nn.Module):
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def frechet_and_kernel_distance(
     images: torch.Tensor, reference: torch.Tensor, feature: nn.Module | None = None
 ) -> dict:
     """FID, KID and improved precision/recall of generated `images` against `reference`, both
-    (N, 3, H, W) in [-1, 1]: Inception pool features of each set, then `feature_distances`."""
+    (N, 3, H, W) in [0, 1]: Inception pool features of each set, then `feature_distances`."""
     feature = feature or OfflineInception()
     return feature_distances(inception_features(images, feature), inception_features(reference, feature))
 
@@ -80,7 +80,7 @@ def kernel_distance(fake: np.ndarray, real: np.ndarray, subsets: int = 10, subse
 
 
 def patch_kid(outputs: torch.Tensor, originals: torch.Tensor, feature: nn.Module | None = None) -> float:
-    """KID between Inception features of output patches and original patches, both (N, 3, h, w) in [-1, 1].
+    """KID between Inception features of output patches and original patches, both (N, 3, h, w) in [0, 1].
 
     A distribution distance at the scale of the patches: it rewards realistic local texture, which
     PSNR does not (an over-smooth output scores well on PSNR and badly here).
@@ -108,7 +108,7 @@ def patch_kid(outputs: torch.Tensor, originals: torch.Tensor, feature: nn.Module
 
 @torch.no_grad()
 def inception_features(images: torch.Tensor, feature: nn.Module | None = None) -> np.ndarray:
-    """(N, 3, H, W) images in [-1, 1] -> (N, d) float64 pool features, 32 at a time."""
+    """(N, 3, H, W) images in [0, 1] -> (N, d) float64 pool features, 32 at a time."""
     feature = feature or OfflineInception()
     return torch.cat([feature(chunk).double() for chunk in to_uint8(images).split(32)]).numpy()
 
@@ -140,7 +140,7 @@ def load_stats(path: Path, feature: nn.Module | None = None) -> dict:
             f"--reference-stats {path}: mu {stats['mu'].shape} and sigma {stats['sigma'].shape}: expected (d,) and (d, d)"
         )
     if "pool" not in stats and "arr_0" in stats:
-        images = torch.from_numpy(stats.pop("arr_0")).permute(0, 3, 1, 2).float() / 127.5 - 1
+        images = torch.from_numpy(stats.pop("arr_0")).permute(0, 3, 1, 2).float() / 255
         stats["pool"] = inception_features(images, feature)
     stats.pop("arr_0", None)
     return stats

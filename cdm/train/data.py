@@ -16,7 +16,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from cdm.config import DataConfig, DataSource, ResizeMode, StageConfig
+from cdm.config import DataConfig, DataSource, ResizeMode
 from cdm.errors import UserError
 from cdm.images import UNREADABLE, decode_image, to_tensor
 from cdm.seeding import generator
@@ -194,9 +194,11 @@ def random_flip_rot90(x: torch.Tensor, flip: bool, rot90: bool, generator) -> to
 
 @dataclass
 class Preprocess:
-    """Image -> the stage's training target: resize or re-render, optionally rescale, then a crop of `size`."""
+    """Image -> a training target in [0, 1]: resize or re-render to `resolution`, optionally rescale, then a
+    crop of `size` (`crop_size`, or the whole `resolution` when it is 0)."""
 
-    stage: StageConfig
+    resolution: int
+    crop_size: int
     mode: ResizeMode
     min_scale: float = 1.0
     max_scale: float = 1.0
@@ -205,13 +207,13 @@ class Preprocess:
 
     @property
     def size(self) -> int:
-        return self.stage.crop_size or self.stage.resolution
+        return self.crop_size or self.resolution
 
     def __call__(self, image: PIL.Image.Image, generator: torch.Generator) -> torch.Tensor | None:
-        res = self.stage.resolution
+        res = self.resolution
         if self.mode == ResizeMode.crisp:
             grey = torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32) / 255.0)
-            x = render_crisp(grey[None, None], res)[0].expand(3, -1, -1) * 2 - 1
+            x = render_crisp(grey[None, None], res)[0].expand(3, -1, -1)
         else:
             if self.mode == ResizeMode.resize:
                 scale = res / min(image.size)
@@ -240,11 +242,13 @@ def example_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 class StageDataset(torch.utils.data.Dataset):
     """Map-style view of a `datasets` dataset; items are addressed by (epoch, index)."""
 
-    def __init__(self, ds, data: DataConfig, label_col: str | None, stage: StageConfig, seed: int):
+    def __init__(self, ds, data: DataConfig, label_col: str | None, size: tuple[int, int], seed: int):
+        """`size` is (resolution, crop_size): images are brought to `resolution`, then cropped to
+        `crop_size` (0: not cropped further), as `StageConfig` names them."""
         self.ds, self.data, self.label_col, self.seed = ds, data, label_col, seed
         self._decoded: dict[int, PIL.Image.Image] = {}
         self.pre = Preprocess(
-            stage,
+            *size,
             ResizeMode(data.resize),
             min_scale=data.min_scale,
             max_scale=data.max_scale,
@@ -296,7 +300,7 @@ class StreamingStageDataset(torch.utils.data.IterableDataset):
         ds,
         data: DataConfig,
         label_col: str | None,
-        stage: StageConfig,
+        size: tuple[int, int],
         seed: int,
         batch_size: int = 1,
         rank: int = 0,
@@ -310,7 +314,7 @@ class StreamingStageDataset(torch.utils.data.IterableDataset):
         self.ds = split_dataset_by_node(
             ds.shuffle(seed=seed, buffer_size=buffer_size), rank=rank, world_size=world
         )
-        self.view = StageDataset(ds, data, label_col, stage, seed)
+        self.view = StageDataset(ds, data, label_col, size, seed)
         self.seed, self.batch_size, self.start = seed, batch_size, start
 
     @property
@@ -420,7 +424,7 @@ def check_images_fit(dataset: StageDataset | StreamingStageDataset, probe: int =
     if ok == 0:
         w, h = max(sizes, key=lambda s: min(s))
         size = dataset.pre.size
-        key = "stage.crop_size" if dataset.pre.stage.crop_size else "stage.resolution"
+        key = "stage.crop_size" if dataset.pre.crop_size else "stage.resolution"
         raise UserError(
             f"{key}={size} is larger than the images (largest of the first {n}: {w}x{h}): "
             f"expected a crop of at most {min(w, h)}"

@@ -31,7 +31,7 @@ def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def other_downsample(x: torch.Tensor, factor: int, kernel: str = "bicubic", jpeg: int = 0) -> torch.Tensor:
-    """Downsample (N, 3, H, W) in [-1, 1] with `kernel`: "bicubic" is `downsample` (the training
+    """Downsample (N, 3, H, W) in [0, 1] with `kernel`: "bicubic" is `downsample` (the training
     degradation), the others PIL's filter on the 8-bit image. `jpeg` > 0 then stores each low-res
     image as a JPEG of that quality and decodes it again."""
     low = downsample(x, factor) if kernel == "bicubic" else None

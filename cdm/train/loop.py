@@ -166,7 +166,7 @@ def finished(checkpoint: Path, max_steps: int, run_dir: Path) -> bool:
 def stage_model_fn(unet, cfg, batch, noising, num_classes, generator):
     """The stage's conditioning, closed over a `model_fn(x_t, t)` for the loss, and the target x_0."""
     stage = cfg.stage
-    x0 = batch["images"]
+    x0 = batch["images"] * 2 - 1  # the model's space: images in [0, 1] become [-1, 1] here, and only here
     labels = batch["labels"].to(x0.device)
     if stage.class_conditional:
         labels = drop_labels(labels, stage.label_dropout, num_classes, generator)
@@ -205,22 +205,22 @@ def save_samples(cfg, pipe, fixed, path: Path, num_classes: int) -> None:
     pipe.set_progress_bar_config(disable=True)
     if cfg.stage.kind == StageKind.base:
         out = pipe([i % num_classes for i in range(n)], guidance_scale=cfg.stage.sample.guidance_scale, **kw)
-        save_grid(list(out.images * 2 - 1), path, ncols=min(n, 8))
+        save_grid(list(out.images), path, ncols=min(n, 8))
         return
     target = fixed["images"][:n]
-    # the anti-aliased bicubic downsample rings past [-1, 1], which the pipeline refuses
-    x_lr = downsample(target, cfg.stage.resolution // cfg.stage.low_res).clamp(-1, 1)
+    # the anti-aliased bicubic downsample rings past [0, 1], which the pipeline refuses
+    x_lr = downsample(target, cfg.stage.resolution // cfg.stage.low_res).clamp(0, 1)
     labels = fixed["labels"][:n].tolist() if cfg.stage.class_conditional else None
     kw["generator"] = gens[: len(target)]
     out = pipe(
-        (x_lr + 1) / 2,
+        x_lr,
         class_labels=labels,
         noise_level=cfg.stage.sample.noise_level,
         allow_any_size=True,
         **kw,
     )
-    up = torch.nn.functional.interpolate(x_lr, size=target.shape[-2:], mode="bicubic").clamp(-1, 1)
-    rows = [img for triple in zip(up, out.images * 2 - 1, target) for img in triple]
+    up = torch.nn.functional.interpolate(x_lr, size=target.shape[-2:], mode="bicubic").clamp(0, 1)
+    rows = [img for triple in zip(up, out.images, target) for img in triple]
     save_grid(rows, path, ncols=3)
 
 
@@ -308,11 +308,20 @@ def setup_data(tr: Trainer) -> None:
     with tr.accelerator.main_process_first():  # offline sets are built once, by the main process
         ds, label_col, tr.id2label = open_dataset(cfg.data)
     if hasattr(ds, "__len__"):
-        tr.dataset = StageDataset(ds, cfg.data, label_col, cfg.stage, t.seed)
+        tr.dataset = StageDataset(
+            ds, cfg.data, label_col, (cfg.stage.resolution, cfg.stage.crop_size), t.seed
+        )
     else:
         rank, world = tr.accelerator.process_index, tr.accelerator.num_processes
         tr.dataset = StreamingStageDataset(
-            ds, cfg.data, label_col, cfg.stage, t.seed, t.batch_size, rank, world
+            ds,
+            cfg.data,
+            label_col,
+            (cfg.stage.resolution, cfg.stage.crop_size),
+            t.seed,
+            t.batch_size,
+            rank,
+            world,
         )
     check_images_fit(tr.dataset)
 

@@ -1,0 +1,111 @@
+"""Scoring an SR stage on held-out images: degrade each image, upscale it, and compare with the original.
+
+Images are (1, 3, H, W) tensors in [0, 1], the range the pipelines take and return, so the stage's
+output is scored as it comes.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from cdm.measure.fid import patch_kid
+from cdm.measure.metrics import consistency, hf_ratio, patch_grid, psnr, ssim
+from cdm.models import with_scheduler
+from cdm.train.degradations import gaussian_blur, other_downsample
+
+SR_METRICS = ("psnr", "ssim", "consistency", "hf_ratio")
+KID_PATCH, KID_PATCHES_PER_IMAGE = 64, 64
+
+
+@dataclass(frozen=True)
+class Degradation:
+    """How the low-res input is made from an original: `kernel` downsampling (bicubic is SR3's), a
+    Gaussian blur of sigma `blur` low-res pixels (a soft handover, as CDM's blur augmentation expects),
+    and a JPEG round trip at quality `jpeg` (0: none)."""
+
+    kernel: str = "bicubic"
+    blur: float = 0.0
+    jpeg: int = 0
+
+    def __call__(self, original: torch.Tensor, factor: int) -> torch.Tensor:
+        low = other_downsample(original, factor, self.kernel, self.jpeg).clamp(0, 1)
+        return gaussian_blur(low, torch.tensor([float(self.blur)])) if self.blur > 0 else low
+
+
+def sr_outputs(pipe, images: list[torch.Tensor], seed: int, degrade=Degradation(), **call) -> dict:
+    """The stage's output, bicubic's and the low-res input for each of `images`; `call` holds the
+    pipeline's sampling arguments (unset ones are the stage's own). Image i uses seed `seed + i`."""
+    pipe.set_progress_bar_config(disable=True)
+    call.setdefault("tile_size", 0)  # whole images unless asked
+    outs = {"model": [], "bicubic": [], "lr": []}
+    for i, target in enumerate(tqdm(images, desc="sr eval", unit="img", leave=False)):
+        lr = degrade(target, pipe.scale_factor)
+        out = pipe(
+            lr.to(pipe.device),
+            output_type="pt",
+            generator=[torch.Generator().manual_seed(seed + i)],
+            allow_any_size=True,
+            **call,
+        )
+        outs["model"].append(out.images.float().cpu())
+        outs["bicubic"].append(
+            F.interpolate(lr, size=target.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+        )
+        outs["lr"].append(lr)
+    return outs
+
+
+def kid_patch_size(images: list[torch.Tensor]) -> int:
+    """Patch KID's patch side: 64 px, or the smallest image's side when images are smaller."""
+    return min(KID_PATCH, *(min(x.shape[-2:]) for x in images))
+
+
+def kid_patches(images: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Every image's patches on an even grid (at most `KID_PATCHES_PER_IMAGE` each)."""
+    return torch.cat([patch_grid(x, size, KID_PATCHES_PER_IMAGE) for x in images])
+
+
+def score_sr(
+    preds: list[torch.Tensor], images: list[torch.Tensor], lrs: list[torch.Tensor], kid: bool
+) -> dict:
+    """Mean PSNR, SSIM, consistency and HF ratio over the images, and patch KID over all their patches."""
+    rows = {m: [] for m in SR_METRICS}
+    for pred, target, lr in zip(preds, images, lrs):
+        rows["psnr"].append(psnr(pred, target).item())
+        rows["ssim"].append(ssim(pred, target).item())
+        rows["consistency"].append(consistency(pred, lr).item())
+        rows["hf_ratio"].append(hf_ratio(pred, target, target.shape[-1] // lr.shape[-1]).item())
+    result = {m: sum(v) / len(v) for m, v in rows.items()}
+    if kid:
+        size = kid_patch_size(images)
+        result["patch_kid"] = patch_kid(kid_patches(preds, size), kid_patches(images, size))
+    return result
+
+
+def evaluate_sr(pipe, images, seed: int = 0, degrade=Degradation(), kid: bool = False, **call) -> dict:
+    """PSNR, SSIM, consistency, HF ratio (and patch KID) of the stage and of bicubic on the same inputs."""
+    outs = sr_outputs(pipe, images, seed, degrade, **call)
+    return {m: score_sr(outs[m], images, outs["lr"], kid) for m in ("model", "bicubic")}
+
+
+def sr_sweep(
+    pipe, images: list, grid: list[tuple[str, int]], seed: int, degrade, kid: bool, **call
+) -> tuple[list[dict], dict]:
+    """Score the stage at every (scheduler, steps) of the grid, and bicubic once; a line per point on stderr."""
+    sweep, bicubic = [], None
+    for name, steps in grid:
+        outs = sr_outputs(
+            with_scheduler(pipe, name, steps), images, seed, degrade, num_inference_steps=steps, **call
+        )
+        if bicubic is None:
+            bicubic = score_sr(outs["bicubic"], images, outs["lr"], kid)
+        row = {"scheduler": name, "steps": steps, **score_sr(outs["model"], images, outs["lr"], kid)}
+        sweep.append(row)
+        line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        print(line, file=sys.stderr)
+    return sweep, bicubic
