@@ -132,15 +132,15 @@ class Cascade:
 
     @property
     def names(self) -> list[str]:
-        return [s.name for s in self.stages]
+        return [stage.name for stage in self.stages]
 
     @property
     def pipes(self) -> list:
-        return [s.pipe for s in self.stages]
+        return [stage.pipe for stage in self.stages]
 
     @property
     def settings(self) -> list[SamplingConfig]:
-        return [s.sampling for s in self.stages]
+        return [stage.sampling for stage in self.stages]
 
     def optimize(self, bf16: bool = False, channels_last: bool = False) -> Cascade:
         """Speed settings: bf16 autocast for the UNets, and channels-last memory layout."""

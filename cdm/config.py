@@ -262,32 +262,34 @@ def check_numbers(cfg) -> None:
 def validate(cfg) -> None:
     """Range and cross-field checks; each raises ValueError naming the key and the expected value."""
     check_numbers(cfg)
-    t, s = cfg.train, cfg.stage
+    opts, stage = cfg.train, cfg.stage
     positive = {
-        "train.batch_size": t.batch_size,
-        "train.max_steps": t.max_steps,
-        "train.grad_accum": t.grad_accum,
-        "train.keep_checkpoints": t.keep_checkpoints,
-        "train.checkpoint_every": t.checkpoint_every,
-        "train.sample_every": t.sample_every,
-        "train.log_every": t.log_every,
-        "stage.resolution": s.resolution,
-        "stage.num_train_timesteps": s.num_train_timesteps,
-        "stage.sample.steps": s.sample.steps,
+        "train.batch_size": opts.batch_size,
+        "train.max_steps": opts.max_steps,
+        "train.grad_accum": opts.grad_accum,
+        "train.keep_checkpoints": opts.keep_checkpoints,
+        "train.checkpoint_every": opts.checkpoint_every,
+        "train.sample_every": opts.sample_every,
+        "train.log_every": opts.log_every,
+        "stage.resolution": stage.resolution,
+        "stage.num_train_timesteps": stage.num_train_timesteps,
+        "stage.sample.steps": stage.sample.steps,
     }
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"{key}={value}: expected an integer >= 1")
-    if not 0 < t.learning_rate < 1:
-        raise UserError(f"train.learning_rate={t.learning_rate}: expected a value in (0, 1)")
-    if not 0 <= t.ema_decay < 1:
-        raise UserError(f"train.ema_decay={t.ema_decay}: expected a value in [0, 1)")
-    if not 0 <= s.label_dropout < 1:
-        raise UserError(f"stage.label_dropout={s.label_dropout}: expected a value in [0, 1)")
-    if not 0 <= s.blur_prob <= 1:
-        raise UserError(f"stage.blur_prob={s.blur_prob}: expected a value in [0, 1]")
-    if len(s.blur_sigma) != 2 or not 0 < s.blur_sigma[0] <= s.blur_sigma[1]:
-        raise UserError(f"stage.blur_sigma={list(s.blur_sigma)}: expected [low, high] with 0 < low <= high")
+    if not 0 < opts.learning_rate < 1:
+        raise UserError(f"train.learning_rate={opts.learning_rate}: expected a value in (0, 1)")
+    if not 0 <= opts.ema_decay < 1:
+        raise UserError(f"train.ema_decay={opts.ema_decay}: expected a value in [0, 1)")
+    if not 0 <= stage.label_dropout < 1:
+        raise UserError(f"stage.label_dropout={stage.label_dropout}: expected a value in [0, 1)")
+    if not 0 <= stage.blur_prob <= 1:
+        raise UserError(f"stage.blur_prob={stage.blur_prob}: expected a value in [0, 1]")
+    if len(stage.blur_sigma) != 2 or not 0 < stage.blur_sigma[0] <= stage.blur_sigma[1]:
+        raise UserError(
+            f"stage.blur_sigma={list(stage.blur_sigma)}: expected [low, high] with 0 < low <= high"
+        )
     validate_stage(cfg)
     validate_sizes(cfg)
     validate_data(cfg)
@@ -295,55 +297,57 @@ def validate(cfg) -> None:
 
 def validate_stage(cfg) -> None:
     """Stage rules: residual scale, augmentation levels and modes, SR sizes and crops."""
-    s = cfg.stage
-    if not 0.25 <= s.timestep_power <= 8:
+    stage = cfg.stage
+    if not 0.25 <= stage.timestep_power <= 8:
         raise UserError(
-            f"stage.timestep_power={s.timestep_power}: expected a value in 0.25..8 (1 is uniform)"
+            f"stage.timestep_power={stage.timestep_power}: expected a value in 0.25..8 (1 is uniform)"
         )
-    if not s.residual_scale > 0:
-        raise UserError(f"stage.residual_scale={s.residual_scale}: expected a value > 0")
+    if not stage.residual_scale > 0:
+        raise UserError(f"stage.residual_scale={stage.residual_scale}: expected a value > 0")
     if not 0 < cfg.data.min_scale <= 1:
         raise UserError(f"data.min_scale={cfg.data.min_scale}: expected a value in (0, 1]")
     if not cfg.data.min_scale <= cfg.data.max_scale <= 1:
         raise UserError(
             f"data.max_scale={cfg.data.max_scale}: expected a value in [data.min_scale={cfg.data.min_scale}, 1]"
         )
-    if s.sample.aug_mode == "truncated" and s.kind == StageKind.sr:
+    if stage.sample.aug_mode == "truncated" and stage.kind == StageKind.sr:
         try:
-            check_handover(s.residual, s.noise_at_low_res, takes=True)
+            check_handover(stage.residual, stage.noise_at_low_res, takes=True)
         except ValueError as err:
             raise UserError(f"stage.sample.aug_mode=truncated: {err}") from None
-    if s.sample.aug_mode not in AUG_MODES:
+    if stage.sample.aug_mode not in AUG_MODES:
         raise UserError(
-            f"stage.sample.aug_mode={s.sample.aug_mode!r}: expected one of {', '.join(AUG_MODES)}"
+            f"stage.sample.aug_mode={stage.sample.aug_mode!r}: expected one of {', '.join(AUG_MODES)}"
         )
-    if not 0 <= s.sample.noise_level < s.num_train_timesteps:
+    if not 0 <= stage.sample.noise_level < stage.num_train_timesteps:
         raise UserError(
-            f"stage.sample.noise_level={s.sample.noise_level}: expected 0..{s.num_train_timesteps - 1}"
+            f"stage.sample.noise_level={stage.sample.noise_level}: expected 0..{stage.num_train_timesteps - 1}"
         )
-    if not 0 <= s.noise_level_max < s.num_train_timesteps:
-        raise UserError(f"stage.noise_level_max={s.noise_level_max}: expected 0..{s.num_train_timesteps - 1}")
-    if s.kind == StageKind.base and not s.class_conditional:
+    if not 0 <= stage.noise_level_max < stage.num_train_timesteps:
+        raise UserError(
+            f"stage.noise_level_max={stage.noise_level_max}: expected 0..{stage.num_train_timesteps - 1}"
+        )
+    if stage.kind == StageKind.base and not stage.class_conditional:
         raise UserError("stage.class_conditional=false: the base stage is class-conditional")
-    if s.kind == StageKind.sr:
-        if s.low_res < 1 or s.resolution % s.low_res:
+    if stage.kind == StageKind.sr:
+        if stage.low_res < 1 or stage.resolution % stage.low_res:
             raise UserError(
-                f"stage.low_res={s.low_res}: expected a positive size dividing stage.resolution={s.resolution}"
+                f"stage.low_res={stage.low_res}: expected a positive size dividing stage.resolution={stage.resolution}"
             )
-        scale = s.resolution // s.low_res
-        too_big = s.crop_size > s.resolution and cfg.data.resize != ResizeMode.none
-        if s.crop_size and (s.crop_size % scale or too_big):
+        scale = stage.resolution // stage.low_res
+        too_big = stage.crop_size > stage.resolution and cfg.data.resize != ResizeMode.none
+        if stage.crop_size and (stage.crop_size % scale or too_big):
             raise UserError(
-                f"stage.crop_size={s.crop_size}: expected a multiple of the scale {scale} "
-                f"and at most stage.resolution={s.resolution}"
+                f"stage.crop_size={stage.crop_size}: expected a multiple of the scale {scale} "
+                f"and at most stage.resolution={stage.resolution}"
             )
 
 
 def validate_sizes(cfg) -> None:
     """The UNet's downsampling and group norm must fit the training size and the channels."""
-    s = cfg.stage
+    stage = cfg.stage
     levels = unet_stride(cfg.unet.block_out_channels)
-    train_size = s.crop_size or s.resolution
+    train_size = stage.crop_size or stage.resolution
     if train_size % levels:
         raise UserError(
             f"unet.block_out_channels has {len(cfg.unet.block_out_channels)} levels: training size "

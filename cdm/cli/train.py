@@ -23,7 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cdm.config import TrainRunConfig, config_dir, register_configs, validate
 from cdm.errors import DISK_ERRORS, UserError, cli, one_line
-from cdm.train.loop import LAUNCH_FILES, train
+from cdm.train.loop import train
+from cdm.train.run_folder import LAUNCH_FILES
 
 HELP = """usage: cdm-train [KEY=VALUE ...]
 

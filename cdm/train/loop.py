@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import accelerate
@@ -39,128 +37,7 @@ from cdm.train.data import (
 )
 from cdm.train.degradations import downsample, drop_labels, random_blur, sample_levels
 from cdm.train.losses import DiffusionLoss
-
-LAUNCH_FILES = {".hydra", ".lock", "train.log"}  # what a launch writes before it knows it may run
-# settings a resumed run may change: when it stops, how often it logs, samples and saves
-RESUMABLE = (
-    "train.max_steps",
-    "train.stop_after",
-    "train.resume",
-    "train.log_every",
-    "train.sample_every",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.num_samples",
-    "train.tracker",
-    "train.output_dir",
-    "data.num_workers",
-)
-
-
-def flat_config(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
-    """A resumed run continues the same run: a changed seed, batch size, learning rate or model is refused
-    with the keys that differ; steps, logging and checkpoint settings may change."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return
-    try:
-        before = flat_config(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        raise UserError(f"{path} is not readable JSON: the run's config is needed to resume it") from None
-    now = flat_config(OmegaConf.to_container(cfg, enum_to_str=True))
-    changed = sorted(
-        k for k in set(before) | set(now) if before.get(k) != now.get(k) and not k.startswith(RESUMABLE)
-    )
-    if changed:
-        shown = ", ".join(f"{k}={before.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
-        raise UserError(
-            f"train.resume=latest: the run was started with other settings ({shown}"
-            f"{', ...' if len(changed) > 3 else ''}); only {', '.join(RESUMABLE[:2])} and the logging and "
-            "checkpoint settings may change; start a new run in another train.output_dir"
-        )
-
-
-def resolve_run_dir(cfg: DictConfig, locked: bool = True) -> tuple[Path, Path | None]:
-    """The run folder and the checkpoint to resume from; never reuse a finished or running folder silently."""
-    run_dir = Path(cfg.train.output_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    resume = cfg.train.resume
-    if resume is None:
-        if list_checkpoints(ckpt_dir) or (run_dir / "export").exists():
-            raise UserError(
-                f"train.output_dir={run_dir} already holds a run: pass train.resume=latest to continue it, "
-                "or choose another train.output_dir"
-            )
-        foreign = (
-            sorted(p.name for p in run_dir.iterdir() if p.name not in LAUNCH_FILES)
-            if run_dir.is_dir()
-            else []
-        )
-        if foreign and (run_dir / ".lock").is_file() and (run_dir / "config.yaml").is_file():
-            if not locked:  # it may be running: taking the lock tells, with the holder's PID
-                return run_dir, None
-            raise UserError(  # a run another launch started (lock_run names its PID while it runs)
-                f"train.output_dir={run_dir} holds a run that has no checkpoint yet: pass train.resume=latest "
-                "once it has one, or choose another train.output_dir"
-            )
-        if foreign:
-            raise UserError(
-                f"train.output_dir={run_dir} holds {foreign[0]!r} and is not a cdm run: a new run starts in a new "
-                "or empty folder, and nothing there was changed; choose another train.output_dir"
-            )
-        return run_dir, None
-    if resume == "latest":
-        found = list_checkpoints(ckpt_dir)
-        if not found:
-            raise UserError(f"train.resume=latest: no checkpoint in {ckpt_dir}")
-        check_resumable(run_dir, cfg)
-        return run_dir, found[-1]
-    path = Path(resume)
-    if not (path / "trainer.json").is_file():
-        raise UserError(f"train.resume={resume}: not a checkpoint folder (expected trainer.json inside)")
-    return run_dir, path
-
-
-def lock_run(run_dir: Path):
-    """An exclusive lock on the run folder (fcntl.flock); a second writer stops with the holder's PID."""
-    import fcntl
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held for the life of the run
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise UserError(
-            f"train.output_dir={run_dir} is in use by another cdm-train (PID {holder}): "
-            "wait for it to finish or choose another train.output_dir"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
-
-
-def finished(checkpoint: Path, max_steps: int, run_dir: Path) -> bool:
-    """The checkpoint is the run's last step and the export exists: resuming would only rewrite records."""
-    try:
-        step = json.loads((checkpoint / "trainer.json").read_text()).get("step", 0)
-    except (OSError, ValueError):
-        return False  # unreadable: the loader falls back to an earlier checkpoint and says so
-    return step >= max_steps and (run_dir / "export" / "model_index.json").is_file()
+from cdm.train.run_folder import finished, flat_config, lock_run, resolve_run_dir
 
 
 def stage_model_fn(unet, cfg, batch, noising, num_classes, generator):
@@ -224,27 +101,23 @@ def save_samples(cfg, pipe, fixed, path: Path, num_classes: int) -> None:
     save_grid(rows, path, ncols=3)
 
 
-@dataclass
 class Trainer:
-    """What one training launch holds: the accelerator, the model and its optimisation, the data."""
+    """One training launch: the accelerator, the data, the model and its optimisation, and the progress.
 
-    cfg: DictConfig
-    accelerator: object
-    run_dir: Path
-    unet: torch.nn.Module = None
-    ema: object = None
-    optimizer: object = None
-    lr_scheduler: object = None
-    noising: object = None
-    loss_fn: object = None
-    dataset: object = None
-    id2label: dict = field(default_factory=dict)
-    step: int = 0
-    start_step: int = 0  # where this launch began (resume)
-    loss: float = float("nan")
-    skipped: dict = field(default_factory=lambda: {"corrupt": 0, "small": 0})
-    side_seconds: float = 0.0  # sampling and checkpoints, timed apart from training steps
-    init_record: dict | None = None  # what train.init_from named, read once when the run began
+    Built whole from the config: the data first (the UNet's class count comes from it), then the model,
+    restored from `resume_from` when a run resumes. `run_loop` and `finish` then advance and close it.
+    """
+
+    def __init__(self, cfg: DictConfig, accelerator, run_dir: Path, resume_from: Path | None):
+        self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
+        self.step = 0
+        self.loss = float("nan")
+        self.skipped = {"corrupt": 0, "small": 0}
+        self.side_seconds = 0.0  # sampling and checkpoints, timed apart from training steps
+        self.init_record: dict | None = None  # what train.init_from named, read once when the run began
+        self._load_data()
+        self._build_model(resume_from)
+        self.start_step = self.step  # where this launch began (resume)
 
     @property
     def main(self) -> bool:
@@ -253,6 +126,59 @@ class Trainer:
     @property
     def num_classes(self) -> int:
         return len(self.id2label)
+
+    def _load_data(self) -> None:
+        cfg, opts = self.cfg, self.cfg.train
+        with self.accelerator.main_process_first():  # offline sets are built once, by the main process
+            ds, label_col, self.id2label = open_dataset(cfg.data)
+        if hasattr(ds, "__len__"):
+            self.dataset = StageDataset(
+                ds, cfg.data, label_col, (cfg.stage.resolution, cfg.stage.crop_size), opts.seed
+            )
+        else:
+            rank, world = self.accelerator.process_index, self.accelerator.num_processes
+            self.dataset = StreamingStageDataset(
+                ds,
+                cfg.data,
+                label_col,
+                (cfg.stage.resolution, cfg.stage.crop_size),
+                opts.seed,
+                opts.batch_size,
+                rank,
+                world,
+            )
+        check_images_fit(self.dataset)
+
+    def _build_model(self, resume_from: Path | None) -> None:
+        """UNet, forward process, loss, EMA, optimizer and LR schedule; restored from a checkpoint on resume."""
+        cfg, opts, accelerator = self.cfg, self.cfg.train, self.accelerator
+        unet = build_unet(cfg.stage, cfg.unet, self.num_classes)
+        if resume_from is None and opts.init_from:  # before the EMA copies the weights
+            self.init_record = init_weights(unet, opts.init_from)
+        self.noising = build_noise_scheduler(cfg.stage)
+        self.loss_fn = DiffusionLoss(self.noising, cfg.stage.prediction_type.value, cfg.stage.timestep_power)
+        self.ema = EMAModel(
+            unet.parameters(),
+            decay=opts.ema_decay,
+            use_ema_warmup=opts.ema_warmup,
+            model_cls=type(unet),
+            model_config=unet.config,
+        )
+        optimizer = torch.optim.AdamW(
+            unet.parameters(),
+            lr=opts.learning_rate,
+            betas=(0.9, opts.adam_beta2),
+            weight_decay=opts.weight_decay,
+        )
+        lr_scheduler = make_lr_scheduler(optimizer, opts, accelerator.num_processes)
+        if resume_from is not None:
+            candidates = (
+                list_checkpoints(self.run_dir / "checkpoints") if opts.resume == "latest" else [resume_from]
+            )
+            state = load_latest(candidates, unet, self.ema, optimizer, lr_scheduler)
+            self.step, self.init_record = state["step"], state.get("init_from")
+        self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+        self.ema.to(accelerator.device)
 
 
 def train(cfg: DictConfig, notes: list[str] = ()) -> Path:
@@ -269,101 +195,48 @@ def train(cfg: DictConfig, notes: list[str] = ()) -> Path:
             )
         return run_dir
     set_seed(cfg.train.seed)
-    tr = Trainer(cfg, accelerator, run_dir)
-    setup_data(tr)
-    setup_model(tr, resume_from)
-    write_run_config(tr)
-    loader, fixed = make_loader(tr)
-    if tr.main:  # every check has passed: log how the launcher's settings were resolved
+    trainer = Trainer(cfg, accelerator, run_dir, resume_from)
+    write_run_config(trainer)
+    loader, fixed = make_loader(trainer)
+    if trainer.main:  # every check has passed: log how the launcher's settings were resolved
         for note in notes:
             print(note, file=sys.stderr)
-    elapsed = run_loop(tr, loader, fixed)
-    finish(tr, elapsed)
+    elapsed = run_loop(trainer, loader, fixed)
+    finish(trainer, elapsed)
     # Drop the DDP wrapper while the process group is still registered: if its reducer held the last
     # reference, gloo's destructor would join worker threads that wait for the GIL this thread holds.
-    tr.unet = tr.optimizer = tr.lr_scheduler = loader = None
+    trainer.unet = trainer.optimizer = trainer.lr_scheduler = loader = None
     accelerator.free_memory()
     accelerator.end_training()
     return run_dir
 
 
 def make_accelerator(cfg: DictConfig):
-    t = cfg.train
-    precision = getattr(t.mixed_precision, "value", t.mixed_precision)
+    opts = cfg.train
+    precision = getattr(opts.mixed_precision, "value", opts.mixed_precision)
     try:
         return accelerate.Accelerator(
             mixed_precision=precision,
-            gradient_accumulation_steps=t.grad_accum,
-            log_with=None if t.tracker == "none" else t.tracker,
+            gradient_accumulation_steps=opts.grad_accum,
+            log_with=None if opts.tracker == "none" else opts.tracker,
             project_config=accelerate.utils.ProjectConfiguration(
-                project_dir=t.output_dir, logging_dir=str(Path(t.output_dir) / "logs")
+                project_dir=opts.output_dir, logging_dir=str(Path(opts.output_dir) / "logs")
             ),
         )
     except (ValueError, RuntimeError) as err:
         raise UserError(f"train.mixed_precision={precision}: {one_line(err)}") from None
 
 
-def setup_data(tr: Trainer) -> None:
-    cfg, t = tr.cfg, tr.cfg.train
-    with tr.accelerator.main_process_first():  # offline sets are built once, by the main process
-        ds, label_col, tr.id2label = open_dataset(cfg.data)
-    if hasattr(ds, "__len__"):
-        tr.dataset = StageDataset(
-            ds, cfg.data, label_col, (cfg.stage.resolution, cfg.stage.crop_size), t.seed
-        )
-    else:
-        rank, world = tr.accelerator.process_index, tr.accelerator.num_processes
-        tr.dataset = StreamingStageDataset(
-            ds,
-            cfg.data,
-            label_col,
-            (cfg.stage.resolution, cfg.stage.crop_size),
-            t.seed,
-            t.batch_size,
-            rank,
-            world,
-        )
-    check_images_fit(tr.dataset)
-
-
-def setup_model(tr: Trainer, resume_from: Path | None) -> None:
-    """UNet, forward process, loss, EMA, optimizer and LR schedule; restored from a checkpoint on resume."""
-    cfg, t, acc = tr.cfg, tr.cfg.train, tr.accelerator
-    unet = build_unet(cfg.stage, cfg.unet, tr.num_classes)
-    if resume_from is None and t.init_from:  # before the EMA copies the weights
-        tr.init_record = init_weights(unet, t.init_from)
-    tr.noising = build_noise_scheduler(cfg.stage)
-    tr.loss_fn = DiffusionLoss(tr.noising, cfg.stage.prediction_type.value, cfg.stage.timestep_power)
-    tr.ema = EMAModel(
-        unet.parameters(),
-        decay=t.ema_decay,
-        use_ema_warmup=t.ema_warmup,
-        model_cls=type(unet),
-        model_config=unet.config,
-    )
-    optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=t.learning_rate, betas=(0.9, t.adam_beta2), weight_decay=t.weight_decay
-    )
-    lr_scheduler = make_lr_scheduler(optimizer, t, acc.num_processes)
-    if resume_from is not None:
-        candidates = list_checkpoints(tr.run_dir / "checkpoints") if t.resume == "latest" else [resume_from]
-        state = load_latest(candidates, unet, tr.ema, optimizer, lr_scheduler)
-        tr.step, tr.init_record = state["step"], state.get("init_from")
-    tr.start_step = tr.step
-    tr.unet, tr.optimizer, tr.lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
-    tr.ema.to(acc.device)
-
-
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
 
-def make_lr_scheduler(optimizer, t, num_processes: int = 1):
+def make_lr_scheduler(optimizer, opts, num_processes: int = 1):
     """Linear warm-up, then train.lr_schedule (accelerate steps a prepared scheduler once per process)."""
     return get_scheduler(
-        LR_SCHEDULES[getattr(t.lr_schedule, "value", t.lr_schedule)],
+        LR_SCHEDULES[getattr(opts.lr_schedule, "value", opts.lr_schedule)],
         optimizer,
-        num_warmup_steps=t.warmup_steps * num_processes,
-        num_training_steps=t.max_steps * num_processes,
+        num_warmup_steps=opts.warmup_steps * num_processes,
+        num_training_steps=opts.max_steps * num_processes,
     )
 
 
@@ -392,49 +265,54 @@ def init_weights(unet, source: str) -> dict:
     return {"source": str(source), **{k: run[k] for k in keep if run.get(k) is not None}}
 
 
-def write_run_config(tr: Trainer) -> None:
-    tree = OmegaConf.to_container(tr.cfg, enum_to_str=True)
-    if tr.main:
-        tr.run_dir.mkdir(parents=True, exist_ok=True)
-        (tr.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(tr.cfg))
-        (tr.run_dir / "config.json").write_text(json.dumps(tree, indent=1))
-    if tr.accelerator.log_with:
-        flat = {k: v for k, v in _flatten(tree).items() if isinstance(v, (int, float, str, bool))}
-        tr.accelerator.init_trackers("cdm", config=flat)
+def write_run_config(trainer: Trainer) -> None:
+    tree = OmegaConf.to_container(trainer.cfg, enum_to_str=True)
+    if trainer.main:
+        trainer.run_dir.mkdir(parents=True, exist_ok=True)
+        (trainer.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(trainer.cfg))
+        (trainer.run_dir / "config.json").write_text(json.dumps(tree, indent=1))
+    if trainer.accelerator.log_with:
+        flat = {k: v for k, v in flat_config(tree).items() if isinstance(v, (int, float, str, bool))}
+        trainer.accelerator.init_trackers("cdm", config=flat)
 
 
-def make_loader(tr: Trainer):
+def make_loader(trainer: Trainer):
     """A deterministic stream of batches from the current micro-step, and a fixed batch for samples."""
-    t, acc, dataset = tr.cfg.train, tr.accelerator, tr.dataset
-    micro, workers = tr.step * t.grad_accum, tr.cfg.data.num_workers
+    opts, accelerator, dataset = trainer.cfg.train, trainer.accelerator, trainer.dataset
+    micro, workers = trainer.step * opts.grad_accum, trainer.cfg.data.num_workers
     if isinstance(dataset, StreamingStageDataset):  # records already read are skipped, not decoded
         dataset.start = micro
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=t.batch_size, collate_fn=collate, num_workers=workers
+            dataset, batch_size=opts.batch_size, collate_fn=collate, num_workers=workers
         )
-        fixed = collate(dataset.first_examples(t.num_samples * 4))
+        fixed = collate(dataset.first_examples(opts.num_samples * 4))
     else:
         sampler = IndexStream(
-            len(dataset), t.batch_size, t.seed, acc.process_index, acc.num_processes, start=micro
+            len(dataset),
+            opts.batch_size,
+            opts.seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+            start=micro,
         )
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers
         )
-        fixed = collate([dataset[(0, i)] for i in range(min(len(dataset), t.num_samples * 4))])
+        fixed = collate([dataset[(0, i)] for i in range(min(len(dataset), opts.num_samples * 4))])
     if fixed["images"] is not None:
-        fixed["images"] = fixed["images"][: t.num_samples]
+        fixed["images"] = fixed["images"][: opts.num_samples]
     return loader, fixed
 
 
 ESTIMATE_AFTER = 10  # steps timed before the whole run's time is estimated
 
 
-def run_estimate(tr: Trainer, seconds: float, total_steps: int) -> str:
+def run_estimate(trainer: Trainer, seconds: float, total_steps: int) -> str:
     """One line after the first steps: how long the whole run will take on this machine."""
     hours = seconds / ESTIMATE_AFTER * total_steps / 3600
-    device = tr.accelerator.device.type
+    device = trainer.accelerator.device.type
     took = f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.0f} min"
-    line = f"{tr.cfg.stage.name}: {seconds / ESTIMATE_AFTER:.2f}s per step on {device}: about {took} for {total_steps} steps"
+    line = f"{trainer.cfg.stage.name}: {seconds / ESTIMATE_AFTER:.2f}s per step on {device}: about {took} for {total_steps} steps"
     if device == "cpu" and hours > 2:
         line += (
             "; this recipe is sized for a GPU (the README lists the recipes that fit a CPU, "
@@ -443,159 +321,174 @@ def run_estimate(tr: Trainer, seconds: float, total_steps: int) -> str:
     return line
 
 
-def run_loop(tr: Trainer, loader, fixed) -> float:
+def run_loop(trainer: Trainer, loader, fixed) -> float:
     """Optimizer steps until train.max_steps (or train.stop_after); returns the seconds it took."""
-    t = tr.cfg.train
+    opts = trainer.cfg.train
     bar = tqdm(
-        total=t.max_steps,
-        initial=tr.step,
-        disable=not tr.main,
-        desc=f"train {tr.cfg.stage.name}",
+        total=opts.max_steps,
+        initial=trainer.step,
+        disable=not trainer.main,
+        desc=f"train {trainer.cfg.stage.name}",
         unit="step",
     )
-    start_time, stop_at = time.time(), min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
-    micro, first_step = tr.step * t.grad_accum, tr.step
-    tr.unet.train()
+    start_time, stop_at = (
+        time.time(),
+        min(opts.max_steps, opts.stop_after) if opts.stop_after else opts.max_steps,
+    )
+    micro, first_step = trainer.step * opts.grad_accum, trainer.step
+    trainer.unet.train()
     for batch in loader:
-        if tr.step >= stop_at:
+        if trainer.step >= stop_at:
             break
-        loss = train_micro_step(tr, batch, step_generator(t.seed, micro, tr.accelerator.process_index))
+        loss = train_micro_step(
+            trainer, batch, step_generator(opts.seed, micro, trainer.accelerator.process_index)
+        )
         micro += 1
-        if not tr.accelerator.sync_gradients:
+        if not trainer.accelerator.sync_gradients:
             continue
-        tr.step += 1
-        tr.ema.step(tr.unet.parameters())
-        tr.loss = tr.accelerator.gather(loss.detach().float().reshape(1)).mean().item()
+        trainer.step += 1
+        trainer.ema.step(trainer.unet.parameters())
+        trainer.loss = trainer.accelerator.gather(loss.detach().float().reshape(1)).mean().item()
         bar.update(1)
-        if tr.step - first_step == ESTIMATE_AFTER and tr.main:
-            tqdm.write(run_estimate(tr, time.time() - start_time, stop_at - first_step), file=sys.stderr)
-        after_step(tr, bar, fixed, stop_at)
+        if trainer.step - first_step == ESTIMATE_AFTER and trainer.main:
+            tqdm.write(run_estimate(trainer, time.time() - start_time, stop_at - first_step), file=sys.stderr)
+        after_step(trainer, bar, fixed, stop_at)
     bar.close()
-    tr.accelerator.wait_for_everyone()
+    trainer.accelerator.wait_for_everyone()
     return time.time() - start_time
 
 
-def train_micro_step(tr: Trainer, batch: dict, gen: torch.Generator) -> torch.Tensor:
+def train_micro_step(trainer: Trainer, batch: dict, gen: torch.Generator) -> torch.Tensor:
     """Forward, backward and (when gradients sync) one optimizer step."""
-    acc, t = tr.accelerator, tr.cfg.train
-    tr.skipped["corrupt"] += batch["skipped_corrupt"]
-    tr.skipped["small"] += batch["skipped_small"]
-    with acc.accumulate(tr.unet):
+    accelerator, opts = trainer.accelerator, trainer.cfg.train
+    trainer.skipped["corrupt"] += batch["skipped_corrupt"]
+    trainer.skipped["small"] += batch["skipped_small"]
+    with accelerator.accumulate(trainer.unet):
         if batch["images"] is not None:
-            batch["images"] = batch["images"].to(acc.device)
-            x0, model_fn = stage_model_fn(tr.unet, tr.cfg, batch, tr.noising, tr.num_classes, gen)
-            with acc.autocast():
-                loss = tr.loss_fn(model_fn, x0, gen)
+            batch["images"] = batch["images"].to(accelerator.device)
+            x0, model_fn = stage_model_fn(
+                trainer.unet, trainer.cfg, batch, trainer.noising, trainer.num_classes, gen
+            )
+            with accelerator.autocast():
+                loss = trainer.loss_fn(model_fn, x0, gen)
         else:  # every example of this micro-batch was skipped: keep ranks in step with a zero loss
-            loss = sum(p.sum() for p in tr.unet.parameters()) * 0.0
-        acc.backward(loss)
-        if acc.sync_gradients and t.grad_clip > 0:
-            acc.clip_grad_norm_(tr.unet.parameters(), t.grad_clip)
-        tr.optimizer.step()
-        tr.lr_scheduler.step()
-        tr.optimizer.zero_grad(set_to_none=True)
+            loss = sum(p.sum() for p in trainer.unet.parameters()) * 0.0
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and opts.grad_clip > 0:
+            accelerator.clip_grad_norm_(trainer.unet.parameters(), opts.grad_clip)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
     return loss
 
 
-def after_step(tr: Trainer, bar, fixed, stop_at: int) -> None:
+def after_step(trainer: Trainer, bar, fixed, stop_at: int) -> None:
     """Logging every train.log_every steps; samples and checkpoints, timed apart from training."""
-    t, step = tr.cfg.train, tr.step
-    if step % t.log_every == 0 or step == stop_at:
-        bar.set_postfix(loss=f"{tr.loss:.4f}")
+    opts, step = trainer.cfg.train, trainer.step
+    if step % opts.log_every == 0 or step == stop_at:
+        bar.set_postfix(loss=f"{trainer.loss:.4f}")
         logs = {
-            "loss": tr.loss,
-            "lr": tr.lr_scheduler.get_last_lr()[0],
-            "ema_decay": tr.ema.cur_decay_value or 0.0,
+            "loss": trainer.loss,
+            "lr": trainer.lr_scheduler.get_last_lr()[0],
+            "ema_decay": trainer.ema.cur_decay_value or 0.0,
         }
-        tr.accelerator.log(logs, step=step)
+        trainer.accelerator.log(logs, step=step)
     side_start = time.time()
-    if tr.main and (step % t.sample_every == 0 or step == t.max_steps) and fixed["images"] is not None:
-        pipe = ema_pipeline(tr).to(tr.accelerator.device)
-        save_samples(tr.cfg, pipe, fixed, tr.run_dir / "samples" / f"step-{step:07d}.png", tr.num_classes)
-    if step % t.checkpoint_every == 0 or step == stop_at:
-        tr.accelerator.wait_for_everyone()
-        if tr.main:
-            extra = {"skipped": tr.skipped, "world_size": tr.accelerator.num_processes}
-            extra["init_from"] = tr.init_record  # a resumed run keeps what it started from
-            unet = tr.accelerator.unwrap_model(tr.unet)
+    if (
+        trainer.main
+        and (step % opts.sample_every == 0 or step == opts.max_steps)
+        and fixed["images"] is not None
+    ):
+        pipe = ema_pipeline(trainer).to(trainer.accelerator.device)
+        save_samples(
+            trainer.cfg,
+            pipe,
+            fixed,
+            trainer.run_dir / "samples" / f"step-{step:07d}.png",
+            trainer.num_classes,
+        )
+    if step % opts.checkpoint_every == 0 or step == stop_at:
+        trainer.accelerator.wait_for_everyone()
+        if trainer.main:
+            extra = {"skipped": trainer.skipped, "world_size": trainer.accelerator.num_processes}
+            extra["init_from"] = trainer.init_record  # a resumed run keeps what it started from
+            unet = trainer.accelerator.unwrap_model(trainer.unet)
             save_checkpoint(
-                tr.run_dir / "checkpoints",
+                trainer.run_dir / "checkpoints",
                 step,
                 unet,
-                tr.ema,
-                tr.optimizer,
-                tr.lr_scheduler,
+                trainer.ema,
+                trainer.optimizer,
+                trainer.lr_scheduler,
                 extra,
-                t.keep_checkpoints,
+                opts.keep_checkpoints,
             )
-    tr.side_seconds += time.time() - side_start
+    trainer.side_seconds += time.time() - side_start
 
 
-def ema_pipeline(tr: Trainer):
+def ema_pipeline(trainer: Trainer):
     """The stage pipeline with the EMA weights (a fresh UNet; the training one keeps its own)."""
-    unet = build_unet(tr.cfg.stage, tr.cfg.unet, tr.num_classes)
-    tr.ema.copy_to(unet.parameters())
-    return build_pipeline(tr.cfg.stage, tr.cfg.unet, tr.num_classes, tr.id2label, unet=unet.eval())
+    unet = build_unet(trainer.cfg.stage, trainer.cfg.unet, trainer.num_classes)
+    trainer.ema.copy_to(unet.parameters())
+    return build_pipeline(
+        trainer.cfg.stage, trainer.cfg.unet, trainer.num_classes, trainer.id2label, unet=unet.eval()
+    )
 
 
-def finish(tr: Trainer, elapsed: float) -> None:
+def finish(trainer: Trainer, elapsed: float) -> None:
     """Check the ranks agree, export the EMA stage if training is complete, and record the run."""
     checksum = torch.tensor(
-        [sum(p.double().sum().item() for p in tr.unet.parameters())], device=tr.accelerator.device
+        [sum(p.double().sum().item() for p in trainer.unet.parameters())], device=trainer.accelerator.device
     )
-    checksums = tr.accelerator.gather(checksum).tolist()  # data-parallel ranks must hold the same weights
-    if not tr.main:
+    checksums = trainer.accelerator.gather(
+        checksum
+    ).tolist()  # data-parallel ranks must hold the same weights
+    if not trainer.main:
         return
-    info = run_record(tr, elapsed, checksums)
-    done = tr.step >= tr.cfg.train.max_steps
+    info = run_record(trainer, elapsed, checksums)
+    done = trainer.step >= trainer.cfg.train.max_steps
     if done:
         sections = ("stage", "unet", "data", "train")
-        record = {k: OmegaConf.to_container(tr.cfg[k], enum_to_str=True) for k in sections}
-        export_stage(ema_pipeline(tr), tr.run_dir / "export", {**record, "run": info})
-    info_path = tr.run_dir / "run_info.json"
+        record = {k: OmegaConf.to_container(trainer.cfg[k], enum_to_str=True) for k in sections}
+        export_stage(ema_pipeline(trainer), trainer.run_dir / "export", {**record, "run": info})
+    info_path = trainer.run_dir / "run_info.json"
     previous = json.loads(info_path.read_text()) if info_path.exists() else {}
     info["seconds_total"] = round(previous.get("seconds_total", 0) + elapsed, 2)
     info_path.write_text(json.dumps(info, indent=1))
-    if any(tr.skipped.values()):
+    if any(trainer.skipped.values()):
         print(
-            f"skipped {tr.skipped['corrupt']} corrupt images and {tr.skipped['small']} smaller than the crop",
+            f"skipped {trainer.skipped['corrupt']} corrupt images and {trainer.skipped['small']} smaller than the crop",
             file=sys.stderr,
         )
-    where = tr.run_dir / "export" if done else tr.run_dir / "checkpoints"
-    print(f"{tr.cfg.stage.name}: {tr.step} steps in {elapsed:.1f}s, loss {tr.loss:.4f}; saved to {where}")
+    where = trainer.run_dir / "export" if done else trainer.run_dir / "checkpoints"
+    print(
+        f"{trainer.cfg.stage.name}: {trainer.step} steps in {elapsed:.1f}s, loss {trainer.loss:.4f}; saved to {where}"
+    )
 
 
-def run_record(tr: Trainer, elapsed: float, checksums: list) -> dict:
-    t, world = tr.cfg.train, tr.accelerator.num_processes
+def run_record(trainer: Trainer, elapsed: float, checksums: list) -> dict:
+    opts, world = trainer.cfg.train, trainer.accelerator.num_processes
     return {
-        "stage": tr.cfg.stage.name,
-        "steps": tr.step,
-        "target_steps": t.max_steps,
-        "final_loss": tr.loss if math.isfinite(tr.loss) else None,  # JSON has no NaN
+        "stage": trainer.cfg.stage.name,
+        "steps": trainer.step,
+        "target_steps": opts.max_steps,
+        "final_loss": trainer.loss if math.isfinite(trainer.loss) else None,  # JSON has no NaN
         "seconds_this_launch": round(elapsed, 2),
-        "steps_per_second": round((tr.step - tr.start_step) / max(elapsed - tr.side_seconds, 1e-9), 4),
-        "seconds_sampling_and_checkpoints": round(tr.side_seconds, 2),
-        "images_per_step": t.batch_size * t.grad_accum * world,
+        "steps_per_second": round(
+            (trainer.step - trainer.start_step) / max(elapsed - trainer.side_seconds, 1e-9), 4
+        ),
+        "seconds_sampling_and_checkpoints": round(trainer.side_seconds, 2),
+        "images_per_step": opts.batch_size * opts.grad_accum * world,
         "world_size": world,
         "rank_weight_checksums": checksums,
-        "parameters": count_parameters(tr.accelerator.unwrap_model(tr.unet)),
-        "num_classes": tr.num_classes,
-        "skipped_examples": tr.skipped,
-        "data": _data_name(tr.cfg),
-        "init_from": tr.init_record,
+        "parameters": count_parameters(trainer.accelerator.unwrap_model(trainer.unet)),
+        "num_classes": trainer.num_classes,
+        "skipped_examples": trainer.skipped,
+        "data": _data_name(trainer.cfg),
+        "init_from": trainer.init_record,
     }
 
 
 def _data_name(cfg) -> str:
     d = cfg.data
     return d.name or (f"{d.source.value}" if d.source.value in ("digits", "photos") else str(d.path))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
