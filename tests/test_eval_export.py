@@ -471,7 +471,7 @@ def test_export_cli_pushes_with_the_hub_client(tmp_path, monkeypatch):
 
 
 def test_class_agreement_is_the_share_of_samples_the_judge_puts_in_the_requested_class(monkeypatch):
-    import cdm.cli.eval as ev
+    import cdm.measure.generation as ev
 
     class Judge(torch.nn.Module):  # calls class 1 whatever has a bright left half, else class 0
         def forward(self, x):
@@ -481,7 +481,7 @@ def test_class_agreement_is_the_share_of_samples_the_judge_puts_in_the_requested
             return torch.nn.functional.one_hot(left, 2).float()
 
     monkeypatch.setattr(ev, "get_classifier", lambda data, resolution: (Judge(), {"num_classes": 2}))
-    images = -torch.ones(6, 3, 16, 16)
+    images = torch.zeros(6, 3, 16, 16)
     images[:4, :, :, :8] = 1  # four samples look like class 1, two like class 0
     images[4:, :, :, 8:] = 1
     agreement, _ = ev.class_agreement(images, [1, 1, 1, 0, 0, 0], None, 16)

@@ -28,6 +28,7 @@ from cdm.errors import UserError, cli, flag_error
 from cdm.files import OutputFolder, atomic_write
 from cdm.hub.cards import results_table
 from cdm.images import save_grid
+from cdm.measure.baselines import PEERS, load_peer, parse_baselines
 from cdm.measure.classifier import get_classifier
 from cdm.measure.fid import (
     OfflineInception,
@@ -91,6 +92,16 @@ def check_sr_arguments(args, pipe) -> float:
     return checked["autoguidance_scale"]
 
 
+def check_baselines(text: str | None, factor: int) -> list[str]:
+    """The `--baseline` names, bicubic first; a peer is set up now (its wheel and Vulkan device), so a
+    missing one stops the run before any image is upscaled."""
+    baselines = parse_baselines(text)
+    for name in baselines:
+        if name in PEERS:
+            load_peer(name, factor)
+    return baselines
+
+
 def cmd_sr(args) -> None:
     if args.num_images is not None and args.num_images < 1:
         raise UserError(f"--num-images={args.num_images}: expected an integer >= 1")
@@ -103,6 +114,7 @@ def cmd_sr(args) -> None:
             f"--crop={size}: expected a multiple of the stage's scale {pipe.scale_factor} and of {mult}"
         )
     args.autoguidance = check_sr_arguments(args, pipe)
+    baselines = check_baselines(args.baseline, pipe.scale_factor)
     grid = [
         (name, steps)
         for name in args.scheduler or [settings.scheduler]
@@ -120,10 +132,18 @@ def cmd_sr(args) -> None:
         images = list(real_images(data, args.split, size, args.num_images)[0].split(1))
     degrade = Degradation(args.downsample, args.blur, args.jpeg)
     call = {"noise_level": args.noise_level, "eta": args.eta, "autoguidance_scale": args.autoguidance}
-    sweep, bicubic = sr_sweep(
-        pipe.to(args.device), images, grid, args.seed, degrade, not args.no_kid, tile_size=args.tile, **call
+    sweep, scores = sr_sweep(
+        pipe.to(args.device),
+        images,
+        grid,
+        args.seed,
+        degrade,
+        not args.no_kid,
+        baselines,
+        tile_size=args.tile,
+        **call,
     )
-    result = sr_result(args, data, images, size, sweep, bicubic, time.perf_counter() - start)
+    result = sr_result(args, data, images, size, sweep, scores, time.perf_counter() - start)
     table = results_table([result])
     write_results(args.writer, "results", result, table)
     if len(sweep) > 1:
@@ -132,8 +152,8 @@ def cmd_sr(args) -> None:
     print(f"{len(images)} images in {result['seconds']:.1f}s; wrote {args.out}/results.json and results.md")
 
 
-def sr_result(args, data, images: list, size: int, sweep: list[dict], bicubic: dict, seconds: float) -> dict:
-    """results.json of `cdm-eval sr`: the data, the first setting's metrics beside bicubic, the sweep."""
+def sr_result(args, data, images: list, size: int, sweep: list[dict], scores: dict, seconds: float) -> dict:
+    """results.json of `cdm-eval sr`: the data, the first setting's metrics beside the baselines', the sweep."""
     model_path = Path(str(args.model).rstrip("/"))
     stage_name = args.stage or (model_path.parent.name if model_path.name == "export" else model_path.name)
     kid = not args.no_kid
@@ -163,7 +183,7 @@ def sr_result(args, data, images: list, size: int, sweep: list[dict], bicubic: d
         },
         "metrics": {
             "model": {k: v for k, v in sweep[0].items() if k not in ("scheduler", "steps")},
-            "bicubic": bicubic,
+            **scores,
         },
         "sweep": sweep if len(sweep) > 1 else [],
         "seconds": round(seconds, 2),
@@ -418,6 +438,13 @@ def add_sr_arguments(sr: argparse.ArgumentParser) -> None:
     sr.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; 1: ancestral noise)")
     sr.add_argument(
         "--no-kid", action="store_true", help="skip patch KID (needs: pip install 'cdm-diffusion[fid]')"
+    )
+    sr.add_argument(
+        "--baseline",
+        metavar="NAMES",
+        help="score these upscalers beside bicubic on the same inputs, comma-separated: lanczos, srmd "
+        "(SRMD-NF), realesrgan (Real-ESRGAN x4plus); srmd and realesrgan need pip install "
+        "'cdm-diffusion[peers]' and a Vulkan device (lavapipe on a CPU)",
     )
     sr.add_argument("--noise-level", type=int, default=0)
     sr.add_argument(

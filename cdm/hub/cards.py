@@ -14,6 +14,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from cdm.errors import UserError
+from cdm.measure.baselines import TITLES as BASELINE_TITLES
 from cdm.models import count_parameters
 
 DISTRIBUTION = "cdm-diffusion"  # the name on PyPI (`pip install cdm` is an unrelated package)
@@ -130,7 +131,7 @@ def input_note(settings: dict) -> str:
 
 
 def sr_table(res: dict) -> list[str]:
-    """An SR result as markdown: the stage and bicubic side by side, then any steps sweep."""
+    """An SR result as markdown: the stage and its baselines side by side, then any steps sweep."""
     settings = res["settings"]
     cols = [c for c in SR_COLUMNS if c in res["metrics"]["model"]]
     head = ["| method | " + " | ".join(SR_COLUMNS[c][0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -145,9 +146,8 @@ def sr_table(res: dict) -> list[str]:
     if where.get("kid_patches"):
         lines[0] = lines[0][:-1] + f"; patch KID over {where['kid_patches']} patches of 64 px per method:"
     lines += head
-    for method in ("model", "bicubic"):
-        m = res["metrics"][method]
-        name = res["stage"] if method == "model" else "bicubic upsampling"
+    for method, m in res["metrics"].items():  # the stage, then bicubic and any other baselines
+        name = res["stage"] if method == "model" else BASELINE_TITLES.get(method, method)
         lines.append(f"| {name} | " + " | ".join(SR_COLUMNS[c][1].format(m[c]) for c in cols) + " |")
     if res.get("sweep"):
         lines += ["", "Sampling steps against quality (one UNet evaluation per step):", ""]

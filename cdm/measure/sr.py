@@ -10,9 +10,9 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cdm.measure.baselines import BASELINES
 from cdm.measure.fid import patch_kid
 from cdm.measure.metrics import consistency, hf_ratio, patch_grid, psnr, ssim
 from cdm.models import with_scheduler
@@ -37,12 +37,15 @@ class Degradation:
         return gaussian_blur(low, torch.tensor([float(self.blur)])) if self.blur > 0 else low
 
 
-def sr_outputs(pipe, images: list[torch.Tensor], seed: int, degrade=Degradation(), **call) -> dict:
-    """The stage's output, bicubic's and the low-res input for each of `images`; `call` holds the
-    pipeline's sampling arguments (unset ones are the stage's own). Image i uses seed `seed + i`."""
-    pipe.set_progress_bar_config(disable=True)
+def sr_outputs(
+    pipe, images: list[torch.Tensor], seed: int, degrade=Degradation(), baselines=("bicubic",), **call
+) -> dict:
+    """The stage's output ("model"), each baseline's and the low-res input ("lr") for each of `images`;
+    `call` holds the pipeline's sampling arguments (unset ones are the stage's own). Image i uses seed
+    `seed + i`. Baselines are named as in `BASELINES`."""
     call.setdefault("tile_size", 0)  # whole images unless asked
-    outs = {"model": [], "bicubic": [], "lr": []}
+    pipe.set_progress_bar_config(disable=True)
+    outs = {"model": [], "lr": [], **{name: [] for name in baselines}}
     for i, target in enumerate(tqdm(images, desc="sr eval", unit="img", leave=False)):
         lr = degrade(target, pipe.scale_factor)
         out = pipe(
@@ -53,9 +56,8 @@ def sr_outputs(pipe, images: list[torch.Tensor], seed: int, degrade=Degradation(
             **call,
         )
         outs["model"].append(out.images.float().cpu())
-        outs["bicubic"].append(
-            F.interpolate(lr, size=target.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
-        )
+        for name in baselines:
+            outs[name].append(BASELINES[name](lr, pipe.scale_factor))
         outs["lr"].append(lr)
     return outs
 
@@ -94,18 +96,25 @@ def evaluate_sr(pipe, images, seed: int = 0, degrade=Degradation(), kid: bool = 
 
 
 def sr_sweep(
-    pipe, images: list, grid: list[tuple[str, int]], seed: int, degrade, kid: bool, **call
+    pipe,
+    images: list,
+    grid: list[tuple[str, int]],
+    seed: int,
+    degrade,
+    kid: bool,
+    baselines=("bicubic",),
+    **call,
 ) -> tuple[list[dict], dict]:
-    """Score the stage at every (scheduler, steps) of the grid, and bicubic once; a line per point on stderr."""
-    sweep, bicubic = [], None
+    """Score the stage at every (scheduler, steps) of the grid, and each baseline once (every point has
+    the same inputs); a line per point on stderr. Returns the sweep's rows and the baselines' scores."""
+    sweep, scores = [], {}
     for name, steps in grid:
-        outs = sr_outputs(
-            with_scheduler(pipe, name, steps), images, seed, degrade, num_inference_steps=steps, **call
-        )
-        if bicubic is None:
-            bicubic = score_sr(outs["bicubic"], images, outs["lr"], kid)
+        todo = () if scores else baselines
+        sampler = with_scheduler(pipe, name, steps)
+        outs = sr_outputs(sampler, images, seed, degrade, todo, num_inference_steps=steps, **call)
+        scores = scores or {b: score_sr(outs[b], images, outs["lr"], kid) for b in baselines}
         row = {"scheduler": name, "steps": steps, **score_sr(outs["model"], images, outs["lr"], kid)}
         sweep.append(row)
         line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
         print(line, file=sys.stderr)
-    return sweep, bicubic
+    return sweep, scores
