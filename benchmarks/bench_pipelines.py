@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from cdm_pipelines import augment_low_res, level_embedding
-from common import header, timeit
+from common import SMOKE, header, timeit
 
 from cdm.config import SamplingConfig, StageConfig, StageKind, UNetConfig
 from cdm.models import build_pipeline
@@ -18,7 +18,7 @@ SMALL = UNetConfig(
     norm_num_groups=16,
     level_embed_dim=64,
 )
-STEPS = 10
+STEPS = 1 if SMOKE else 10
 
 
 def bare_base(pipe, seed):
@@ -37,7 +37,7 @@ def bare_base(pipe, seed):
 def bare_sr(pipe, lr, seed):
     unet, sched = pipe.unet, pipe.scheduler
     g = torch.Generator().manual_seed(seed)
-    cond = augment_low_res(lr, 256, 100, pipe.image_noising_scheduler, generator=g)
+    cond = augment_low_res(lr * 2 - 1, 256, 100, pipe.image_noising_scheduler, generator=g)
     s_emb = level_embedding(torch.tensor([100]), unet.config.time_cond_proj_dim)
     x = torch.randn((1, 3, 256, 256), generator=g)
     sched.set_timesteps(STEPS)
@@ -69,7 +69,7 @@ def main():
     )
     for p in (base, sr):
         p.set_progress_bar_config(disable=True)
-    lr = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    lr = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # a "pt" image in [0, 1]
     header(f"pipeline __call__ vs bare loop, small preset, batch 1, {STEPS} DDIM steps")
     rows = [
         (

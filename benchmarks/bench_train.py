@@ -10,7 +10,7 @@ from pathlib import Path
 import accelerate
 import torch
 from accelerate.state import AcceleratorState
-from common import header
+from common import SMOKE, header
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -19,7 +19,7 @@ from cdm.config import TrainRunConfig, validate
 from cdm.models import build_unet
 from cdm.train.loop import train
 
-BATCH, STEPS = 8, 12
+BATCH, STEPS = (2, 2) if SMOKE else (8, 12)
 
 
 def cdm_images_per_second(precision: str, out: Path) -> float:
