@@ -124,7 +124,7 @@ def test_residual_training_target_is_the_scaled_residual_over_the_clean_upsample
     hr = textured(32)
     noising = build_noise_scheduler(cfg.stage)
     unet = build_unet(cfg.stage, cfg.unet, 0)
-    batch = {"images": hr, "labels": torch.zeros(1, dtype=torch.long)}
+    batch = {"images": (hr + 1) / 2, "labels": torch.zeros(1, dtype=torch.long)}  # batches are in [0, 1]
     x0, _ = stage_model_fn(unet, cfg, batch, noising, 1, torch.Generator().manual_seed(0))
     up = F.interpolate(downsample(hr, 4), size=(32, 32), mode="bicubic", align_corners=False)
     torch.testing.assert_close(x0, (hr - up) * 4.0, atol=1e-5, rtol=0)
