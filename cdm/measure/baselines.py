@@ -79,8 +79,9 @@ def unwrap_negatives(out: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray
 def peer(name: str, lr: torch.Tensor, factor: int) -> torch.Tensor:
     model = load_peer(name, factor)
     out = np.asarray(model.process_pil(to_pil(lr[0])))
-    reference = np.asarray(to_pil(bicubic(lr, factor)[0]))
-    out, count = unwrap_negatives(out, reference)
+    count = 0
+    if name == "srmd":  # Real-ESRGAN's sharp dark-to-bright edges would pass for wrapped values: left as is
+        out, count = unwrap_negatives(out, np.asarray(to_pil(bicubic(lr, factor)[0])))
     if count:
         print(
             f"note: {name} wrapped {count} negative pixel values to the top of the range; set to 0",
