@@ -27,7 +27,7 @@ from cdm.experiments.common import (
     upscale_samples,
 )
 from cdm.measure.heldout import real_images
-from cdm.measure.plots import save_figure
+from cdm.measure.plots import figure, save_figure
 from cdm.measure.sr import Degradation
 
 BLUR_PER_CLASS = 2
@@ -203,13 +203,8 @@ def blur_diagnosis(sharp: dict, gain_on_blurred: float) -> str:
 
 def plot_blur(result: dict, path: Path) -> None:
     """KID on generated inputs, and PSNR on clean and on blurred real inputs, per stage and bicubic."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pts, names = result["points"], list(BLUR_STAGES)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
+    fig, (a, b) = figure(1, 2, figsize=(8, 3.2))
     kid = [spread([pts[(n, seed)] for seed in SEEDS], "kid") for n in names]
     a.bar(names, [m for m, _ in kid], yerr=[h for _, h in kid], capsize=4, color=["C0", "C1"])
     a.axhline(result["floor"]["kid"], color="grey", linestyle="--", label="real digits")

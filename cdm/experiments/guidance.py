@@ -17,7 +17,7 @@ from cdm.experiments.common import (
     stored,
     tied_lowest,
 )
-from cdm.measure.plots import save_figure
+from cdm.measure.plots import figure, save_figure
 
 GUIDANCE = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
@@ -81,18 +81,13 @@ def guidance_findings(result: dict) -> list[str]:
 
 def plot_guidance(result: dict, path: Path) -> None:
     """KID, class agreement and within-class diversity against w: the fidelity-diversity trade-off."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pts, floor = result["points"], result["floor"]
     keys = {
         "kid": "KID at 64 px",
         "class_agreement": "class agreement",
         "diversity": "within-class diversity",
     }
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.3))
+    fig, axes = figure(1, 3, figsize=(11, 3.3))
     for ax, (key, label) in zip(axes, keys.items()):
         pairs = [spread([pts[(w, seed)] for seed in SEEDS], key) for w in GUIDANCE]
         ax.errorbar(GUIDANCE, [m for m, _ in pairs], yerr=[h for _, h in pairs], marker="o", capsize=3)

@@ -21,7 +21,7 @@ from cdm.experiments.common import (
 )
 from cdm.images import centre_crop
 from cdm.measure.heldout import real_images
-from cdm.measure.plots import save_figure
+from cdm.measure.plots import figure, save_figure
 from cdm.models import with_scheduler
 
 SAMPLERS = {
@@ -236,13 +236,8 @@ def sampler_findings(result: dict, stats: dict) -> list[str]:
 
 
 def plot_sampler(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     stats, w, stages = budget_stats(result), result["guidance"], complete_stages(result, reference=False)
-    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.3))
+    fig, axes = figure(1, len(stages), figsize=(4 * len(stages), 3.3))
     for ax, (k, stage) in zip(np.atleast_1d(axes), stages):
         metric = "kid" if k == 0 else "psnr"
         for name, label in SAMPLERS.items():
