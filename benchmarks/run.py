@@ -9,7 +9,7 @@ sys.path.insert(0, str(HERE))
 
 if __name__ == "__main__":
     only = sys.argv[1:]
-    for name in ("bench_pipelines", "bench_train", "bench_cascade"):
+    for name in ("bench_pipelines", "bench_train", "bench_cascade", "bench_upscale"):
         if not only or name in only:
             sys.argv = [str(HERE / f"{name}.py")]
             runpy.run_path(sys.argv[0], run_name="__main__")

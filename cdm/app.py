@@ -17,10 +17,12 @@ from pathlib import Path
 
 import gradio as gr
 import PIL.Image
+import torch
 from cdm_pipelines.pipeline_sr3 import check_number
 
 from cdm.cascade import DEMO_CASCADE, Cascade
 from cdm.config import SamplingConfig
+from cdm.devices import Speed
 from cdm.errors import UserError
 from cdm.images import to_pil
 from cdm.models import with_scheduler
@@ -136,7 +138,8 @@ def upscale_photo(models: AppModels, path, steps, seed):
         OverflowError,
     ) as err:  # name the upload, not the server's copy of it
         raise gr.Error(str(err).replace(str(path), Path(path).name) if path else str(err)) from None
-    result = upscale(with_scheduler(pipe, settings.scheduler, steps), image, steps=steps, seed=seed)
+    sampler = with_scheduler(pipe, settings.scheduler, steps)
+    result = upscale(sampler, image, steps=steps, seed=seed, speed=models.cascade.speed)
     bicubic = image.resize(result.size, PIL.Image.BICUBIC)
     out = Path(tempfile.mkdtemp(dir=models.workdir)) / f"{Path(path).stem}-x{pipe.scale_factor}.png"
     result.save(out)
@@ -156,8 +159,11 @@ def prune(workdir: Path, keep: int) -> None:
 
 
 def load_models(model: str | None, sr_model: str | None, workdir: Path) -> AppModels:
-    cascade = Cascade.from_pretrained(model or DEMO_CASCADE)
+    """The cascade and the SR stage, on the CPU with the speed settings `--precision auto` picks."""
+    speed = Speed.resolve("auto", torch.device("cpu"))
+    cascade = Cascade.from_pretrained(model or DEMO_CASCADE).optimize(speed)
     sr_pipe, sr_settings = load_sr_stage(sr_model or str(PHOTO_STAGE), None)
+    speed.apply(sr_pipe)
     for pipe in [*cascade.pipes, sr_pipe]:
         pipe.set_progress_bar_config(disable=False, leave=False)
     return AppModels(cascade, sr_pipe, sr_settings, workdir)

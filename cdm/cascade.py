@@ -33,6 +33,7 @@ from cdm_pipelines import CDMBasePipeline, SR3Pipeline
 from cdm_pipelines.pipeline_sr3 import check_handover, check_number
 
 from cdm.config import AUG_MODES, SamplingConfig
+from cdm.devices import Speed
 from cdm.errors import UserError
 from cdm.models import sampling_scheduler, with_scheduler
 from cdm.stage_io import (
@@ -127,7 +128,7 @@ class Cascade:
 
     def __init__(self, stages: list[Stage], root: Path | None = None):
         self.stages, self.root = list(stages), root
-        self.autocast_dtype: torch.dtype | None = None
+        self.speed = Speed.exact()
         self.check_chain()
 
     @property
@@ -142,11 +143,11 @@ class Cascade:
     def settings(self) -> list[SamplingConfig]:
         return [stage.sampling for stage in self.stages]
 
-    def optimize(self, bf16: bool = False, channels_last: bool = False) -> Cascade:
-        """Speed settings: bf16 autocast for the UNets, and channels-last memory layout."""
-        self.autocast_dtype = torch.bfloat16 if bf16 else None
+    def optimize(self, speed: Speed) -> Cascade:
+        """Run the UNets with `speed` (autocast dtype and memory layout); `Speed.exact()` undoes it."""
+        self.speed = speed
         for p in self.pipes:
-            p.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            speed.apply(p)
         return self
 
     # -- loading -------------------------------------------------------------------------------
@@ -404,11 +405,7 @@ class Cascade:
             "output_type": "pt" if truncate is None else "latent",
             "truncate_alphabar": truncate,
         }
-        dtype = self.autocast_dtype
-        with (
-            torch.autocast(pipe.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
-            pipeline_rules(),
-        ):
+        with self.speed.autocast(pipe.device), pipeline_rules():
             if low_res is None:
                 out = pipe(ids, **kwargs)
             else:

@@ -29,6 +29,9 @@ class PredictionType(str, Enum):
 
 
 class MixedPrecision(str, Enum):
+    """auto: bf16 where the training device has bf16 units (`devices.has_fast_bf16`), else no (fp32)."""
+
+    auto = "auto"
     no = "no"
     fp16 = "fp16"
     bf16 = "bf16"
@@ -157,7 +160,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     grad_accum: int = 1
     grad_clip: float = 1.0
-    mixed_precision: MixedPrecision = MixedPrecision.no
+    mixed_precision: MixedPrecision = MixedPrecision.auto
     ema_decay: float = 0.999
     ema_warmup: bool = True
     log_every: int = 10

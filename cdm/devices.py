@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from cdm.errors import UserError
@@ -32,3 +34,67 @@ def resolve_device(name: str) -> torch.device:
 def devices() -> list[str]:
     found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     return found + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls and convolutions run on native units here: a CUDA GPU that supports bf16, or a
+    CPU with AVX512-BF16 or AMX. Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How the UNets run: autocast to `dtype` (None: fp32) and in channels-last memory layout or not.
+    Neither changes a stored weight; `Speed.exact()` is what plain diffusers does with the same folder."""
+
+    dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    @classmethod
+    def exact(cls) -> Speed:
+        return cls()
+
+    @classmethod
+    def resolve(cls, precision: str, device: torch.device, exact: bool = False) -> Speed:
+        """`auto`: bf16 where `device` has bf16 units, fp32 elsewhere; channels-last on CPU, where oneDNN's
+        convolutions are faster in it. `exact` pins fp32 and the default layout."""
+        if precision not in PRECISIONS:
+            raise UserError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+        if exact:
+            if precision == "bf16":
+                raise UserError("--exact runs in fp32, as plain diffusers does: drop --precision bf16")
+            return cls.exact()
+        bf16 = precision == "bf16" or (precision == "auto" and has_fast_bf16(device))
+        return cls(torch.bfloat16 if bf16 else None, device.type == "cpu")
+
+    def apply(self, pipe) -> None:
+        """Put the pipeline's UNets (the main one, and a guide where there is one) in this layout."""
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        for name in ("unet", "guide_unet"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.to(memory_format=layout)
+
+    def autocast(self, device: torch.device):
+        dtype = self.dtype or torch.float32
+        return torch.autocast(device.type, dtype=dtype, enabled=self.dtype is not None)
+
+    def describe(self) -> str:
+        precision = "bf16 autocast" if self.dtype is not None else "fp32"
+        return f"{precision}, {'channels-last' if self.channels_last else 'default'} layout"
+
+
+def training_precision(name: str) -> str:
+    """accelerate's mixed_precision for a train.mixed_precision setting: `auto` becomes bf16 where the
+    device this process trains on has bf16 units, and no (fp32) elsewhere, where bf16 would be emulated."""
+    if name != "auto":
+        return name
+    return "bf16" if has_fast_bf16(torch.device(default_device())) else "no"

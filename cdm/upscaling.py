@@ -10,6 +10,7 @@ import torch
 from cdm_pipelines import SR3Pipeline
 
 from cdm.cascade import Cascade
+from cdm.devices import Speed
 from cdm.errors import UserError
 from cdm.images import UNREADABLE, open_image, to_pil, to_rgb
 from cdm.stage_io import CASCADE_FILE, load_stage, resolve_model, stage_info, stage_settings
@@ -111,14 +112,25 @@ def upscale(
     seed: int = 0,
     self_ensemble: bool = False,
     autoguidance_scale: float | None = None,
+    speed: Speed | None = None,
 ) -> PIL.Image.Image:
     """Super-resolve a whole image: one call of the stage's pipeline, as plain diffusers makes it.
 
     Settings left as `None` are the stage's own (its folder's `call_defaults`), so the result equals
     `pipe(image, generator=torch.Generator().manual_seed(seed))` pixel for pixel. `tile` and `overlap`
     are in input pixels. `self_ensemble` averages the results for the 8 rotations and mirror images of
-    the input (as in EDSR's "+" models): 8x the time, a higher PSNR, and a smoother result.
+    the input (as in EDSR's "+" models): 8x the time, a higher PSNR, and a smoother result. `speed` sets
+    the UNets' autocast dtype and memory layout (default: `Speed.exact()`, plain diffusers' arithmetic).
     """
+    speed = speed or Speed.exact()
+    speed.apply(pipe)
+    with speed.autocast(pipe.device):
+        return upscale_image(
+            pipe, image, tile, overlap, steps, noise_level, seed, self_ensemble, autoguidance_scale
+        )
+
+
+def upscale_image(pipe, image, tile, overlap, steps, noise_level, seed, self_ensemble, autoguidance_scale):
     f = pipe.scale_factor
     kwargs = {
         "num_inference_steps": steps,

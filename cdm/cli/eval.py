@@ -21,7 +21,7 @@ import numpy as np
 from accelerate import PartialState
 
 from cdm.cascade import Cascade
-from cdm.cli.arguments import OneLineParser, add_autoguidance_argument
+from cdm.cli.arguments import OneLineParser, add_autoguidance_argument, add_speed_arguments, speed_from
 from cdm.config import DataSource, unet_stride
 from cdm.devices import default_device, resolve_device
 from cdm.errors import UserError, cli, flag_error
@@ -114,6 +114,7 @@ def cmd_sr(args) -> None:
             f"--crop={size}: expected a multiple of the stage's scale {pipe.scale_factor} and of {mult}"
         )
     args.autoguidance = check_sr_arguments(args, pipe)
+    args.speed = speed_from(args, args.device)
     baselines = check_baselines(args.baseline, pipe.scale_factor)
     grid = [
         (name, steps)
@@ -141,6 +142,7 @@ def cmd_sr(args) -> None:
         not args.no_kid,
         baselines,
         tile_size=args.tile,
+        speed=args.speed,
         **call,
     )
     result = sr_result(args, data, images, size, sweep, scores, time.perf_counter() - start)
@@ -180,6 +182,7 @@ def sr_result(args, data, images: list, size: int, sweep: list[dict], scores: di
             "tile": args.tile,
             "autoguidance_scale": args.autoguidance,
             "scheduler": sweep[0]["scheduler"],
+            "speed": args.speed.describe(),
         },
         "metrics": {
             "model": {k: v for k, v in sweep[0].items() if k not in ("scheduler", "steps")},
@@ -443,6 +446,7 @@ def add_sr_arguments(sr: argparse.ArgumentParser) -> None:
     add_input_arguments(sr)
     sr.add_argument("--tile", type=int, default=None, help="tile size in output pixels, to bound memory")
     add_autoguidance_argument(sr)
+    add_speed_arguments(sr)
 
 
 def add_input_arguments(sr: argparse.ArgumentParser) -> None:

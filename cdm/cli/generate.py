@@ -16,7 +16,7 @@ from accelerate import PartialState
 from cdm_pipelines.pipeline_sr3 import check_number
 
 from cdm.cascade import DEMO_CASCADE, Cascade
-from cdm.cli.arguments import OneLineParser
+from cdm.cli.arguments import OneLineParser, add_speed_arguments, speed_from
 from cdm.devices import default_device, resolve_device
 from cdm.errors import UserError, cli
 from cdm.files import OutputFolder
@@ -65,14 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-intermediates", action="store_true", help="also save every stage's images")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
     p.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:N or mps")
-    p.add_argument(
-        "--bf16", action="store_true", help="bf16 autocast for the UNets (about 1.6x faster on CPU)"
-    )
-    p.add_argument(
-        "--channels-last",
-        action="store_true",
-        help="channels-last memory layout for the UNets (faster on CPU; pixels may differ from plain diffusers by 1/255)",
-    )
+    add_speed_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--device-map",
@@ -174,7 +167,7 @@ def place(cascade, state, args) -> None:
         raise UserError("--device-map places the stages of one process: run it without accelerate launch")
     else:
         cascade.place([resolve_device(d) for d in args.device_map])
-    cascade.optimize(bf16=args.bf16, channels_last=args.channels_last)
+    cascade.optimize(speed_from(args, cascade.pipes[0].device))
 
 
 def sample_share(cascade, ids, seeds, settings, files: dict, mine: list[int], args, out) -> list[float]:

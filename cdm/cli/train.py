@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cdm.config import TrainRunConfig, config_dir, register_configs, validate
+from cdm.devices import training_precision
 from cdm.errors import DISK_ERRORS, UserError, cli, one_line
 from cdm.train.loop import train
 from cdm.train.run_folder import LAUNCH_FILES
@@ -31,7 +32,7 @@ HELP = """usage: cdm-train [KEY=VALUE ...]
 Train one stage of a cascade. Overrides use Hydra syntax; config groups:
   stage=base64|sr64to256|sr256to1024   unet=tiny|small|paper
   data=digits|photos|imagefolder|hub|imagenet   experiment=NAME (conf/experiment/)
-Common keys: data.path=DIR  train.max_steps=N  train.batch_size=N  train.mixed_precision=no|fp16|bf16
+Common keys: data.path=DIR  train.max_steps=N  train.batch_size=N  train.mixed_precision=auto|no|fp16|bf16
              train.output_dir=DIR  train.resume=latest|PATH
 Hydra:       --cfg job|hydra|all [--resolve]  --info  --config-dir DIR  -m (sweep: KEY=A,B)
              hydra.run.dir=DIR  hydra.sweep.dir=DIR  --hydra-help
@@ -234,7 +235,7 @@ def apply_launcher_settings(cfg, explicit: set[str]) -> list[str]:
         except Exception as err:  # OmegaConf validation of the launcher's value
             raise UserError(f"{var}={launched} (from accelerate launch): {one_line(err)}") from None
         notes.append(f"{key}={launched} (from accelerate launch)")
-    mp = getattr(cfg.train.mixed_precision, "value", cfg.train.mixed_precision)
+    mp = training_precision(getattr(cfg.train.mixed_precision, "value", cfg.train.mixed_precision))
     notes.append(f"resolved: train.mixed_precision={mp}, train.grad_accum={cfg.train.grad_accum}")
     return notes
 

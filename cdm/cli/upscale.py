@@ -18,7 +18,7 @@ import PIL.Image
 import torch.nn.functional as F
 from cdm_pipelines.pipeline_sr3 import check_number
 
-from cdm.cli.arguments import OneLineParser, add_autoguidance_argument
+from cdm.cli.arguments import OneLineParser, add_autoguidance_argument, add_speed_arguments, speed_from
 from cdm.config import DataConfig, DataSource, ResizeMode
 from cdm.devices import default_device, resolve_device
 from cdm.errors import UserError, cli, flag_error
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:N or mps")
+    add_speed_arguments(p)
     return p
 
 
@@ -105,6 +106,7 @@ def upscale_as_asked(pipe, image, args) -> PIL.Image.Image:
         args.seed,
         args.self_ensemble,
         args.autoguidance,
+        args.speed,
     )
 
 
@@ -180,6 +182,7 @@ def check_arguments(args, pipe) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.device = resolve_device(args.device)
+    args.speed = speed_from(args, args.device)
     pipe, _ = load_sr_stage(args.model, args.stage)
     check_arguments(args, pipe)
     pipe = with_scheduler(pipe, args.scheduler, args.steps or pipe.call_settings()["num_inference_steps"])

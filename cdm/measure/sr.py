@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from cdm.devices import Speed
 from cdm.measure.baselines import BASELINES
 from cdm.measure.fid import patch_kid
 from cdm.measure.metrics import consistency, hf_ratio, patch_grid, psnr, ssim
@@ -38,23 +39,31 @@ class Degradation:
 
 
 def sr_outputs(
-    pipe, images: list[torch.Tensor], seed: int, degrade=Degradation(), baselines=("bicubic",), **call
+    pipe,
+    images: list[torch.Tensor],
+    seed: int,
+    degrade=Degradation(),
+    baselines=("bicubic",),
+    speed: Speed = Speed.exact(),
+    **call,
 ) -> dict:
     """The stage's output ("model"), each baseline's and the low-res input ("lr") for each of `images`;
-    `call` holds the pipeline's sampling arguments (unset ones are the stage's own). Image i uses seed
-    `seed + i`. Baselines are named as in `BASELINES`."""
+    `call` holds the pipeline's sampling arguments (unset ones are the stage's own), `speed` the UNets'
+    autocast and layout. Image i uses seed `seed + i`. Baselines are named as in `BASELINES`."""
     call.setdefault("tile_size", 0)  # whole images unless asked
     pipe.set_progress_bar_config(disable=True)
+    speed.apply(pipe)
     outs = {"model": [], "lr": [], **{name: [] for name in baselines}}
     for i, target in enumerate(tqdm(images, desc="sr eval", unit="img", leave=False)):
         lr = degrade(target, pipe.scale_factor)
-        out = pipe(
-            lr.to(pipe.device),
-            output_type="pt",
-            generator=[torch.Generator().manual_seed(seed + i)],
-            allow_any_size=True,
-            **call,
-        )
+        with speed.autocast(pipe.device):
+            out = pipe(
+                lr.to(pipe.device),
+                output_type="pt",
+                generator=[torch.Generator().manual_seed(seed + i)],
+                allow_any_size=True,
+                **call,
+            )
         outs["model"].append(out.images.float().cpu())
         for name in baselines:
             outs[name].append(BASELINES[name](lr, pipe.scale_factor))

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from cdm.config import StageKind
+from cdm.devices import training_precision
 from cdm.errors import UserError, one_line
 from cdm.images import save_grid
 from cdm.models import build_noise_scheduler, build_pipeline, build_unet, count_parameters
@@ -169,6 +170,7 @@ class Trainer:
             lr=opts.learning_rate,
             betas=(0.9, opts.adam_beta2),
             weight_decay=opts.weight_decay,
+            fused=accelerator.device.type in ("cpu", "cuda"),  # one kernel for every parameter's update
         )
         lr_scheduler = make_lr_scheduler(optimizer, opts, accelerator.num_processes)
         if resume_from is not None:
@@ -213,7 +215,8 @@ def train(cfg: DictConfig, notes: list[str] = ()) -> Path:
 
 def make_accelerator(cfg: DictConfig):
     opts = cfg.train
-    precision = getattr(opts.mixed_precision, "value", opts.mixed_precision)
+    precision = training_precision(getattr(opts.mixed_precision, "value", opts.mixed_precision))
+    opts.mixed_precision = precision  # what ran, in the run's config and record
     try:
         return accelerate.Accelerator(
             mixed_precision=precision,

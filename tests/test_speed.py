@@ -1,0 +1,55 @@
+"""Speed settings: what `--precision auto` picks on which hardware, that they change rounding only, and
+that `--exact` gives plain diffusers' arithmetic back."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_cascade
+
+from cdm import devices
+from cdm.devices import Speed, training_precision
+from cdm.errors import UserError
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_auto_takes_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, fast_bf16):
+    monkeypatch.setattr(devices, "has_fast_bf16", lambda device: fast_bf16)
+    speed = Speed.resolve("auto", CPU)
+    assert speed.dtype == (torch.bfloat16 if fast_bf16 else None)
+    assert speed.channels_last  # oneDNN's convolutions are faster in it on any CPU
+    assert training_precision("auto") == ("bf16" if fast_bf16 else "no")
+    assert training_precision("fp16") == "fp16"  # a chosen precision is kept
+    assert Speed.resolve("fp32", CPU).dtype is None
+    assert Speed.resolve("bf16", CPU).dtype == torch.bfloat16  # asked for: emulated if need be
+    assert Speed.resolve("auto", CPU, exact=True) == Speed.exact() == Speed(None, False)
+
+
+def test_exact_with_bf16_or_an_unknown_precision_is_one_clear_error():
+    with pytest.raises(UserError, match="--exact runs in fp32"):
+        Speed.resolve("bf16", CPU, exact=True)
+    with pytest.raises(UserError, match="--precision fp8: expected one of auto, fp32, bf16"):
+        Speed.resolve("fp8", CPU)
+
+
+def test_the_speed_settings_change_rounding_only_and_exact_undoes_them(tmp_path):
+    from cdm.cascade import Cascade
+
+    cascade = Cascade.from_pretrained(make_cascade(tmp_path / "c", sizes=(8, 32)))
+
+    def sample():
+        return cascade([1, 2], seeds=[3, 4], progress=False).images[-1].float().numpy()  # the last stage
+
+    exact = sample()
+    diffs = []
+    for speed in (Speed(None, True), Speed(torch.bfloat16, True)):
+        cascade.optimize(speed)
+        assert cascade.pipes[-1].unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        diffs.append(np.abs(sample() - exact).mean())
+    channels_last, bf16 = diffs
+    assert channels_last < 1e-5  # float rounding of another summation order
+    assert 1e-4 < bf16 < 0.02  # bf16 ran (it rounds visibly more) and stayed close
+    cascade.optimize(Speed.exact())
+    assert cascade.pipes[-1].unet.conv_in.weight.is_contiguous()
+    assert np.array_equal(sample(), exact)
