@@ -15,6 +15,7 @@ from common import SMOKE
 
 SETTINGS = ("before", "now")
 BEFORE_CALL = {"tile_size": 256, "tile_overlap": 64}  # output pixels; 2 DDPM steps then as now
+# (the folder's overlap is now 32: on the held-out photos -0.01 dB, patch KID within the seed spread)
 SIZE = (64, 48) if SMOKE else (1024, 768)
 
 
@@ -66,8 +67,12 @@ def time_one(name: str) -> dict:
     }
 
 
-def quality(seeds=(0, 1)) -> dict:
-    """PSNR, SSIM, HF ratio and patch KID on the held-out photos (whole), for each setting and seed."""
+SEEDS = {"before": (0,), "now": (0, 1)}
+
+
+def quality() -> dict:
+    """PSNR, SSIM, HF ratio and patch KID on the held-out photos (whole): the former defaults at one seed,
+    the current ones at two, whose spread is the noise the comparison is judged against."""
     from cdm.measure.heldout import data_config, whole_images
     from cdm.measure.sr import evaluate_sr
     from cdm.upscaling import PHOTO_STAGE, load_sr_stage
@@ -79,7 +84,7 @@ def quality(seeds=(0, 1)) -> dict:
     rows = {}
     for name in SETTINGS:
         call = {**call_of(name), "num_inference_steps": 1 if SMOKE else None}
-        for seed in seeds[:1] if SMOKE else seeds:
+        for seed in SEEDS[name][:1] if SMOKE else SEEDS[name]:
             rows[f"{name} seed {seed}"] = evaluate_sr(
                 pipe, images, seed, kid=not SMOKE, speed=speed_of(name), **call
             )["model"]
