@@ -1,5 +1,5 @@
 """cdm's photo recipe beside imagen-pytorch's SR Unet, trained on the same photos and crops for the same
-CPU time, then scored on the same held-out 256 px crops (docs/peer.md has the table and the commands).
+CPU time, then scored on the same held-out 128 px crops (docs/peer.md has the table and the commands).
 
 Steps, each its own process (imagen-pytorch needs torchvision, so it runs from a separate venv):
 
@@ -13,7 +13,7 @@ imagen-pytorch is configured from its README: `ElucidatedImagen` (its recommende
 with `condition_on_text=False`, a `NullUnet` in place of the base stage, and a `Unet(lowres_cond=True)`
 at its defaults except the size (dim 40, dim_mults (1, 2, 4): 5.6M parameters against the photo stage's
 4.85M) and attention at the lowest level only (its default of attention at every level would hold a
-65536-token attention map at 256 px). It trains through its own `ImagenTrainer` at its defaults (lr 1e-4,
+16384-token attention map at 128 px). It trains through its own `ImagenTrainer` at its defaults (lr 1e-4,
 EMA). Its T5 text encoder is never used; imagen-pytorch still reads T5's width when it is imported,
 which would need the network, so that one number (768) is given to it here.
 """
@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 
 CROP, SCALE, BATCH = 64, 4, 16  # the photo recipe's: 64 px crops (16 px low-res), 16 a step
-TEST_CROP, TEST_PER_PHOTO = 256, 4
+TEST_CROP, TEST_PER_PHOTO = 128, 3  # imagen samples with 32 Heun steps: 256 px crops took > 5 min each here
 
 
 def write_data(out: Path) -> None:
-    """The photo recipe's training photos as PNGs, and held-out 256 px crops with their low-res inputs
+    """The photo recipe's training photos as PNGs, and held-out 128 px crops with their low-res inputs
     (anti-aliased bicubic, as cdm-eval makes them) as float arrays, so both models see the same values."""
     import torch
 

@@ -38,5 +38,16 @@ def test_every_benchmark_runs_in_smoke_mode():
         env={**os.environ, "CDM_BENCH_SMOKE": "1"},
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    for line in ("base64     pipeline", "sr64to256  pipeline", "precision=no ", "precision=bf16", "fp32  "):
+    for line in (
+        "base64     pipeline",
+        "sr64to256  pipeline",
+        "precision=no ",
+        "precision=bf16",
+        "train.mixed_precision=auto",
+        "before  base64",
+        "now     base64",
+        "quality sr256to1024 now",
+        "one 64x48 photo",  # the smoke run's stand-in for the 1024x768 photo
+        "quality now seed 0",
+    ):
         assert line in res.stdout, res.stdout
