@@ -53,3 +53,26 @@ def test_the_speed_settings_change_rounding_only_and_exact_undoes_them(tmp_path)
     cascade.optimize(Speed.exact())
     assert cascade.pipes[-1].unet.conv_in.weight.is_contiguous()
     assert np.array_equal(sample(), exact)
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_training_records_the_precision_auto_resolved_to(monkeypatch, tmp_path, fast_bf16):
+    from accelerate.state import AcceleratorState
+    from omegaconf import OmegaConf
+
+    from cdm.cli.train import compose_config
+    from cdm.config import TrainRunConfig
+    from cdm.train.loop import make_accelerator
+
+    monkeypatch.setattr(devices, "has_fast_bf16", lambda device: fast_bf16)
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(TrainRunConfig),
+        compose_config(["stage=base64", f"train.output_dir={tmp_path}", "train.tracker=none"]),
+    )
+    assert cfg.train.mixed_precision.value == "auto"  # the default
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = make_accelerator(cfg)
+    expected = "bf16" if fast_bf16 else "no"
+    assert accelerator.mixed_precision == expected
+    assert cfg.train.mixed_precision.value == expected  # what the run's config and record will say
+    AcceleratorState._reset_state(reset_partial_state=True)
