@@ -22,6 +22,7 @@ from cdm.experiments.common import (
     score_samples,
     spread,
     stored,
+    template,
     tied_lowest,
     train_missing,
     upscale_samples,
@@ -71,12 +72,14 @@ def report_aug(result: dict) -> list[str]:
     lines = [
         "## Conditioning augmentation ablation (64 → 256)",
         "",
-        "Two 64 → 256 stages trained with the demo recipe (`conf/experiment/demo_sr64to256.yaml`), one "
-        "with Gaussian conditioning augmentation (s ~ U{0..250}) and one without "
-        "(`conf/experiment/ablate_sr64to256_noaug.yaml`), same seed and steps. Both upscale the same "
-        f"base-stage samples ({result['samples']} per seed, {AUG_PER_CLASS} per class, seeds {list(SEEDS)}), "
-        f"with their input noised to level s, sampled with {s.scheduler} at {s.steps} steps. FID/KID against "
-        "all real 256 px test digits; each value is the mean over the seeds ± half their difference.",
+        *template(
+            "aug",
+            samples=result["samples"],
+            per_class=AUG_PER_CLASS,
+            seeds=list(SEEDS),
+            scheduler=s.scheduler,
+            steps=s.steps,
+        ),
         "",
         "| stage | s | FID | KID | class agreement | seconds per seed |",
         "|---|---|---|---|---|---|",

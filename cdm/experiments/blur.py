@@ -22,6 +22,7 @@ from cdm.experiments.common import (
     spread,
     stored,
     stored_samples,
+    template,
     tied_lowest,
     train_missing,
     upscale_samples,
@@ -107,14 +108,17 @@ def report_blur(result: dict) -> list[str]:
     lines = [
         "## Blur augmentation (256 → 1024)",
         "",
-        "Two 256 → 1024 stages trained with the demo recipe on this machine, same seed and steps: one with "
-        "CDM's blur of half the low-res inputs (σ ∈ [0.4, 0.6]; `conf/experiment/ablate_sr256to1024_blur.yaml`, "
-        "the shipped recipe) and one without (`conf/experiment/ablate_sr256to1024_noblur.yaml`). "
-        f"Both upscale the shipped cascade's own 256 px samples ({result['samples']} per seed, "
-        f"{BLUR_PER_CLASS} per class, seeds {list(SEEDS)}; making them took {inputs:.0f} s per seed), "
-        f"noised to the shipped level s = {s.noise_level}, sampled with {s.scheduler} at {s.steps} steps. "
-        f"FID/KID against {REFERENCE_LIMIT.get(1024, 'all')} real 1024 px test digits; each value is the mean "
-        "over the seeds ± half their difference.",
+        *template(
+            "blur",
+            samples=result["samples"],
+            per_class=BLUR_PER_CLASS,
+            seeds=list(SEEDS),
+            inputs=inputs,
+            noise_level=s.noise_level,
+            scheduler=s.scheduler,
+            steps=s.steps,
+            reference=REFERENCE_LIMIT.get(1024, "all"),
+        ),
         "",
         "| stage | FID | KID | class agreement | seconds per seed |",
         "|---|---|---|---|---|",

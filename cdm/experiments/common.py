@@ -66,6 +66,20 @@ AUG_REAL_IMAGES = 50
 GUIDANCE_PER_CLASS = 5
 
 
+TEMPLATES = Path(__file__).parent / "templates"  # each report's fixed prose, as markdown data
+
+
+def template(name: str, **fields) -> list[str]:
+    """A report's prose from templates/NAME.md, filled in: its paragraphs (blank-line separated) as
+    single lines, the way the report pages hold them."""
+    text = (TEMPLATES / f"{name}.md").read_text().format(**fields)
+    paragraphs = [" ".join(p.split()) for p in text.strip().split("\n\n")]
+    lines = []
+    for p in paragraphs:
+        lines += [p, ""]
+    return lines[:-1]
+
+
 TITLES = {
     "aug": "Conditioning augmentation ablation (64 → 256)",
     "levels": "The augmentation level under the shipped sampler (64 → 256)",

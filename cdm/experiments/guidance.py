@@ -15,6 +15,7 @@ from cdm.experiments.common import (
     score_samples,
     spread,
     stored,
+    template,
     tied_lowest,
 )
 from cdm.measure.plots import figure, save_figure
@@ -42,11 +43,14 @@ def report_guidance(result: dict) -> list[str]:
     lines = [
         "## Guidance sweep (base stage)",
         "",
-        f"The shipped base stage ({s.scheduler}, {s.steps} steps) at classifier-free guidance w, "
-        f"{result['samples']} samples per point ({GUIDANCE_PER_CLASS} per class) and seeds {list(SEEDS)}; "
-        "FID/KID against all real test digits at 64 px, class agreement from the digit classifier, "
-        "diversity as the mean pairwise distance of Inception pool features within a class. "
-        "Each value is the mean over the seeds ± half their difference.",
+        *template(
+            "guidance",
+            scheduler=s.scheduler,
+            steps=s.steps,
+            samples=result["samples"],
+            per_class=GUIDANCE_PER_CLASS,
+            seeds=list(SEEDS),
+        ),
         "",
         "| w | FID | KID | class agreement | diversity | seconds per seed |",
         "|---|---|---|---|---|---|",

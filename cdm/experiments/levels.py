@@ -25,6 +25,7 @@ from cdm.experiments.common import (
     spread,
     stored,
     stored_samples,
+    template,
     tied_lowest,
     upscale_samples,
 )
@@ -109,12 +110,19 @@ def report_levels(result: dict) -> list[str]:
     )
     reference = REFERENCE_LIMIT.get(result["size"], "all")
     lines = [
-        f"{check.why}. The demo cascade samples its {result['stage']} stage with {s.scheduler} at "
-        f"{s.steps} steps (the sampler budget below), so its level is checked here under that sampler: the "
-        f"shipped stage upscales the cascade's own samples at its shipped settings ({result['samples']} per "
-        f"seed, {check.per_class} per class, seeds {list(SEEDS)}; making them took {made:.0f} s per seed), "
-        f"noised to level s. FID/KID against {reference} real {result['size']} px test digits; each value is "
-        "the mean over the seeds ± half their difference.",
+        *template(
+            "levels",
+            why=check.why,
+            stage=result["stage"],
+            scheduler=s.scheduler,
+            steps=s.steps,
+            samples=result["samples"],
+            per_class=check.per_class,
+            seeds=list(SEEDS),
+            made=made,
+            reference=reference,
+            size=result["size"],
+        ),
         "",
         "| s | FID | KID | class agreement | seconds per seed |",
         "|---|---|---|---|---|",

@@ -18,6 +18,7 @@ from cdm.experiments.common import (
     score_samples,
     spread,
     stored,
+    template,
 )
 from cdm.images import centre_crop
 from cdm.measure.heldout import real_images
@@ -160,14 +161,17 @@ def report_sampler(result: dict) -> list[str]:
     lines = [
         "## Sampler budget",
         "",
-        f"Every stage of the shipped cascade at its other defaults, with DDPM, DDIM, DPM-Solver++ and UniPC at "
-        f"{', '.join(map(str, BUDGET_STEPS))} steps, against DDPM at {REFERENCE_STEPS} steps. The base stage "
-        f"(guidance w = {w:g}, so two UNet evaluations per step): KID of {result['samples']} samples per seed "
-        f"against all real 64 px test digits (floor {result['floor']['kid']:.4f}). The SR stages: PSNR and "
-        f"SSIM on {result['real']} real test digits, centre crops of "
-        + " and ".join(f"{c} px at {r} px" for r, c in BUDGET_CROP.items())
-        + ", downsampled and upscaled (s = 0). Seeds "
-        f"{list(SEEDS)}; each value is the mean over the seeds ± half their difference.",
+        *template(
+            "sampler",
+            budget=", ".join(map(str, BUDGET_STEPS)),
+            reference=REFERENCE_STEPS,
+            guidance=w,
+            samples=result["samples"],
+            floor=result["floor"]["kid"],
+            real=result["real"],
+            crops=" and ".join(f"{c} px at {r} px" for r, c in BUDGET_CROP.items()),
+            seeds=list(SEEDS),
+        ),
         "",
     ]
     for k, stage in complete_stages(result, reference=False):

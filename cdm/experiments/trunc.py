@@ -24,6 +24,7 @@ from cdm.experiments.common import (
     score_samples,
     spread,
     stored,
+    template,
     tied_lowest,
     train_missing,
     upscale_samples,
@@ -108,16 +109,15 @@ def report_trunc(result: dict) -> list[str]:
     lines = [
         "## Truncated vs non-truncated augmentation (64 → 256)",
         "",
-        "A 64 → 256 stage that predicts the whole image, as in SR3 and CDM, and adds its augmentation noise "
-        "at 64 px before upsampling, as CDM defines it (the demo recipe with `stage.residual=false "
-        "stage.noise_at_low_res=true`: `conf/experiment/ablate_sr64to256_whole.yaml`; the shipped stages "
-        "predict the residual over bicubic, which a truncated handover cannot feed), behind the shipped base "
-        f"stage at its defaults. Non-truncated: the base sample is finished ({base:.0f} s per seed), then noised to level s. "
-        "Truncated: the base stage stops at the first of its timesteps whose noise is at or below level s and "
-        "hands over its noisy z_s (its time is included in the row). "
-        f"{result['samples']} samples per seed ({AUG_PER_CLASS} per class), seeds {list(SEEDS)}, the SR stage "
-        f"sampled with {s.scheduler} at {s.steps} steps. FID/KID against all real 256 px test digits; each "
-        "value is the mean over the seeds ± half their difference.",
+        *template(
+            "trunc",
+            base=base,
+            samples=result["samples"],
+            per_class=AUG_PER_CLASS,
+            seeds=list(SEEDS),
+            scheduler=s.scheduler,
+            steps=s.steps,
+        ),
         "",
         "| mode | s | FID | KID | class agreement | seconds per seed |",
         "|---|---|---|---|---|---|",
