@@ -111,5 +111,7 @@ def test_a_wheel_carries_the_configs_pipelines_and_demo_cascade(tmp_path):
         "cdm_pipelines/pipeline_cdm_base.py",
         "cdm/imagenet_classes.json",
         "cdm/demo_cascade/cascade.json",
+        "cdm/hub/card_templates/limitations.md",
+        "cdm/experiments/templates/guidance.md",
     } <= names
     assert any(n.startswith("cdm/demo_cascade/base64/unet/") and n.endswith(".safetensors") for n in names)
