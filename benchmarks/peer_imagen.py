@@ -162,7 +162,7 @@ def sample_imagen(out: Path) -> None:
 def train_cdm(out: Path, minutes: float) -> None:
     """cdm's photo recipe from scratch on the same photo set (its own data path: random 64 px crops after
     a random rescale by 0.5-1, flips and rotations), for as many steps as fit in `minutes` (the rate is
-    measured on a 20-step probe, then the run is sized to the budget)."""
+    measured on a 20-step probe, kept for a re-run, then the run is sized to the budget)."""
     import subprocess
 
     def run(steps: int, folder: Path) -> dict:
@@ -176,10 +176,11 @@ def train_cdm(out: Path, minutes: float) -> None:
             f"train.output_dir={folder}",
         ]
         subprocess.run(cmd, check=True)
-        return json.loads((folder / "run_info.json").read_text())["run"]
+        return json.loads((folder / "run_info.json").read_text())
 
-    probe = run(20, out / "cdm_probe")
-    rate = probe["steps_per_second"]
+    if not (out / "cdm_probe" / "run_info.json").is_file():
+        run(20, out / "cdm_probe")
+    rate = json.loads((out / "cdm_probe" / "run_info.json").read_text())["steps_per_second"]
     steps = max(1, int(rate * minutes * 60))
     print(f"cdm: {rate:.3f} steps/s on the probe: {steps} steps for {minutes} min", flush=True)
     record = run(steps, out / "cdm_run")
