@@ -113,6 +113,7 @@ def upscale(
     self_ensemble: bool = False,
     autoguidance_scale: float | None = None,
     speed: Speed | None = None,
+    detail_threshold: float | None = None,
 ) -> PIL.Image.Image:
     """Super-resolve a whole image: one call of the stage's pipeline, as plain diffusers makes it.
 
@@ -121,21 +122,24 @@ def upscale(
     are in input pixels. `self_ensemble` averages the results for the 8 rotations and mirror images of
     the input (as in EDSR's "+" models): 8x the time, a higher PSNR, and a smoother result. `speed` sets
     the UNets' autocast dtype and memory layout (default: `Speed.exact()`, plain diffusers' arithmetic).
+    `autoguidance_scale` and `detail_threshold` are the pipeline's call arguments of those names.
     """
     speed = speed or Speed.exact()
     speed.apply(pipe)
     with speed.autocast(pipe.device):
-        return upscale_image(
-            pipe, image, tile, overlap, steps, noise_level, seed, self_ensemble, autoguidance_scale
-        )
+        call = {
+            "num_inference_steps": steps,
+            "noise_level": noise_level,
+            "autoguidance_scale": autoguidance_scale,
+            "detail_threshold": detail_threshold,
+        }
+        return upscale_image(pipe, image, tile, overlap, seed, self_ensemble, call)
 
 
-def upscale_image(pipe, image, tile, overlap, steps, noise_level, seed, self_ensemble, autoguidance_scale):
+def upscale_image(pipe, image, tile, overlap, seed, self_ensemble, call: dict):
     f = pipe.scale_factor
     kwargs = {
-        "num_inference_steps": steps,
-        "noise_level": noise_level,
-        "autoguidance_scale": autoguidance_scale,
+        **call,
         "tile_size": None if tile is None else tile * f,
         "tile_overlap": None if overlap is None else overlap * f,
     }

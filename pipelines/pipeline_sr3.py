@@ -135,6 +135,27 @@ def step_kwargs(scheduler, generator, eta: float | None = None) -> dict:
     return kwargs
 
 
+def local_contrast(x_lr: torch.Tensor) -> torch.Tensor:
+    """Fine contrast of a low-res batch in [-1, 1], as (B, 1, h, w) in [0, 1] pixel units: the RMS, over
+    3x3 pixels, of the grey image minus its Gaussian blur of sigma 0.5 pixel, which keeps only the finest
+    octave below the input's Nyquist frequency. Flat regions give about 0, and so do soft ones (out of
+    focus, motion blur), whose originals have little detail to restore; sharp edges and texture do not."""
+    grey = (x_lr.float().mean(1, keepdim=True) + 1) / 2
+    k = torch.exp(-0.5 * (torch.arange(-2, 3, dtype=torch.float32, device=x_lr.device) / 0.5) ** 2)
+    k = k / k.sum()
+    padded = F.pad(grey, (2, 2, 2, 2), mode="replicate")
+    blurred = F.conv2d(F.conv2d(padded, k.view(1, 1, 1, 5)), k.view(1, 1, 5, 1))
+    energy = F.avg_pool2d(F.pad((grey - blurred) ** 2, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return energy.sqrt()
+
+
+def detail_mask(x_lr: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """Where a sample keeps its own detail: 1 where the low-res input's local contrast reaches `threshold`,
+    falling linearly to 0 where the input is flat; (B, 1, H, W) at the output size."""
+    mask = (local_contrast(x_lr) / threshold).clamp(0, 1)
+    return F.interpolate(mask, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+
+
 def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of overlapping tiles covering 0..n, the last one flush with the end."""
     if n <= tile:
@@ -306,6 +327,7 @@ SR3_CALL_DEFAULTS = {
     "tile_size": 0,
     "tile_overlap": 32,
     "eta": 0.0,
+    "detail_threshold": 0.0,
 }
 
 
@@ -333,7 +355,7 @@ class SR3Pipeline(DiffusionPipeline):
             handover, whose noise is the previous stage's, at the low resolution.
         call_defaults (`dict`, *optional*): the stage's tuned values for any of the call arguments
             `num_inference_steps`, `noise_level`, `guidance_scale`, `autoguidance_scale`, `tile_size`,
-            `tile_overlap` and `eta`. Stored in `model_index.json`, so plain diffusers reads them too:
+            `tile_overlap`, `eta` and `detail_threshold`. Stored in `model_index.json`, so plain diffusers reads them too:
             an argument left out of a call takes its value from here.
 
     Call arguments (`pipe(image, ...)`); those left as `None` take the stage's `call_defaults`:
@@ -371,6 +393,11 @@ class SR3Pipeline(DiffusionPipeline):
             The guide, a smaller and shorter-trained model of the same task, errs in the same
             directions as the UNet but more, so the extrapolation puts back detail that both smooth
             away. It costs one guide evaluation per step.
+        detail_threshold: detail that follows the content. Where the low-res input is flat or soft (its
+            fine contrast, `local_contrast`, below this value in [0, 1] pixel units), the output fades from
+            the sample to the first step's estimate of the image, E[x0 | low-res], which adds no
+            texture of its own; at and above it the sample is kept as it is. 0 (the library default)
+            keeps the sample everywhere. It costs nothing: the estimate is the first step's prediction.
     """
 
     model_cpu_offload_seq = "unet->guide_unet"
@@ -525,6 +552,7 @@ class SR3Pipeline(DiffusionPipeline):
             "tile_overlap", settings["tile_overlap"], 0, hi if tile else None, True
         )
         out["eta"] = check_number("eta", settings["eta"], 0, 1)
+        out["detail_threshold"] = check_number("detail_threshold", settings["detail_threshold"], 0, 1)
         return out
 
     def check_inputs(self, x, class_ids, generator, any_size: bool, handover: tuple[bool, bool]) -> None:
@@ -587,6 +615,25 @@ class SR3Pipeline(DiffusionPipeline):
         guide = self.guide_unet(x.to(self.guide_unet.dtype), t, **kwargs).sample.to(out.dtype)
         return guide + self.autoguidance_scale * (out - guide)
 
+    def clean_estimate(self, model_output, x_t, t) -> torch.Tensor:
+        """The model's estimate of the clean sample x0 from its output at timestep t, for the scheduler's
+        prediction type; `x_t` is the variance-preserving model input (after `scale_model_input`)."""
+        if len(model_output) != len(x_t):  # classifier-free guidance doubled the batch
+            x_t = x_t[: len(model_output)]
+        alphabar = self.alphabar_at(t)
+        a, b = alphabar**0.5, (1 - alphabar) ** 0.5
+        kind = self.scheduler.config.get("prediction_type", "epsilon")
+        if kind == "v_prediction":
+            x0 = a * x_t - b * model_output
+        elif kind == "sample":
+            x0 = model_output
+        else:
+            x0 = (x_t - b * model_output) / a
+        if self.scheduler.config.get("clip_sample"):  # as the scheduler clips its own estimate
+            limit = self.scheduler.config.get("clip_sample_range", 1.0)
+            x0 = x0.clamp(-limit, limit)
+        return x0
+
     def prepare_conditioning(self, x_lr, size, class_ids, noise_level: int, already_noised: bool, generator):
         """The UNet's extra input channels, level embedding and labels (doubled for guidance). An input
         already noised to `noise_level` (truncated handover) is upsampled without further noise."""
@@ -626,6 +673,7 @@ class SR3Pipeline(DiffusionPipeline):
         tile_size: int | None = None,
         tile_overlap: int | None = None,
         autoguidance_scale: float | None = None,
+        detail_threshold: float | None = None,
     ):
         r"""Super-resolve a batch of images; the arguments are described in the class docstring.
 
@@ -640,6 +688,7 @@ class SR3Pipeline(DiffusionPipeline):
             tile_size=tile_size,
             tile_overlap=tile_overlap,
             eta=eta,
+            detail_threshold=detail_threshold,
         )
         check_number("num_images_per_prompt", num_images_per_prompt, 1, 4096, integer=True)
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -691,8 +740,9 @@ class SR3Pipeline(DiffusionPipeline):
         latents = latents.to(device) * self.scheduler.init_noise_sigma
         extra = step_kwargs(self.scheduler, generator, settings["eta"])
 
-        # 5. Denoising loop (stops early to hand over z_s when truncating, CDM section 3.2)
-        do_cfg, alphabar = self.guidance_scale > 1.0, None
+        # 5. Denoising loop (stops early to hand over z_s when truncating, CDM section 3.2); with a detail
+        # threshold, the first step's estimate of the clean sample is kept for step 6
+        do_cfg, alphabar, first_estimate = self.guidance_scale > 1.0, None, None
         for i, t in enumerate(self.progress_bar(timesteps)):
             if self.interrupt:
                 break
@@ -701,6 +751,8 @@ class SR3Pipeline(DiffusionPipeline):
             model_output = self.predict(model_input, t, labels, s_emb, tile_size, tile_overlap)
             if do_cfg:
                 model_output = cfg_combine(model_output, self.guidance_scale)
+            if i == 0 and settings["detail_threshold"] > 0:
+                first_estimate = self.clean_estimate(model_output, model_input[:, : latents.shape[1]], t)
             latents = self.scheduler.step(model_output, t, latents, **extra).prev_sample
             if callback_on_step_end is not None:
                 available = {"latents": latents}
@@ -715,7 +767,12 @@ class SR3Pipeline(DiffusionPipeline):
                     )
                     break
 
-        # 6. A residual stage adds its sample to the clean upsampled input; a finished sample is clamped
+        # 6. Detail where the input has content; a residual stage adds its sample to the clean upsampled
+        # input; a finished sample is clamped
+        if first_estimate is not None and alphabar is None:
+            mask = detail_mask(x_lr, size, settings["detail_threshold"]).to(latents.dtype)
+            first_estimate = first_estimate.to(latents.dtype)
+            latents = first_estimate + mask * (latents - first_estimate)
         if output_type != "latent":
             if alphabar is not None:
                 raise ValueError(

@@ -14,13 +14,22 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message}\n")
 
 
-def add_autoguidance_argument(parser) -> None:
+def add_detail_arguments(parser) -> None:
+    """The sharp end's settings: autoguidance, and the input contrast below which detail fades out."""
     parser.add_argument(
         "--autoguidance",
         type=float,
         metavar="W",
         help="for a stage that carries a guide UNet: extrapolate each step away from the guide's prediction "
         "by W > 1, for more detail (default: the stage's setting, 1: the UNet alone)",
+    )
+    parser.add_argument(
+        "--detail-threshold",
+        type=float,
+        metavar="C",
+        help="where the input's local contrast is below C (0..1, e.g. 0.03), fade the sample's detail to "
+        "the one-step estimate, so flat regions get no invented texture (default: the stage's setting, "
+        "0: off)",
     )
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from accelerate import PartialState
 
 from cdm.cascade import Cascade
-from cdm.cli.arguments import OneLineParser, add_autoguidance_argument, add_speed_arguments, speed_from
+from cdm.cli.arguments import OneLineParser, add_detail_arguments, add_speed_arguments, speed_from
 from cdm.config import DataSource, unet_stride
 from cdm.devices import default_device, resolve_device
 from cdm.errors import UserError, cli, flag_error
@@ -68,9 +68,9 @@ OUTPUTS = {
 # -- subcommands ---------------------------------------------------------------------------------
 
 
-def check_sr_arguments(args, pipe) -> float:
+def check_sr_arguments(args, pipe) -> dict:
     """`cdm-eval sr`'s own ranges, then the stage's rules (its pipeline's) for the sampling settings;
-    returns the autoguidance scale to use (unset: the stage's)."""
+    returns the settings to use (unset: the stage's)."""
     if not 0 <= args.blur <= 4:
         raise UserError(f"--blur={args.blur}: expected a Gaussian sigma in low-res pixels, 0..4")
     if not 0 <= args.jpeg <= 95:
@@ -79,6 +79,7 @@ def check_sr_arguments(args, pipe) -> float:
         checked = pipe.call_settings(
             noise_level=args.noise_level,
             autoguidance_scale=args.autoguidance,
+            detail_threshold=args.detail_threshold,
             tile_size=args.tile,
             eta=args.eta,
         )
@@ -86,10 +87,11 @@ def check_sr_arguments(args, pipe) -> float:
         flags = {
             "noise_level": "--noise-level",
             "autoguidance_scale": "--autoguidance",
+            "detail_threshold": "--detail-threshold",
             "tile_size": "--tile",
         }
         raise flag_error(err, {**flags, "eta": "--eta"}) from None
-    return checked["autoguidance_scale"]
+    return checked
 
 
 def check_baselines(text: str | None, factor: int) -> list[str]:
@@ -113,7 +115,8 @@ def cmd_sr(args) -> None:
         raise UserError(
             f"--crop={size}: expected a multiple of the stage's scale {pipe.scale_factor} and of {mult}"
         )
-    args.autoguidance = check_sr_arguments(args, pipe)
+    checked = check_sr_arguments(args, pipe)
+    args.autoguidance, args.detail_threshold = checked["autoguidance_scale"], checked["detail_threshold"]
     args.speed = speed_from(args, args.device)
     baselines = check_baselines(args.baseline, pipe.scale_factor)
     grid = [
@@ -132,8 +135,13 @@ def cmd_sr(args) -> None:
     else:
         images = list(real_images(data, args.split, size, args.num_images)[0].split(1))
     degrade = Degradation(args.downsample, args.blur, args.jpeg)
-    call = {"noise_level": args.noise_level, "eta": args.eta, "autoguidance_scale": args.autoguidance}
-    sweep, scores = sr_sweep(
+    call = {
+        "noise_level": args.noise_level,
+        "eta": args.eta,
+        "autoguidance_scale": args.autoguidance,
+        "detail_threshold": args.detail_threshold,
+    }
+    sweep, scores, spreads = sr_sweep(
         pipe.to(args.device),
         images,
         grid,
@@ -146,6 +154,8 @@ def cmd_sr(args) -> None:
         **call,
     )
     result = sr_result(args, data, images, size, sweep, scores, time.perf_counter() - start)
+    result["spread"] = {m: v["spread"] for m, v in spreads.items()}
+    result["per_image"] = {m: v["per_image"] for m, v in spreads.items()}
     table = results_table([result])
     write_results(args.writer, "results", result, table)
     if len(sweep) > 1:
@@ -181,6 +191,7 @@ def sr_result(args, data, images: list, size: int, sweep: list[dict], scores: di
             "jpeg": args.jpeg,
             "tile": args.tile,
             "autoguidance_scale": args.autoguidance,
+            "detail_threshold": args.detail_threshold,
             "scheduler": sweep[0]["scheduler"],
             "speed": args.speed.describe(),
         },
@@ -445,7 +456,7 @@ def add_sr_arguments(sr: argparse.ArgumentParser) -> None:
     sr.add_argument("--noise-level", type=int, default=0)
     add_input_arguments(sr)
     sr.add_argument("--tile", type=int, default=None, help="tile size in output pixels, to bound memory")
-    add_autoguidance_argument(sr)
+    add_detail_arguments(sr)
     add_speed_arguments(sr)
 
 

@@ -3,6 +3,7 @@
 cdm-upscale photo.jpg                                   # the shipped 4x photo stage
 cdm-upscale photo.jpg --steps 20                        # sharper, more detail, lower PSNR
 cdm-upscale photo.jpg --scheduler DPMSolverMultistepScheduler --steps 20 --autoguidance 1.25  # sharpest
+cdm-upscale photo.jpg --steps 20 --detail-threshold 0.03  # detail only where the photo has some
 cdm-upscale photo.jpg --model runs/sr64to256/export --out upscaled/
 cdm-upscale --compare figure.png original.png           # downsample, upscale, compare with bicubic
 """
@@ -18,7 +19,7 @@ import PIL.Image
 import torch.nn.functional as F
 from cdm_pipelines.pipeline_sr3 import check_number
 
-from cdm.cli.arguments import OneLineParser, add_autoguidance_argument, add_speed_arguments, speed_from
+from cdm.cli.arguments import OneLineParser, add_detail_arguments, add_speed_arguments, speed_from
 from cdm.config import DataConfig, DataSource, ResizeMode
 from cdm.devices import default_device, resolve_device
 from cdm.errors import UserError, cli, flag_error
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, help="tile overlap in input pixels (default: the stage's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the stage's setting)")
     p.add_argument("--scheduler", help="diffusers scheduler class (default: the stage's setting)")
-    add_autoguidance_argument(p)
+    add_detail_arguments(p)
     p.add_argument(
         "--noise-level",
         type=int,
@@ -107,15 +108,21 @@ def upscale_as_asked(pipe, image, args) -> PIL.Image.Image:
         args.self_ensemble,
         args.autoguidance,
         args.speed,
+        args.detail_threshold,
     )
 
 
 def compare(pipe, images, names, args, out, size: int = 384) -> None:
     """Downsample each original by the stage's scale, upscale it, and write low-res | bicubic | model | original."""
     f, rows = pipe.scale_factor, []
-    settings = pipe.call_settings(num_inference_steps=args.steps, autoguidance_scale=args.autoguidance)
+    settings = pipe.call_settings(
+        num_inference_steps=args.steps,
+        autoguidance_scale=args.autoguidance,
+        detail_threshold=args.detail_threshold,
+    )
     steps, autoguidance = settings["num_inference_steps"], settings["autoguidance_scale"]
     guided = f", autoguidance {autoguidance:g}" if autoguidance != 1 else ""
+    guided += f", detail threshold {settings['detail_threshold']:g}" if settings["detail_threshold"] else ""
     for name, image in zip(names, images):
         original = centre_crop(to_tensor(to_rgb(image))[None], size, f * 4)
         lr = downsample(original, f).clamp(0, 1)
@@ -146,6 +153,7 @@ FLAGS = {
     "num_inference_steps": "--steps",
     "noise_level": "--noise-level",
     "autoguidance_scale": "--autoguidance",
+    "detail_threshold": "--detail-threshold",
     "tile_size": "--tile (times the scale)",
     "tile_overlap": "--overlap (times the scale)",
 }
@@ -166,6 +174,7 @@ def check_arguments(args, pipe) -> None:
             num_inference_steps=args.steps,
             noise_level=args.noise_level,
             autoguidance_scale=args.autoguidance,
+            detail_threshold=args.detail_threshold,
             tile_size=None if args.tile is None else args.tile * f,
             tile_overlap=None if args.overlap is None else args.overlap * f,
         )

@@ -149,6 +149,7 @@ def sr_table(res: dict) -> list[str]:
     for method, m in res["metrics"].items():  # the stage, then bicubic and any other baselines
         name = res["stage"] if method == "model" else BASELINE_TITLES.get(method, method)
         lines.append(f"| {name} | " + " | ".join(SR_COLUMNS[c][1].format(m[c]) for c in cols) + " |")
+    lines += spread_table(res)
     if res.get("sweep"):
         lines += ["", "Sampling steps against quality (one UNet evaluation per step):", ""]
         lines += [
@@ -158,6 +159,31 @@ def sr_table(res: dict) -> list[str]:
         for row in res["sweep"]:
             values = " | ".join(SR_COLUMNS[c][1].format(row[c]) for c in cols)
             lines.append(f"| {row['scheduler']} | {row['steps']} | {values} |")
+    return lines
+
+
+def spread_table(res: dict) -> list[str]:
+    """Per image, the median and the worst decile of each method's scores (`cdm.measure.sr.spread`)."""
+    if not res.get("spread"):
+        return []
+    kid = all("patch_kid_worst" in m for m in res["spread"].values())
+    lines = [
+        "",
+        f"Per image ({res['dataset']['num_images']} images): median, and the worst decile (10th percentile; "
+        "for the HF ratio the 10th to 90th, and patch KID over the tenth of the images farthest from an "
+        "HF ratio of 1):",
+        "",
+        "| method | PSNR median | PSNR p10 | SSIM median | SSIM p10 | HF ratio median | HF ratio p10-p90 |"
+        + (" patch KID, worst decile |" if kid else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if kid else ""),
+    ]
+    for method, m in res["spread"].items():
+        name = res["stage"] if method == "model" else BASELINE_TITLES.get(method, method)
+        row = (
+            f"| {name} | {m['psnr_median']:.2f} | {m['psnr_p10']:.2f} | {m['ssim_median']:.4f} | "
+            f"{m['ssim_p10']:.4f} | {m['hf_ratio_median']:.2f} | {m['hf_ratio_p10']:.2f}-{m['hf_ratio_p90']:.2f} |"
+        )
+        lines.append(row + (f" {m['patch_kid_worst']:.4f} |" if kid else ""))
     return lines
 
 

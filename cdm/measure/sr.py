@@ -6,6 +6,7 @@ output is scored as it comes.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 
@@ -81,21 +82,65 @@ def kid_patches(images: list[torch.Tensor], size: int) -> torch.Tensor:
     return torch.cat([patch_grid(x, size, KID_PATCHES_PER_IMAGE) for x in images])
 
 
-def score_sr(
-    preds: list[torch.Tensor], images: list[torch.Tensor], lrs: list[torch.Tensor], kid: bool
-) -> dict:
-    """Mean PSNR, SSIM, consistency and HF ratio over the images, and patch KID over all their patches."""
+def per_image(preds: list[torch.Tensor], images: list[torch.Tensor], lrs: list[torch.Tensor]) -> dict:
+    """Each image's PSNR, SSIM, consistency and HF ratio, as lists in the images' order."""
     rows = {m: [] for m in SR_METRICS}
     for pred, target, lr in zip(preds, images, lrs):
         rows["psnr"].append(psnr(pred, target).item())
         rows["ssim"].append(ssim(pred, target).item())
         rows["consistency"].append(consistency(pred, lr).item())
         rows["hf_ratio"].append(hf_ratio(pred, target, target.shape[-1] // lr.shape[-1]).item())
-    result = {m: sum(v) / len(v) for m, v in rows.items()}
+    return rows
+
+
+def score_sr(
+    preds: list[torch.Tensor], images: list[torch.Tensor], lrs: list[torch.Tensor], kid: bool
+) -> dict:
+    """Mean PSNR, SSIM, consistency and HF ratio over the images, and patch KID over all their patches."""
+    result = {m: sum(v) / len(v) for m, v in per_image(preds, images, lrs).items()}
     if kid:
         size = kid_patch_size(images)
         result["patch_kid"] = patch_kid(kid_patches(preds, size), kid_patches(images, size))
     return result
+
+
+def farthest_from_one(hf: list[float]) -> list[int]:
+    """Image indices by how far their HF ratio is from the original's, 1, on a log scale, farthest first."""
+    return sorted(range(len(hf)), key=lambda i: -abs(math.log(max(hf[i], 1e-12))))
+
+
+def worst_decile(hf: list[float]) -> list[int]:
+    """The tenth of the images (at least one) whose HF ratio is farthest from the original's: where a
+    method adds the most detail the original lacks, or keeps the least."""
+    return sorted(farthest_from_one(hf)[: max(1, math.ceil(len(hf) / 10))])
+
+
+def spread(preds, images, lrs, kid: bool) -> dict:
+    """How a method's scores spread over the images: the median and the worst decile (the 10th
+    percentile of PSNR and SSIM; the 10th and 90th of the HF ratio), and patch KID over the patches of
+    the worst decile by HF ratio (`worst_decile`)."""
+    rows = per_image(preds, images, lrs)
+
+    def pct(values, q):
+        return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
+
+    out = {
+        "psnr_median": pct(rows["psnr"], 0.5),
+        "psnr_p10": pct(rows["psnr"], 0.1),
+        "ssim_median": pct(rows["ssim"], 0.5),
+        "ssim_p10": pct(rows["ssim"], 0.1),
+        "hf_ratio_median": pct(rows["hf_ratio"], 0.5),
+        "hf_ratio_p10": pct(rows["hf_ratio"], 0.1),
+        "hf_ratio_p90": pct(rows["hf_ratio"], 0.9),
+    }
+    if kid:
+        size, order = kid_patch_size(images), farthest_from_one(rows["hf_ratio"])
+        worst = worst_decile(rows["hf_ratio"])
+        while len(kid_patches([images[i] for i in worst], size)) < 2 and len(worst) < len(order):
+            worst = order[: len(worst) + 1]  # KID needs two patches a side
+        pick = [preds[i] for i in worst], [images[i] for i in worst]
+        out["patch_kid_worst"] = patch_kid(kid_patches(pick[0], size), kid_patches(pick[1], size))
+    return {"per_image": rows, "spread": out}
 
 
 def evaluate_sr(pipe, images, seed: int = 0, degrade=Degradation(), kid: bool = False, **call) -> dict:
@@ -115,15 +160,18 @@ def sr_sweep(
     **call,
 ) -> tuple[list[dict], dict]:
     """Score the stage at every (scheduler, steps) of the grid, and each baseline once (every point has
-    the same inputs); a line per point on stderr. Returns the sweep's rows and the baselines' scores."""
-    sweep, scores = [], {}
+    the same inputs); a line per point on stderr. Returns the sweep's rows, the baselines' scores and, for
+    the first point and each baseline, how the scores spread over the images (`spread`)."""
+    sweep, scores, spreads = [], {}, {}
     for name, steps in grid:
         todo = () if scores else baselines
         sampler = with_scheduler(pipe, name, steps)
         outs = sr_outputs(sampler, images, seed, degrade, todo, num_inference_steps=steps, **call)
+        if not scores:
+            spreads = {m: spread(outs[m], images, outs["lr"], kid) for m in ("model", *baselines)}
         scores = scores or {b: score_sr(outs[b], images, outs["lr"], kid) for b in baselines}
         row = {"scheduler": name, "steps": steps, **score_sr(outs["model"], images, outs["lr"], kid)}
         sweep.append(row)
         line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
         print(line, file=sys.stderr)
-    return sweep, scores
+    return sweep, scores, spreads

@@ -247,3 +247,59 @@ def build_photo_folder(out: Path, debs: Path | None = None, holdout: int = 3) ->
         (tmp / "labels.json").write_text(json.dumps({"0": "photo"}))
 
     return write_atomically(out, fill)
+
+
+# Crops for judging photo SR on photographs no shipped stage trained on: Debian's background photos,
+# in sorted order, alternate between a validation split (every choice of recipe, steps or guidance)
+# and a test split (touched only for the final figures); the wheels' three held-out photos, on which
+# earlier choices were made, join the validation split.
+EVAL_CROP, EVAL_CROPS_PER_PHOTO = 256, 2
+EVAL_VERSION = 1  # bump when the split or the crops change
+
+
+def eval_split_of(names: list[str]) -> dict[str, str]:
+    """Debian photo name -> "validation" or "test", alternating over the sorted names."""
+    return {name: ("validation", "test")[i % 2] for i, name in enumerate(sorted(names))}
+
+
+def eval_crops(image: PIL.Image.Image, seed: int) -> list[PIL.Image.Image]:
+    """`EVAL_CROPS_PER_PHOTO` crops of `EVAL_CROP` px at seeded random places in the photo."""
+    rng = np.random.default_rng(seed)
+    w, h = image.size
+    out = []
+    for _ in range(EVAL_CROPS_PER_PHOTO):
+        left, top = int(rng.integers(0, w - EVAL_CROP + 1)), int(rng.integers(0, h - EVAL_CROP + 1))
+        out.append(image.crop((left, top, left + EVAL_CROP, top + EVAL_CROP)))
+    return out
+
+
+def build_photo_eval_splits(out: Path, debs: Path | None = None) -> Path:
+    """`validation/photo/` and `test/photo/` of 256 px crops (see `eval_split_of`), as one imagefolder;
+    every package is read before anything is written, and a complete `out` is kept as it is."""
+    if (out / "labels.json").is_file():
+        return out
+    debs = debs or cache_root() / "debian-packages"
+    photos = {
+        photo_name(member): data
+        for package, members in DEBIAN_PHOTOS.items()
+        for member, data in read_deb(fetch_deb(package, debs), members).items()
+    }
+    wheel = build_photos(cache_root() / f"photos-v{PHOTOS_VERSION}-3", 3)
+    held_out = {p.stem: p for p in sorted((wheel / "test" / "photo").glob("*.png"))}
+
+    def load(name: str) -> PIL.Image.Image:
+        if name in held_out:
+            return PIL.Image.open(held_out[name]).convert("RGB")
+        return downscaled(photos[name])
+
+    splits = {**eval_split_of(list(photos)), **dict.fromkeys(held_out, "validation")}
+
+    def fill(tmp: Path):
+        for seed, (name, split) in enumerate(sorted(splits.items())):
+            folder = tmp / split / "photo"
+            folder.mkdir(parents=True, exist_ok=True)
+            for k, crop in enumerate(eval_crops(load(name), seed)):
+                crop.save(folder / f"{name}-{k}.png")
+        (tmp / "labels.json").write_text(json.dumps({"0": "photo"}))
+
+    return write_atomically(out, fill)
