@@ -110,3 +110,22 @@ def test_the_card_names_the_debian_photos_only_when_they_were_used():
     more = dataset_id({"data": {"source": "photos", "debian_photos": True}})
     assert "scikit-image" in plain and "Debian" not in plain
     assert more.startswith(plain) and "mate-backgrounds" in more and "plasma-workspace-wallpapers" in more
+
+
+def test_the_eval_splits_keep_every_photo_in_one_split_and_none_from_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDM_CACHE", str(tmp_path / "cache"))
+    fake_packages(tmp_path / "debs")
+    root = builders.build_photo_eval_splits(tmp_path / "eval", tmp_path / "debs")
+    crops = {s: sorted(p.stem for p in (root / s / "photo").glob("*.png")) for s in ("validation", "test")}
+    photos = {s: {name.rsplit("-", 1)[0] for name in names} for s, names in crops.items()}
+    names = {photo_name(m) for members in DEBIAN_PHOTOS.values() for m in members}
+    assert not photos["validation"] & photos["test"]  # no photo in both splits
+    assert photos["validation"] | photos["test"] == names | {"china", "flower", "grace_hopper"}
+    assert {"china", "flower", "grace_hopper"} <= photos["validation"]
+    assert abs(len(photos["test"]) - len(names) / 2) <= 0.5  # half of the Debian photos
+    per_photo = builders.EVAL_CROPS_PER_PHOTO
+    assert all(len(v) == per_photo * len(photos[s]) for s, v in crops.items())
+    with PIL.Image.open(root / "test" / "photo" / f"{crops['test'][0]}.png") as image:
+        assert image.size == (builders.EVAL_CROP, builders.EVAL_CROP)
+    monkeypatch.setattr(builders, "read_deb", None)  # complete: kept as it is
+    assert builders.build_photo_eval_splits(tmp_path / "eval", tmp_path / "debs") == root

@@ -137,3 +137,27 @@ def test_eval_gen_saves_stats_and_scores_against_them(tmp_path, cache_env):
     assert (
         res.returncode == 2 and "already exists" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     )
+
+
+def test_cached_features_compute_a_batch_once_and_return_the_same_features():
+    from torch import nn
+
+    from cdm.measure.fid import CachedFeatures
+
+    class Counting(nn.Module):
+        calls = 0
+        num_features = 3
+
+        def forward(self, x):
+            Counting.calls += 1
+            return x.float().flatten(1)[:, :3] * 2
+
+    cached = CachedFeatures(Counting())
+    a = torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    b = a.clone()
+    b[0, 0, 0, 0] ^= 1  # one value differs: another batch
+    first = cached(a)
+    torch.testing.assert_close(cached(a.clone()), first)
+    assert Counting.calls == 1
+    torch.testing.assert_close(cached(b), Counting()(b))
+    assert Counting.calls == 3  # b computed once by the cache, once directly here

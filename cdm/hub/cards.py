@@ -170,8 +170,8 @@ def spread_table(res: dict) -> list[str]:
     lines = [
         "",
         f"Per image ({res['dataset']['num_images']} images): median, and the worst decile (10th percentile; "
-        "for the HF ratio the 10th to 90th, and patch KID over the tenth of the images farthest from an "
-        "HF ratio of 1):",
+        "for the HF ratio the 10th to 90th"
+        + (", and patch KID over the tenth of the images farthest from an HF ratio of 1):" if kid else "):"),
         "",
         "| method | PSNR median | PSNR p10 | SSIM median | SSIM p10 | HF ratio median | HF ratio p10-p90 |"
         + (" patch KID, worst decile |" if kid else ""),

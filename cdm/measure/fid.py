@@ -8,6 +8,7 @@ be passed instead.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import warnings
 import zipfile
@@ -42,6 +43,29 @@ class OfflineInception(nn.Module):
         x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
         x = x / 255.0 * (0.9921875 + 1) - 1  # the TF Inception's input range
         return self.model(x).reshape(x.shape[0], -1)
+
+
+class CachedFeatures(nn.Module):
+    """A feature extractor that keeps the features of every batch it has seen, keyed by the batch's
+    bytes: when several methods are scored against the same originals, the originals' features are
+    computed once. The features are the wrapped extractor's, so every score is unchanged."""
+
+    def __init__(self, feature: nn.Module | None = None):
+        super().__init__()
+        self.feature = feature or OfflineInception()
+        self.num_features = getattr(self.feature, "num_features", None)
+        self.cache: dict[tuple, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (
+            tuple(x.shape),
+            str(x.dtype),
+            hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).digest(),
+        )
+        if key not in self.cache:
+            self.cache[key] = self.feature(x)
+        return self.cache[key]
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

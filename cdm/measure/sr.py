@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from cdm.devices import Speed
 from cdm.measure.baselines import BASELINES
-from cdm.measure.fid import patch_kid
+from cdm.measure.fid import CachedFeatures, patch_kid
 from cdm.measure.metrics import consistency, hf_ratio, patch_grid, psnr, ssim
 from cdm.models import with_scheduler
 from cdm.train.degradations import gaussian_blur, other_downsample
@@ -94,13 +94,14 @@ def per_image(preds: list[torch.Tensor], images: list[torch.Tensor], lrs: list[t
 
 
 def score_sr(
-    preds: list[torch.Tensor], images: list[torch.Tensor], lrs: list[torch.Tensor], kid: bool
+    preds: list[torch.Tensor], images: list[torch.Tensor], lrs: list[torch.Tensor], kid: bool, feature=None
 ) -> dict:
-    """Mean PSNR, SSIM, consistency and HF ratio over the images, and patch KID over all their patches."""
+    """Mean PSNR, SSIM, consistency and HF ratio over the images, and patch KID over all their patches
+    (`feature`: the Inception to use, e.g. a `CachedFeatures` shared by every method)."""
     result = {m: sum(v) / len(v) for m, v in per_image(preds, images, lrs).items()}
     if kid:
         size = kid_patch_size(images)
-        result["patch_kid"] = patch_kid(kid_patches(preds, size), kid_patches(images, size))
+        result["patch_kid"] = patch_kid(kid_patches(preds, size), kid_patches(images, size), feature)
     return result
 
 
@@ -115,7 +116,7 @@ def worst_decile(hf: list[float]) -> list[int]:
     return sorted(farthest_from_one(hf)[: max(1, math.ceil(len(hf) / 10))])
 
 
-def spread(preds, images, lrs, kid: bool) -> dict:
+def spread(preds, images, lrs, kid: bool, feature=None) -> dict:
     """How a method's scores spread over the images: the median and the worst decile (the 10th
     percentile of PSNR and SSIM; the 10th and 90th of the HF ratio), and patch KID over the patches of
     the worst decile by HF ratio (`worst_decile`)."""
@@ -139,7 +140,7 @@ def spread(preds, images, lrs, kid: bool) -> dict:
         while len(kid_patches([images[i] for i in worst], size)) < 2 and len(worst) < len(order):
             worst = order[: len(worst) + 1]  # KID needs two patches a side
         pick = [preds[i] for i in worst], [images[i] for i in worst]
-        out["patch_kid_worst"] = patch_kid(kid_patches(pick[0], size), kid_patches(pick[1], size))
+        out["patch_kid_worst"] = patch_kid(kid_patches(pick[0], size), kid_patches(pick[1], size), feature)
     return {"per_image": rows, "spread": out}
 
 
@@ -163,14 +164,15 @@ def sr_sweep(
     the same inputs); a line per point on stderr. Returns the sweep's rows, the baselines' scores and, for
     the first point and each baseline, how the scores spread over the images (`spread`)."""
     sweep, scores, spreads = [], {}, {}
+    feature = CachedFeatures() if kid else None  # the originals' features, computed once
     for name, steps in grid:
         todo = () if scores else baselines
         sampler = with_scheduler(pipe, name, steps)
         outs = sr_outputs(sampler, images, seed, degrade, todo, num_inference_steps=steps, **call)
         if not scores:
-            spreads = {m: spread(outs[m], images, outs["lr"], kid) for m in ("model", *baselines)}
-        scores = scores or {b: score_sr(outs[b], images, outs["lr"], kid) for b in baselines}
-        row = {"scheduler": name, "steps": steps, **score_sr(outs["model"], images, outs["lr"], kid)}
+            spreads = {m: spread(outs[m], images, outs["lr"], kid, feature) for m in ("model", *baselines)}
+        scores = scores or {b: score_sr(outs[b], images, outs["lr"], kid, feature) for b in baselines}
+        row = {"scheduler": name, "steps": steps, **score_sr(outs["model"], images, outs["lr"], kid, feature)}
         sweep.append(row)
         line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
         print(line, file=sys.stderr)

@@ -226,17 +226,23 @@ def downscaled(data: bytes, max_side: int = MAX_SIDE) -> PIL.Image.Image:
     return image
 
 
+def debian_photos(debs: Path | None = None) -> dict[str, bytes]:
+    """Every photo of `DEBIAN_PHOTOS` by name, as its file's bytes, read out of the packages in `debs`
+    (default: the cdm cache), which are downloaded there when missing."""
+    debs = debs or cache_root() / "debian-packages"
+    return {
+        photo_name(member): data
+        for package, members in DEBIAN_PHOTOS.items()
+        for member, data in read_deb(fetch_deb(package, debs), members).items()
+    }
+
+
 def build_photo_folder(out: Path, debs: Path | None = None, holdout: int = 3) -> Path:
     """The wheels' photos (train and held-out test) plus the Debian photos, as one imagefolder.
     Every package is read before anything is written, and a complete `out` is kept as it is."""
     if (out / "labels.json").is_file():
         return out
-    debs = debs or cache_root() / "debian-packages"
-    photos = {
-        photo_name(member): data
-        for package, members in DEBIAN_PHOTOS.items()
-        for member, data in read_deb(fetch_deb(package, debs), members).items()
-    }
+    photos = debian_photos(debs)
     wheel = build_photos(cache_root() / f"photos-v{PHOTOS_VERSION}-{holdout}", holdout)
 
     def fill(tmp: Path):
@@ -278,12 +284,7 @@ def build_photo_eval_splits(out: Path, debs: Path | None = None) -> Path:
     every package is read before anything is written, and a complete `out` is kept as it is."""
     if (out / "labels.json").is_file():
         return out
-    debs = debs or cache_root() / "debian-packages"
-    photos = {
-        photo_name(member): data
-        for package, members in DEBIAN_PHOTOS.items()
-        for member, data in read_deb(fetch_deb(package, debs), members).items()
-    }
+    photos = debian_photos(debs)
     wheel = build_photos(cache_root() / f"photos-v{PHOTOS_VERSION}-3", 3)
     held_out = {p.stem: p for p in sorted((wheel / "test" / "photo").glob("*.png"))}
 
