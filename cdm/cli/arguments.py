@@ -27,7 +27,7 @@ def add_detail_arguments(parser) -> None:
         "--detail-threshold",
         type=float,
         metavar="C",
-        help="where the input's local contrast is below C (0..1, e.g. 0.03), fade the sample's detail to "
+        help="where the input's local contrast is below C (0..1; 0.04 for the photo stage's sharp end), fade the sample's detail to "
         "the one-step estimate, so flat regions get no invented texture (default: the stage's setting, "
         "0: off)",
     )

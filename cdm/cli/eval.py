@@ -70,7 +70,8 @@ OUTPUTS = {
 
 def check_sr_arguments(args, pipe) -> dict:
     """`cdm-eval sr`'s own ranges, then the stage's rules (its pipeline's) for the sampling settings;
-    returns the settings to use (unset: the stage's)."""
+    sets the autoguidance and detail threshold to use on `args` (unset: the stage's) and returns the
+    pipeline's call arguments."""
     if not 0 <= args.blur <= 4:
         raise UserError(f"--blur={args.blur}: expected a Gaussian sigma in low-res pixels, 0..4")
     if not 0 <= args.jpeg <= 95:
@@ -91,7 +92,13 @@ def check_sr_arguments(args, pipe) -> dict:
             "tile_size": "--tile",
         }
         raise flag_error(err, {**flags, "eta": "--eta"}) from None
-    return checked
+    args.autoguidance, args.detail_threshold = checked["autoguidance_scale"], checked["detail_threshold"]
+    return {
+        "noise_level": args.noise_level,
+        "eta": args.eta,
+        "autoguidance_scale": args.autoguidance,
+        "detail_threshold": args.detail_threshold,
+    }
 
 
 def check_baselines(text: str | None, factor: int) -> list[str]:
@@ -115,8 +122,7 @@ def cmd_sr(args) -> None:
         raise UserError(
             f"--crop={size}: expected a multiple of the stage's scale {pipe.scale_factor} and of {mult}"
         )
-    checked = check_sr_arguments(args, pipe)
-    args.autoguidance, args.detail_threshold = checked["autoguidance_scale"], checked["detail_threshold"]
+    call = check_sr_arguments(args, pipe)
     args.speed = speed_from(args, args.device)
     baselines = check_baselines(args.baseline, pipe.scale_factor)
     grid = [
@@ -135,12 +141,6 @@ def cmd_sr(args) -> None:
     else:
         images = list(real_images(data, args.split, size, args.num_images)[0].split(1))
     degrade = Degradation(args.downsample, args.blur, args.jpeg)
-    call = {
-        "noise_level": args.noise_level,
-        "eta": args.eta,
-        "autoguidance_scale": args.autoguidance,
-        "detail_threshold": args.detail_threshold,
-    }
     sweep, scores, spreads = sr_sweep(
         pipe.to(args.device),
         images,
@@ -153,9 +153,7 @@ def cmd_sr(args) -> None:
         speed=args.speed,
         **call,
     )
-    result = sr_result(args, data, images, size, sweep, scores, time.perf_counter() - start)
-    result["spread"] = {m: v["spread"] for m, v in spreads.items()}
-    result["per_image"] = {m: v["per_image"] for m, v in spreads.items()}
+    result = sr_result(args, data, images, size, sweep, scores, spreads, time.perf_counter() - start)
     table = results_table([result])
     write_results(args.writer, "results", result, table)
     if len(sweep) > 1:
@@ -164,8 +162,11 @@ def cmd_sr(args) -> None:
     print(f"{len(images)} images in {result['seconds']:.1f}s; wrote {args.out}/results.json and results.md")
 
 
-def sr_result(args, data, images: list, size: int, sweep: list[dict], scores: dict, seconds: float) -> dict:
-    """results.json of `cdm-eval sr`: the data, the first setting's metrics beside the baselines', the sweep."""
+def sr_result(
+    args, data, images: list, size: int, sweep, scores: dict, spreads: dict, seconds: float
+) -> dict:
+    """results.json of `cdm-eval sr`: the data, the first setting's metrics beside the baselines', how
+    they spread over the images (with every image's scores), and the sweep."""
     model_path = Path(str(args.model).rstrip("/"))
     stage_name = args.stage or (model_path.parent.name if model_path.name == "export" else model_path.name)
     kid = not args.no_kid
@@ -199,6 +200,8 @@ def sr_result(args, data, images: list, size: int, sweep: list[dict], scores: di
             "model": {k: v for k, v in sweep[0].items() if k not in ("scheduler", "steps")},
             **scores,
         },
+        "spread": {m: v["spread"] for m, v in spreads.items()},
+        "per_image": {m: v["per_image"] for m, v in spreads.items()},
         "sweep": sweep if len(sweep) > 1 else [],
         "seconds": round(seconds, 2),
     }

@@ -3,7 +3,7 @@
 cdm-upscale photo.jpg                                   # the shipped 4x photo stage
 cdm-upscale photo.jpg --steps 20                        # sharper, more detail, lower PSNR
 cdm-upscale photo.jpg --scheduler DPMSolverMultistepScheduler --steps 20 --autoguidance 1.25  # sharpest
-cdm-upscale photo.jpg --steps 20 --detail-threshold 0.03  # detail only where the photo has some
+cdm-upscale photo.jpg --steps 20 --detail-threshold 0.04  # detail only where the photo has some
 cdm-upscale photo.jpg --model runs/sr64to256/export --out upscaled/
 cdm-upscale --compare figure.png original.png           # downsample, upscale, compare with bicubic
 """

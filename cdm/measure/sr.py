@@ -94,11 +94,18 @@ def per_image(preds: list[torch.Tensor], images: list[torch.Tensor], lrs: list[t
 
 
 def score_sr(
-    preds: list[torch.Tensor], images: list[torch.Tensor], lrs: list[torch.Tensor], kid: bool, feature=None
+    preds: list[torch.Tensor],
+    images: list[torch.Tensor],
+    lrs: list[torch.Tensor],
+    kid: bool,
+    feature=None,
+    rows: dict | None = None,
 ) -> dict:
     """Mean PSNR, SSIM, consistency and HF ratio over the images, and patch KID over all their patches
-    (`feature`: the Inception to use, e.g. a `CachedFeatures` shared by every method)."""
-    result = {m: sum(v) / len(v) for m, v in per_image(preds, images, lrs).items()}
+    (`feature`: the Inception to use, e.g. a `CachedFeatures` shared by every method; `rows`: the
+    images' `per_image` scores, when already computed)."""
+    rows = rows or per_image(preds, images, lrs)
+    result = {m: sum(v) / len(v) for m, v in rows.items()}
     if kid:
         size = kid_patch_size(images)
         result["patch_kid"] = patch_kid(kid_patches(preds, size), kid_patches(images, size), feature)
@@ -116,11 +123,11 @@ def worst_decile(hf: list[float]) -> list[int]:
     return sorted(farthest_from_one(hf)[: max(1, math.ceil(len(hf) / 10))])
 
 
-def spread(preds, images, lrs, kid: bool, feature=None) -> dict:
+def spread(preds, images, lrs, kid: bool, feature=None, rows: dict | None = None) -> dict:
     """How a method's scores spread over the images: the median and the worst decile (the 10th
     percentile of PSNR and SSIM; the 10th and 90th of the HF ratio), and patch KID over the patches of
-    the worst decile by HF ratio (`worst_decile`)."""
-    rows = per_image(preds, images, lrs)
+    the worst decile by HF ratio (`worst_decile`). `rows`: the images' `per_image` scores, if known."""
+    rows = rows or per_image(preds, images, lrs)
 
     def pct(values, q):
         return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
@@ -169,10 +176,12 @@ def sr_sweep(
         todo = () if scores else baselines
         sampler = with_scheduler(pipe, name, steps)
         outs = sr_outputs(sampler, images, seed, degrade, todo, num_inference_steps=steps, **call)
-        if not scores:
-            spreads = {m: spread(outs[m], images, outs["lr"], kid, feature) for m in ("model", *baselines)}
-        scores = scores or {b: score_sr(outs[b], images, outs["lr"], kid, feature) for b in baselines}
-        row = {"scheduler": name, "steps": steps, **score_sr(outs["model"], images, outs["lr"], kid, feature)}
+        rows = {m: per_image(outs[m], images, outs["lr"]) for m in ("model", *todo)}  # once per method
+        if todo:
+            spreads = {m: spread(outs[m], images, outs["lr"], kid, feature, rows[m]) for m in rows}
+            scores = {b: score_sr(outs[b], images, outs["lr"], kid, feature, rows[b]) for b in todo}
+        model = score_sr(outs["model"], images, outs["lr"], kid, feature, rows["model"])
+        row = {"scheduler": name, "steps": steps, **model}
         sweep.append(row)
         line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
         print(line, file=sys.stderr)

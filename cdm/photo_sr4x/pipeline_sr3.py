@@ -634,6 +634,13 @@ class SR3Pipeline(DiffusionPipeline):
             x0 = x0.clamp(-limit, limit)
         return x0
 
+    def fade_detail(self, sample, first_estimate, x_lr, threshold: float) -> torch.Tensor:
+        """The sample where the low-res input has fine contrast, the first step's estimate where it has
+        none, and a linear blend between (`detail_mask`)."""
+        mask = detail_mask(x_lr, sample.shape[-2:], threshold).to(sample.dtype)
+        first_estimate = first_estimate.to(sample.dtype)
+        return first_estimate + mask * (sample - first_estimate)
+
     def prepare_conditioning(self, x_lr, size, class_ids, noise_level: int, already_noised: bool, generator):
         """The UNet's extra input channels, level embedding and labels (doubled for guidance). An input
         already noised to `noise_level` (truncated handover) is upsampled without further noise."""
@@ -770,9 +777,7 @@ class SR3Pipeline(DiffusionPipeline):
         # 6. Detail where the input has content; a residual stage adds its sample to the clean upsampled
         # input; a finished sample is clamped
         if first_estimate is not None and alphabar is None:
-            mask = detail_mask(x_lr, size, settings["detail_threshold"]).to(latents.dtype)
-            first_estimate = first_estimate.to(latents.dtype)
-            latents = first_estimate + mask * (latents - first_estimate)
+            latents = self.fade_detail(latents, first_estimate, x_lr, settings["detail_threshold"])
         if output_type != "latent":
             if alphabar is not None:
                 raise ValueError(
