@@ -161,6 +161,7 @@ def call_defaults(sampling: SamplingConfig, size: int, sr: bool) -> dict:
         out.update(
             noise_level=sampling.noise_level,
             autoguidance_scale=sampling.autoguidance_scale,
+            init_noise_scale=sampling.init_noise_scale,
             tile_size=size,
             tile_overlap=size // 4,
         )

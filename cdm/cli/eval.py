@@ -81,6 +81,7 @@ def check_sr_arguments(args, pipe) -> dict:
             noise_level=args.noise_level,
             autoguidance_scale=args.autoguidance,
             detail_threshold=args.detail_threshold,
+            init_noise_scale=args.init_noise_scale,
             tile_size=args.tile,
             eta=args.eta,
         )
@@ -89,15 +90,18 @@ def check_sr_arguments(args, pipe) -> dict:
             "noise_level": "--noise-level",
             "autoguidance_scale": "--autoguidance",
             "detail_threshold": "--detail-threshold",
+            "init_noise_scale": "--init-noise-scale",
             "tile_size": "--tile",
         }
         raise flag_error(err, {**flags, "eta": "--eta"}) from None
     args.autoguidance, args.detail_threshold = checked["autoguidance_scale"], checked["detail_threshold"]
+    args.init_noise_scale = checked["init_noise_scale"]
     return {
         "noise_level": args.noise_level,
         "eta": args.eta,
         "autoguidance_scale": args.autoguidance,
         "detail_threshold": args.detail_threshold,
+        "init_noise_scale": args.init_noise_scale,
     }
 
 
@@ -193,6 +197,7 @@ def sr_result(
             "tile": args.tile,
             "autoguidance_scale": args.autoguidance,
             "detail_threshold": args.detail_threshold,
+            "init_noise_scale": args.init_noise_scale,
             "scheduler": sweep[0]["scheduler"],
             "speed": args.speed.describe(),
         },

@@ -101,9 +101,18 @@ def sampler_note(res: dict) -> str:
     if res["kind"] != "sr" or "steps" not in settings:
         return ""
     w = settings.get("autoguidance_scale", 1)
-    return f", {settings.get('scheduler', '')} {settings['steps']} steps" + (
-        f", autoguidance {w:g}" if w != 1 else ""
+    return (
+        f", {settings.get('scheduler', '')} {settings['steps']} steps"
+        + (f", autoguidance {w:g}" if w != 1 else "")
+        + noise_note(settings.get("init_noise_scale"))
     )
+
+
+def noise_note(scale) -> str:
+    """ ", from the noise's mean" (or its scale) when an SR run did not start from a draw of the prior."""
+    if scale is None or scale == 1:
+        return ""
+    return ", from the noise's mean" if scale == 0 else f", initial noise x{scale:g}"
 
 
 SR_COLUMNS = {
@@ -127,7 +136,7 @@ def input_note(settings: dict) -> str:
     notes += [f"UNet on {settings['tile']} px tiles"] if settings.get("tile") else []
     w = settings.get("autoguidance_scale", 1)
     notes += [f"autoguidance {w:g}"] if w != 1 else []
-    return "".join(", " + n for n in notes)
+    return "".join(", " + n for n in notes) + noise_note(settings.get("init_noise_scale"))
 
 
 def sr_table(res: dict) -> list[str]:
@@ -323,7 +332,8 @@ def defaults_note(s, sr: bool = False) -> str:
     guidance = f", guidance scale {s.guidance_scale:g}" if s.guidance_scale != 1 else ""
     level = f", noise level {s.noise_level}" if sr else ""
     auto = f", autoguidance {s.autoguidance_scale:g}" if sr and s.autoguidance_scale != 1 else ""
-    return f"{s.scheduler}, {s.steps} steps{guidance}{level}{auto}"
+    start = noise_note(s.init_noise_scale) if sr else ""
+    return f"{s.scheduler}, {s.steps} steps{guidance}{level}{auto}{start}"
 
 
 def make_card(
