@@ -110,11 +110,7 @@ def call_arguments(pipe, sampling: SamplingConfig) -> dict:
     """A stage's sampling settings as its pipeline's call arguments."""
     kwargs = {"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance_scale}
     if isinstance(pipe, SR3Pipeline):
-        kwargs.update(
-            noise_level=sampling.noise_level,
-            autoguidance_scale=sampling.autoguidance_scale,
-            init_noise_scale=sampling.init_noise_scale,
-        )
+        kwargs.update(noise_level=sampling.noise_level, autoguidance_scale=sampling.autoguidance_scale)
     return kwargs
 
 

@@ -89,8 +89,6 @@ class SamplingConfig:
     max_batch: int = 8  # images per UNet call; bounds memory at high resolution
     # SR stages with a guide UNet: extrapolate away from the guide's prediction (1 runs the UNet alone)
     autoguidance_scale: float = 1.0
-    # SR stages: the initial noise times this; 0 starts from its mean, so one step returns E[x | low-res]
-    init_noise_scale: float = 1.0
 
 
 @dataclass
@@ -235,7 +233,6 @@ NUMBERS = {
     "stage.sample.steps": (1, 10_000, True),
     "stage.sample.guidance_scale": (1, 100, False),
     "stage.sample.autoguidance_scale": (1, 100, False),
-    "stage.sample.init_noise_scale": (0, 1, False),
     "stage.sample.max_batch": (1, 4096, True),
     "unet.layers_per_block": (1, 16, True),
     "unet.attention_head_dim": (1, 4096, True),

@@ -111,8 +111,9 @@ def with_scheduler(pipe, name: str | None, steps: int = 4):
 
 
 def probe_scheduler(scheduler, steps: int = 4) -> None:
-    """Run the whole sampling API once on a 4x4 zero image: what a pipeline calls, in that order."""
-    scheduler.set_timesteps(steps)
+    """Run the whole sampling API once on a 4x4 zero image: what a pipeline calls, in that order. An SR
+    stage's 0 steps (its one-evaluation estimate) calls none of it; that is probed at 1 step."""
+    scheduler.set_timesteps(max(steps, 1))
     x = torch.zeros(1, 3, 4, 4) * scheduler.init_noise_sigma
     accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
     for t in scheduler.timesteps:
@@ -161,7 +162,6 @@ def call_defaults(sampling: SamplingConfig, size: int, sr: bool) -> dict:
         out.update(
             noise_level=sampling.noise_level,
             autoguidance_scale=sampling.autoguidance_scale,
-            init_noise_scale=sampling.init_noise_scale,
             tile_size=size,
             tile_overlap=size // 4,
         )

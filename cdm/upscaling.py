@@ -114,7 +114,6 @@ def upscale(
     autoguidance_scale: float | None = None,
     speed: Speed | None = None,
     detail_threshold: float | None = None,
-    init_noise_scale: float | None = None,
 ) -> PIL.Image.Image:
     """Super-resolve a whole image: one call of the stage's pipeline, as plain diffusers makes it.
 
@@ -123,8 +122,7 @@ def upscale(
     are in input pixels. `self_ensemble` averages the results for the 8 rotations and mirror images of
     the input (as in EDSR's "+" models): 8x the time, a higher PSNR, and a smoother result. `speed` sets
     the UNets' autocast dtype and memory layout (default: `Speed.exact()`, plain diffusers' arithmetic).
-    `autoguidance_scale`, `detail_threshold` and `init_noise_scale` are the pipeline's call arguments of
-    those names.
+    `autoguidance_scale` and `detail_threshold` are the pipeline's call arguments of those names.
     """
     speed = speed or Speed.exact()
     speed.apply(pipe)
@@ -134,7 +132,6 @@ def upscale(
             "noise_level": noise_level,
             "autoguidance_scale": autoguidance_scale,
             "detail_threshold": detail_threshold,
-            "init_noise_scale": init_noise_scale,
         }
         return upscale_image(pipe, image, tile, overlap, seed, self_ensemble, call)
 

@@ -328,7 +328,6 @@ SR3_CALL_DEFAULTS = {
     "tile_overlap": 32,
     "eta": 0.0,
     "detail_threshold": 0.0,
-    "init_noise_scale": 1.0,
 }
 
 
@@ -356,7 +355,7 @@ class SR3Pipeline(DiffusionPipeline):
             handover, whose noise is the previous stage's, at the low resolution.
         call_defaults (`dict`, *optional*): the stage's tuned values for any of the call arguments
             `num_inference_steps`, `noise_level`, `guidance_scale`, `autoguidance_scale`, `tile_size`,
-            `tile_overlap`, `eta`, `detail_threshold` and `init_noise_scale`. Stored in `model_index.json`, so plain diffusers reads them too:
+            `tile_overlap`, `eta` and `detail_threshold`. Stored in `model_index.json`, so plain diffusers reads them too:
             an argument left out of a call takes its value from here.
 
     Call arguments (`pipe(image, ...)`); those left as `None` take the stage's `call_defaults`:
@@ -366,7 +365,12 @@ class SR3Pipeline(DiffusionPipeline):
         class_labels: class id(s) for a class-conditional stage; `None` otherwise.
         noise_level: augmentation level s in 0..`image_noising_scheduler.num_train_timesteps - 1`;
             0 feeds the clean upsampled image.
-        num_inference_steps: reverse-process steps.
+        num_inference_steps: reverse-process steps. 0 samples nothing: the UNet is evaluated once, at the
+            last training timestep, on the initial noise's mean (zeros), and its prediction of the clean
+            image is returned: the stage's estimate of E[x | low-res], with no noise of its own to
+            average out. The highest PSNR and SSIM a stage gives, and the smoothest result (the
+            fidelity end); the scheduler and `generator` play no part, and `latents` are refused. For
+            v- and sample-prediction stages.
         guidance_scale: classifier-free guidance on the class label (class-conditional stages).
         generator: a `torch.Generator`, or a list with one per image.
         output_type: "pil", "np" (values in [0, 1]), "pt" (a tensor in [0, 1]) or "latent" (the raw
@@ -399,11 +403,6 @@ class SR3Pipeline(DiffusionPipeline):
             the sample to the first step's estimate of the image, E[x0 | low-res], which adds no
             texture of its own; at and above it the sample is kept as it is. 0 (the library default)
             keeps the sample everywhere. It costs nothing: the estimate is the first step's prediction.
-        init_noise_scale: the initial noise is scaled by this value in [0, 1]. 1 (the library default)
-            starts from a draw of the prior, as every diffusion sampler does. 0 starts from the noise's
-            mean: the first step then predicts from the low-res input alone, so one step returns the
-            stage's estimate of E[x | low-res], with no noise of its own to average out: the highest
-            PSNR and SSIM a stage gives, and the smoothest result (the fidelity end).
     """
 
     model_cpu_offload_seq = "unet->guide_unet"
@@ -533,8 +532,14 @@ class SR3Pipeline(DiffusionPipeline):
         """The rules for the sampling settings, wherever they come from (a call, the folder, a CLI)."""
         out = dict(settings)
         out["num_inference_steps"] = check_number(
-            "num_inference_steps", settings["num_inference_steps"], 1, 10_000, integer=True
+            "num_inference_steps", settings["num_inference_steps"], 0, 10_000, integer=True
         )
+        kind = self.scheduler.config.get("prediction_type", "epsilon")
+        if out["num_inference_steps"] == 0 and kind == "epsilon":
+            raise ValueError(
+                "num_inference_steps=0 on an epsilon-prediction stage: its estimate at the last timestep "
+                "divides by sqrt(alphabar), which is near 0 there; expected 1 or more steps"
+            )
         out["noise_level"] = check_number(
             "noise_level", settings["noise_level"], 0, self.max_noise_level, True
         )
@@ -559,7 +564,6 @@ class SR3Pipeline(DiffusionPipeline):
         )
         out["eta"] = check_number("eta", settings["eta"], 0, 1)
         out["detail_threshold"] = check_number("detail_threshold", settings["detail_threshold"], 0, 1)
-        out["init_noise_scale"] = check_number("init_noise_scale", settings["init_noise_scale"], 0, 1)
         return out
 
     def check_inputs(self, x, class_ids, generator, any_size: bool, handover: tuple[bool, bool]) -> None:
@@ -688,7 +692,6 @@ class SR3Pipeline(DiffusionPipeline):
         tile_overlap: int | None = None,
         autoguidance_scale: float | None = None,
         detail_threshold: float | None = None,
-        init_noise_scale: float | None = None,
     ):
         r"""Super-resolve a batch of images; the arguments are described in the class docstring.
 
@@ -704,7 +707,6 @@ class SR3Pipeline(DiffusionPipeline):
             tile_overlap=tile_overlap,
             eta=eta,
             detail_threshold=detail_threshold,
-            init_noise_scale=init_noise_scale,
         )
         check_number("num_images_per_prompt", num_images_per_prompt, 1, 4096, integer=True)
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -744,16 +746,28 @@ class SR3Pipeline(DiffusionPipeline):
             x_lr, size, class_ids, settings["noise_level"], low_res_is_augmented, generator
         )
 
-        # 4. Timesteps and the initial noise at the output size (scaled: 0 starts from its mean)
-        self.scheduler.set_timesteps(settings["num_inference_steps"], device=device)
-        timesteps = self.scheduler.timesteps
+        # 4. Timesteps and the initial noise at the output size; 0 steps: the last timestep, the noise's mean
+        steps = settings["num_inference_steps"]
+        if steps:
+            self.scheduler.set_timesteps(steps, device=device)
+            timesteps = self.scheduler.timesteps
+        else:
+            timesteps = torch.tensor([self.scheduler.config.num_train_timesteps - 1], device=device)
         self._num_timesteps = len(timesteps)
         shape = (x_lr.shape[0], self.unet.config.out_channels, *size)
+        if latents is not None and not steps:
+            raise ValueError(
+                "latents given with num_inference_steps=0: the estimate starts from the noise's mean"
+            )
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+            latents = (
+                randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+                if steps
+                else torch.zeros(shape, device=device, dtype=self.unet.dtype)
+            )
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}: expected {shape}")
-        latents = latents.to(device) * (self.scheduler.init_noise_sigma * settings["init_noise_scale"])
+        latents = latents.to(device) * self.scheduler.init_noise_sigma
         extra = step_kwargs(self.scheduler, generator, settings["eta"])
 
         # 5. Denoising loop (stops early to hand over z_s when truncating, CDM section 3.2); with a detail
@@ -763,13 +777,18 @@ class SR3Pipeline(DiffusionPipeline):
             if self.interrupt:
                 break
             model_input = torch.cat([latents] * 2) if do_cfg else latents
-            model_input = torch.cat([self.scheduler.scale_model_input(model_input, t), cond], dim=1)
+            if steps:  # (zeros, the 0-step input, are the same in every scheduler's scaling)
+                model_input = self.scheduler.scale_model_input(model_input, t)
+            model_input = torch.cat([model_input, cond], dim=1)
             model_output = self.predict(model_input, t, labels, s_emb, tile_size, tile_overlap)
             if do_cfg:
                 model_output = cfg_combine(model_output, self.guidance_scale)
             if i == 0 and settings["detail_threshold"] > 0:
                 first_estimate = self.clean_estimate(model_output, model_input[:, : latents.shape[1]], t)
-            latents = self.scheduler.step(model_output, t, latents, **extra).prev_sample
+            if steps:
+                latents = self.scheduler.step(model_output, t, latents, **extra).prev_sample
+            else:  # no sampling: the prediction of the clean sample is the result
+                latents = self.clean_estimate(model_output, model_input[:, : latents.shape[1]], t)
             if callback_on_step_end is not None:
                 available = {"latents": latents}
                 outputs = callback_on_step_end(self, i, t, {k: available[k] for k in tensor_inputs}) or {}

@@ -54,7 +54,6 @@ UPSCALE_FLAGS = {
     "--autoguidance": BAD_NUMBERS + ["0", "0.5", "2", "101"],
     "--held-out": ["-1", "abc", "nan", "100000"],
     "--detail-threshold": BAD_NUMBERS + ["1.5", "2"],
-    "--init-noise-scale": BAD_NUMBERS + ["1.5", "2"],
 }
 EVAL_FLAGS = {
     "--noise-level": BAD_NUMBERS + ["1000"],
@@ -63,8 +62,8 @@ EVAL_FLAGS = {
     "--tile": BAD_NUMBERS + ["3", "7"],
     "--eta": BAD_NUMBERS[:4] + ["-1", "2"],
     "--num-images": ["0", "-1", "abc", "nan"],
+    "--steps": BAD_NUMBERS + ["100000", "1.5"],
     "--detail-threshold": BAD_NUMBERS + ["1.5"],
-    "--init-noise-scale": BAD_NUMBERS + ["1.5"],
 }
 # wrong JSON for the fields of a stage folder, by file
 WRONG_VALUES = [None, "x", -1, 0, 1e30, 10**30, [], {}, [1, 2], True, {"a": 1}]

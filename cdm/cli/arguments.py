@@ -15,16 +15,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def add_detail_arguments(parser) -> None:
-    """Where a call sits between the two ends: the initial noise's scale (0: the fidelity end), and the
-    sharp end's autoguidance and the input contrast below which its detail fades out."""
-    parser.add_argument(
-        "--init-noise-scale",
-        type=float,
-        metavar="S",
-        help="scale of the initial noise, 0..1: 0 starts from its mean, so one step gives the stage's "
-        "estimate of E[x | low-res], the highest PSNR; 1 starts from a draw, for detail with more steps "
-        "(default: the stage's setting)",
-    )
+    """The sharp end's settings: autoguidance, and the input contrast below which detail fades out."""
     parser.add_argument(
         "--autoguidance",
         type=float,

@@ -81,7 +81,6 @@ def check_sr_arguments(args, pipe) -> dict:
             noise_level=args.noise_level,
             autoguidance_scale=args.autoguidance,
             detail_threshold=args.detail_threshold,
-            init_noise_scale=args.init_noise_scale,
             tile_size=args.tile,
             eta=args.eta,
         )
@@ -90,18 +89,15 @@ def check_sr_arguments(args, pipe) -> dict:
             "noise_level": "--noise-level",
             "autoguidance_scale": "--autoguidance",
             "detail_threshold": "--detail-threshold",
-            "init_noise_scale": "--init-noise-scale",
             "tile_size": "--tile",
         }
         raise flag_error(err, {**flags, "eta": "--eta"}) from None
     args.autoguidance, args.detail_threshold = checked["autoguidance_scale"], checked["detail_threshold"]
-    args.init_noise_scale = checked["init_noise_scale"]
     return {
         "noise_level": args.noise_level,
         "eta": args.eta,
         "autoguidance_scale": args.autoguidance,
         "detail_threshold": args.detail_threshold,
-        "init_noise_scale": args.init_noise_scale,
     }
 
 
@@ -134,8 +130,11 @@ def cmd_sr(args) -> None:
         for name in args.scheduler or [settings.scheduler]
         for steps in args.steps or [settings.steps]
     ]
-    if min(steps for _, steps in grid) < 1:
-        raise UserError(f"--steps={min(steps for _, steps in grid)}: expected integers >= 1")
+    try:  # the stage's rule for the steps (an SR stage's 0: its one-evaluation estimate)
+        for _, steps in grid:
+            pipe.call_settings(num_inference_steps=steps)
+    except ValueError as err:
+        raise flag_error(err, {"num_inference_steps": "--steps"}) from None
     for name, steps in grid:  # every combination is tried before any compute
         sampling_scheduler(name, pipe.scheduler.config, steps)
     start = time.perf_counter()
@@ -197,7 +196,6 @@ def sr_result(
             "tile": args.tile,
             "autoguidance_scale": args.autoguidance,
             "detail_threshold": args.detail_threshold,
-            "init_noise_scale": args.init_noise_scale,
             "scheduler": sweep[0]["scheduler"],
             "speed": args.speed.describe(),
         },

@@ -24,7 +24,6 @@ from cdm.config import DataConfig, DataSource, ResizeMode
 from cdm.devices import default_device, resolve_device
 from cdm.errors import UserError, cli, flag_error
 from cdm.files import OutputFolder
-from cdm.hub.cards import noise_note
 from cdm.images import centre_crop, comparison_figure, decode_image, to_pil, to_rgb, to_tensor
 from cdm.measure.metrics import psnr
 from cdm.models import with_scheduler
@@ -110,7 +109,6 @@ def upscale_as_asked(pipe, image, args) -> PIL.Image.Image:
         args.autoguidance,
         args.speed,
         args.detail_threshold,
-        args.init_noise_scale,
     )
 
 
@@ -121,12 +119,10 @@ def compare(pipe, images, names, args, out, size: int = 384) -> None:
         num_inference_steps=args.steps,
         autoguidance_scale=args.autoguidance,
         detail_threshold=args.detail_threshold,
-        init_noise_scale=args.init_noise_scale,
     )
     steps, autoguidance = settings["num_inference_steps"], settings["autoguidance_scale"]
     guided = f", autoguidance {autoguidance:g}" if autoguidance != 1 else ""
     guided += f", detail threshold {settings['detail_threshold']:g}" if settings["detail_threshold"] else ""
-    guided += noise_note(settings["init_noise_scale"])
     for name, image in zip(names, images):
         original = centre_crop(to_tensor(to_rgb(image))[None], size, f * 4)
         lr = downsample(original, f).clamp(0, 1)
@@ -158,7 +154,6 @@ FLAGS = {
     "noise_level": "--noise-level",
     "autoguidance_scale": "--autoguidance",
     "detail_threshold": "--detail-threshold",
-    "init_noise_scale": "--init-noise-scale",
     "tile_size": "--tile (times the scale)",
     "tile_overlap": "--overlap (times the scale)",
 }
@@ -180,7 +175,6 @@ def check_arguments(args, pipe) -> None:
             noise_level=args.noise_level,
             autoguidance_scale=args.autoguidance,
             detail_threshold=args.detail_threshold,
-            init_noise_scale=args.init_noise_scale,
             tile_size=None if args.tile is None else args.tile * f,
             tile_overlap=None if args.overlap is None else args.overlap * f,
         )

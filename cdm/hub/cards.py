@@ -102,17 +102,17 @@ def sampler_note(res: dict) -> str:
         return ""
     w = settings.get("autoguidance_scale", 1)
     return (
-        f", {settings.get('scheduler', '')} {settings['steps']} steps"
+        ", "
+        + sampler_words(settings.get("scheduler", ""), settings["steps"])
         + (f", autoguidance {w:g}" if w != 1 else "")
-        + noise_note(settings.get("init_noise_scale"))
     )
 
 
-def noise_note(scale) -> str:
-    """ ", from the noise's mean" (or its scale) when an SR run did not start from a draw of the prior."""
-    if scale is None or scale == 1:
-        return ""
-    return ", from the noise's mean" if scale == 0 else f", initial noise x{scale:g}"
+def sampler_words(scheduler: str, steps: int) -> str:
+    """ "DDPMScheduler 2 steps", or for an SR stage's 0 steps what it does instead of sampling."""
+    if steps == 0:
+        return "0 steps (one UNet evaluation from the noise's mean: the estimate of E[x | low-res])"
+    return f"{scheduler} {steps} steps"
 
 
 SR_COLUMNS = {
@@ -136,7 +136,7 @@ def input_note(settings: dict) -> str:
     notes += [f"UNet on {settings['tile']} px tiles"] if settings.get("tile") else []
     w = settings.get("autoguidance_scale", 1)
     notes += [f"autoguidance {w:g}"] if w != 1 else []
-    return "".join(", " + n for n in notes) + noise_note(settings.get("init_noise_scale"))
+    return "".join(", " + n for n in notes)
 
 
 def sr_table(res: dict) -> list[str]:
@@ -148,7 +148,7 @@ def sr_table(res: dict) -> list[str]:
     crop = f", {where['crop']} px crops" if where.get("crop") else ", whole images"
     lines = [
         f"**{res['stage']}** on {where['name']} ({where.get('split', '')}, {where['num_images']} images{crop}), "
-        f"{settings.get('scheduler', '')} {settings['steps']} steps, noise level {settings['noise_level']}"
+        f"{sampler_words(settings.get('scheduler', ''), settings['steps'])}, noise level {settings['noise_level']}"
         f"{input_note(settings)}:",
         "",
     ]
@@ -332,8 +332,8 @@ def defaults_note(s, sr: bool = False) -> str:
     guidance = f", guidance scale {s.guidance_scale:g}" if s.guidance_scale != 1 else ""
     level = f", noise level {s.noise_level}" if sr else ""
     auto = f", autoguidance {s.autoguidance_scale:g}" if sr and s.autoguidance_scale != 1 else ""
-    start = noise_note(s.init_noise_scale) if sr else ""
-    return f"{s.scheduler}, {s.steps} steps{guidance}{level}{auto}{start}"
+    sampler = f"{s.scheduler}, {s.steps} steps" if s.steps else sampler_words(s.scheduler, 0)
+    return f"{sampler}{guidance}{level}{auto}"
 
 
 def make_card(
