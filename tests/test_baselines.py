@@ -1,4 +1,4 @@
-"""Baselines scored beside an SR stage: names, Lanczos, the peers' wrapped negatives, one-line errors."""
+"""Baselines scored beside an SR stage: names, Lanczos, the peers' wrapped values, one-line errors."""
 
 import builtins
 
@@ -8,7 +8,7 @@ import torch
 
 from cdm.errors import UserError
 from cdm.measure import baselines
-from cdm.measure.baselines import BASELINES, lanczos, parse_baselines, unwrap_negatives
+from cdm.measure.baselines import BASELINES, lanczos, parse_baselines, unwrap
 
 
 def test_bicubic_comes_first_once_and_an_unknown_name_is_one_line():
@@ -29,11 +29,11 @@ def test_lanczos_keeps_a_flat_image_flat_and_upscales_by_the_factor():
     assert not torch.equal(sharp, soft)  # another kernel, not bicubic under another name
 
 
-def test_wrapped_negatives_are_set_to_zero_where_bicubic_is_dark():
-    reference = np.array([[10, 10, 200, 250]], np.uint8)
-    out = np.array([[253, 5, 253, 255]], np.uint8)  # 253 over a dark pixel: -3 wrapped around
-    fixed, count = unwrap_negatives(out, reference)
-    assert count == 1 and fixed.tolist() == [[0, 5, 253, 255]]
+def test_wrapped_values_are_set_back_where_bicubic_is_at_the_other_end():
+    reference = np.array([[10, 10, 200, 250, 250, 120]], np.uint8)
+    out = np.array([[253, 5, 253, 2, 255, 250]], np.uint8)  # -3 and 258 wrapped around
+    fixed, count = unwrap(out, reference)
+    assert count == 2 and fixed.tolist() == [[0, 5, 253, 255, 255, 250]]
 
 
 def test_a_missing_peer_wheel_is_one_line_naming_the_install(monkeypatch):

