@@ -129,7 +129,7 @@ def upscale_photo(models: AppModels, path, steps, seed):
             raise UserError("upload an image first")
         image = read_image(Path(path))
         check_size(Path(path).name, image, pipe.scale_factor)
-        steps = whole("steps", steps, 1, 10_000)
+        steps = pipe.call_settings(num_inference_steps=whole("steps", steps))["num_inference_steps"]
         seed = whole("seed", seed)
     except (
         UserError,
@@ -219,7 +219,9 @@ def upscale_tab(models: AppModels) -> None:
         with gr.Column(scale=1):
             upload = gr.File(label="Photo", file_types=["image"], type="filepath", elem_id="upscale-input")
             steps = gr.Number(
-                models.sr_settings.steps, precision=0, label="Steps (1-2: faithful; more: detail)"
+                models.sr_settings.steps,
+                precision=0,
+                label="Steps (0: the estimate, most faithful; more: detail)",
             )
             seed = gr.Number(0, precision=0, label="Seed")
             button = gr.Button("Upscale 4x", variant="primary", elem_id="upscale-button")

@@ -349,9 +349,12 @@ def write_sampler(pipe, settings, folder: Path) -> None:
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text())
     index["scheduler"] = ["diffusers", type(scheduler).__name__]
-    index["call_defaults"] = call_defaults(
-        settings, pipe.unet.config.sample_size, isinstance(pipe, SR3Pipeline)
-    )
+    stored = index.get("call_defaults") if isinstance(index.get("call_defaults"), dict) else {}
+    tiles = {k: stored[k] for k in ("tile_size", "tile_overlap") if k in stored}  # the folder's own tuning
+    index["call_defaults"] = {
+        **call_defaults(settings, pipe.unet.config.sample_size, isinstance(pipe, SR3Pipeline)),
+        **tiles,
+    }
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     info_path = folder / STAGE_INFO_FILE
     info = stage_info(folder)

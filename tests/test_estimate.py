@@ -70,17 +70,21 @@ def test_the_folder_default_is_read_by_plain_diffusers(tmp_path):
     torch.testing.assert_close(run(loaded, 7), run(stage(), 0, num_inference_steps=0), atol=1e-6, rtol=0)
 
 
-def test_export_set_writes_zero_steps_where_plain_diffusers_and_cdm_read_them(tmp_path):
+def test_export_set_writes_zero_steps_where_plain_diffusers_and_cdm_read_them_and_keeps_the_tiles(tmp_path):
     src = tmp_path / "sr"
     info = {"stage": {"name": "sr", "sample": {"scheduler": "DDPMScheduler", "steps": 2}}, "unet": {}}
     export_stage(stage(), src, info)
+    index = json.loads((src / "model_index.json").read_text())
+    index["call_defaults"]["tile_overlap"] = 4  # tuned in the folder, not in cdm_stage.json
+    (src / "model_index.json").write_text(json.dumps(index))
     out = tmp_path / "out"
     export_main([str(src), "--out", str(out), "--set", "sr.steps=0"])
     index = json.loads((out / "model_index.json").read_text())
     assert index["call_defaults"]["num_inference_steps"] == 0
+    assert index["call_defaults"]["tile_overlap"] == 4  # a re-export keeps the folder's tiles
     pipe, settings = load_sr_stage(str(out), None)
     assert settings.steps == 0 and pipe.call_settings()["num_inference_steps"] == 0
-    assert "one UNet evaluation from the noise's mean" in (out / "README.md").read_text()
+    assert "the estimate from the noise's mean" in (out / "README.md").read_text()
     assert stage_settings(json.loads((src / "cdm_stage.json").read_text())).steps == 2  # source kept
 
 
@@ -93,7 +97,7 @@ def test_cdm_eval_sr_takes_zero_steps_and_refuses_negative_ones(tmp_path):
     assert result.returncode == 0, result.stderr
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert res["settings"]["steps"] == 0 and [row["steps"] for row in res["sweep"]] == [0, 1]
-    assert "one UNet evaluation from the noise's mean" in (tmp_path / "ev" / "results.md").read_text()
+    assert "the estimate from the noise's mean" in (tmp_path / "ev" / "results.md").read_text()
     bad = run_cli(cmd + ["--out", str(tmp_path / "bad"), "--steps", "-1"], tmp_path)
     assert bad.returncode == 2 and "--steps=-1" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad").exists()

@@ -111,7 +111,7 @@ def sampler_note(res: dict) -> str:
 def sampler_words(scheduler: str, steps: int) -> str:
     """ "DDPMScheduler 2 steps", or for an SR stage's 0 steps what it does instead of sampling."""
     if steps == 0:
-        return "0 steps (one UNet evaluation from the noise's mean: the estimate of E[x | low-res])"
+        return "0 steps (the estimate from the noise's mean)"
     return f"{scheduler} {steps} steps"
 
 
