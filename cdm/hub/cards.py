@@ -100,11 +100,12 @@ def sampler_note(res: dict) -> str:
     settings = res.get("settings") or {}
     if res["kind"] != "sr" or "steps" not in settings:
         return ""
-    w = settings.get("autoguidance_scale", 1)
+    w, c = settings.get("autoguidance_scale", 1), settings.get("detail_threshold") or 0
     return (
         ", "
         + sampler_words(settings.get("scheduler", ""), settings["steps"])
         + (f", autoguidance {w:g}" if w != 1 else "")
+        + (f", detail threshold {c:g}" if c else "")
     )
 
 
@@ -136,6 +137,8 @@ def input_note(settings: dict) -> str:
     notes += [f"UNet on {settings['tile']} px tiles"] if settings.get("tile") else []
     w = settings.get("autoguidance_scale", 1)
     notes += [f"autoguidance {w:g}"] if w != 1 else []
+    c = settings.get("detail_threshold") or 0
+    notes += [f"detail threshold {c:g}"] if c else []
     return "".join(", " + n for n in notes)
 
 
