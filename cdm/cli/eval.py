@@ -101,6 +101,18 @@ def check_sr_arguments(args, pipe) -> dict:
     }
 
 
+def check_grid(pipe, grid) -> None:
+    """Every (scheduler, steps) of a sweep, by the stage's rule for the steps (an SR stage's 0: its
+    one-evaluation estimate), and each scheduler tried, before any compute."""
+    try:
+        for _, steps in grid:
+            pipe.call_settings(num_inference_steps=steps)
+    except ValueError as err:
+        raise flag_error(err, {"num_inference_steps": "--steps"}) from None
+    for name, steps in grid:
+        sampling_scheduler(name, pipe.scheduler.config, steps)
+
+
 def check_baselines(text: str | None, factor: int) -> list[str]:
     """The `--baseline` names, bicubic first; a peer is set up now (its wheel and Vulkan device), so a
     missing one stops the run before any image is upscaled."""
@@ -130,13 +142,7 @@ def cmd_sr(args) -> None:
         for name in args.scheduler or [settings.scheduler]
         for steps in args.steps or [settings.steps]
     ]
-    try:  # the stage's rule for the steps (an SR stage's 0: its one-evaluation estimate)
-        for _, steps in grid:
-            pipe.call_settings(num_inference_steps=steps)
-    except ValueError as err:
-        raise flag_error(err, {"num_inference_steps": "--steps"}) from None
-    for name, steps in grid:  # every combination is tried before any compute
-        sampling_scheduler(name, pipe.scheduler.config, steps)
+    check_grid(pipe, grid)
     start = time.perf_counter()
     if size == 0:  # whole images, each cropped to a multiple of the scale and the UNet's stride
         multiple = pipe.scale_factor * mult // math.gcd(pipe.scale_factor, mult)

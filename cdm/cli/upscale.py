@@ -64,14 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("upscaled"), help="output folder (default upscaled/)")
     p.add_argument("--tile", type=int, help="tile size in input pixels (default: the stage's)")
     p.add_argument("--overlap", type=int, help="tile overlap in input pixels (default: the stage's)")
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="sampling steps; 0: no sampling, one UNet evaluation that gives the stage's estimate of "
-        "E[x | low-res], the highest PSNR (default: the stage's setting; the photo stage's is 0, its "
-        "fidelity end)",
-    )
+    steps_help = "sampling steps; 0: one UNet evaluation, the stage's estimate of E[x | low-res] (default"
+    p.add_argument("--steps", type=int, help=steps_help + ": the stage's; the photo stage's is 0)")
     p.add_argument("--scheduler", help="diffusers scheduler class (default: the stage's setting)")
     add_detail_arguments(p)
     p.add_argument(
