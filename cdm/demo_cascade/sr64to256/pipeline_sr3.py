@@ -668,6 +668,60 @@ class SR3Pipeline(DiffusionPipeline):
             labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
         return cond, s_emb, labels
 
+    def check_call(self, num_images_per_prompt, tensor_inputs, output_type, truncate_alphabar) -> list[str]:
+        """Check the call's arguments that are not stage settings; return the callback's tensor names."""
+        check_number("num_images_per_prompt", num_images_per_prompt, 1, 4096, integer=True)
+        tensor_inputs = tensor_inputs or ["latents"]
+        bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs has {bad}: expected names from {self._callback_tensor_inputs}"
+            )
+        to_output_type(torch.zeros(0, 3, 1, 1), output_type)  # an unknown output_type fails before work
+        if truncate_alphabar is not None:
+            check_number("truncate_alphabar", truncate_alphabar, 1e-9, 1)
+        return tensor_inputs
+
+    def prepare_timesteps(self, steps: int, device) -> torch.Tensor:
+        """The scheduler's timesteps; 0 steps: the last training timestep alone (the estimate)."""
+        if steps:
+            self.scheduler.set_timesteps(steps, device=device)
+            timesteps = self.scheduler.timesteps
+        else:
+            timesteps = torch.tensor([self.scheduler.config.num_train_timesteps - 1], device=device)
+        self._num_timesteps = len(timesteps)
+        return timesteps
+
+    def prepare_latents(self, shape, steps: int, latents, generator, device) -> torch.Tensor:
+        """The initial noise at the output size, scaled for the scheduler; 0 steps: its mean (zeros)."""
+        if latents is not None and not steps:
+            raise ValueError(
+                "latents given with num_inference_steps=0: the estimate starts from the noise's mean"
+            )
+        if latents is None:
+            latents = (
+                randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+                if steps
+                else torch.zeros(shape, device=device, dtype=self.unet.dtype)
+            )
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}: expected {shape}")
+        return latents.to(device) * self.scheduler.init_noise_sigma
+
+    def pad_to_stride(self, x_lr: torch.Tensor) -> torch.Tensor:
+        """Pad the low-res batch with replicated edges so the output is a multiple of the UNet's stride."""
+        step = max(1, self.stride // self.scale_factor)
+        h, w = x_lr.shape[-2:]
+        pad_h, pad_w = (-h) % step, (-w) % step
+        return F.pad(x_lr, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x_lr
+
+    def finish(self, sample: torch.Tensor, x_lr: torch.Tensor, size) -> torch.Tensor:
+        """A finished sample in [-1, 1]: a residual stage adds its sample to the clean upsampled input."""
+        if self.config.residual:
+            base = augment_low_res(x_lr, size, 0, self.image_noising_scheduler)
+            sample = base.to(sample.dtype) + sample / self.config.residual_scale
+        return sample.clamp(-1, 1)
+
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -708,16 +762,9 @@ class SR3Pipeline(DiffusionPipeline):
             eta=eta,
             detail_threshold=detail_threshold,
         )
-        check_number("num_images_per_prompt", num_images_per_prompt, 1, 4096, integer=True)
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs has {bad}: expected names from {self._callback_tensor_inputs}"
-            )
-        to_output_type(torch.zeros(0, 3, 1, 1), output_type)  # an unknown output_type fails before work
-        if truncate_alphabar is not None:
-            check_number("truncate_alphabar", truncate_alphabar, 1e-9, 1)
+        tensor_inputs = self.check_call(
+            num_images_per_prompt, callback_on_step_end_tensor_inputs, output_type, truncate_alphabar
+        )
         self._guidance_scale, self._interrupt = settings["guidance_scale"], False
         self._autoguidance_scale = settings["autoguidance_scale"]
         tile_size, tile_overlap = settings["tile_size"], settings["tile_overlap"]
@@ -735,12 +782,8 @@ class SR3Pipeline(DiffusionPipeline):
         self.check_inputs(x_lr, class_ids, generator, any_size, handover)
 
         # 3. Pad to the UNet's stride (replicated edges; cropped off in step 7) and condition on the input
-        f = self.scale_factor
-        step = max(1, self.stride // f)
-        h, w = x_lr.shape[-2:]
-        pad_h, pad_w = (-h) % step, (-w) % step
-        if pad_h or pad_w:
-            x_lr = F.pad(x_lr, (0, pad_w, 0, pad_h), mode="replicate")
+        f, (h, w) = self.scale_factor, x_lr.shape[-2:]
+        x_lr = self.pad_to_stride(x_lr)
         size = (x_lr.shape[-2] * f, x_lr.shape[-1] * f)
         cond, s_emb, labels = self.prepare_conditioning(
             x_lr, size, class_ids, settings["noise_level"], low_res_is_augmented, generator
@@ -748,26 +791,9 @@ class SR3Pipeline(DiffusionPipeline):
 
         # 4. Timesteps and the initial noise at the output size; 0 steps: the last timestep, the noise's mean
         steps = settings["num_inference_steps"]
-        if steps:
-            self.scheduler.set_timesteps(steps, device=device)
-            timesteps = self.scheduler.timesteps
-        else:
-            timesteps = torch.tensor([self.scheduler.config.num_train_timesteps - 1], device=device)
-        self._num_timesteps = len(timesteps)
+        timesteps = self.prepare_timesteps(steps, device)
         shape = (x_lr.shape[0], self.unet.config.out_channels, *size)
-        if latents is not None and not steps:
-            raise ValueError(
-                "latents given with num_inference_steps=0: the estimate starts from the noise's mean"
-            )
-        if latents is None:
-            latents = (
-                randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-                if steps
-                else torch.zeros(shape, device=device, dtype=self.unet.dtype)
-            )
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}: expected {shape}")
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        latents = self.prepare_latents(shape, steps, latents, generator, device)
         extra = step_kwargs(self.scheduler, generator, settings["eta"])
 
         # 5. Denoising loop (stops early to hand over z_s when truncating, CDM section 3.2); with a detail
@@ -794,13 +820,11 @@ class SR3Pipeline(DiffusionPipeline):
                 outputs = callback_on_step_end(self, i, t, {k: available[k] for k in tensor_inputs}) or {}
                 latents = outputs.get("latents", latents)
             if truncate_alphabar is not None and i + 1 < len(timesteps):
-                t_next = timesteps[i + 1]
-                if self.alphabar_at(t_next) >= truncate_alphabar:  # VP form for sigma schedulers
-                    latents, alphabar = (
-                        self.scheduler.scale_model_input(latents, t_next),
-                        self.alphabar_at(t_next),
-                    )
+                alphabar = self.alphabar_at(timesteps[i + 1])
+                if alphabar >= truncate_alphabar:  # hand over z_s, in VP form for sigma schedulers
+                    latents = self.scheduler.scale_model_input(latents, timesteps[i + 1])
                     break
+                alphabar = None
 
         # 6. Detail where the input has content; a residual stage adds its sample to the clean upsampled
         # input; a finished sample is clamped
@@ -811,10 +835,7 @@ class SR3Pipeline(DiffusionPipeline):
                 raise ValueError(
                     f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'latent'"
                 )
-            if self.config.residual:
-                base = augment_low_res(x_lr, size, 0, self.image_noising_scheduler)
-                latents = base.to(latents.dtype) + latents / self.config.residual_scale
-            latents = latents.clamp(-1, 1)
+            latents = self.finish(latents, x_lr, size)
 
         # 7. Post-process: crop the padding off, convert
         latents = latents[..., : h * f, : w * f]
