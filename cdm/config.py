@@ -104,6 +104,9 @@ class StageConfig:
     num_train_timesteps: int = 1000
     # Training draws t = floor(T u^p): p = 1 is uniform (DDPM); p > 1 trains low noise levels more.
     timestep_power: float = 1.0
+    # SR stages with v-prediction: the fraction of examples that train the 0-step estimate directly
+    # (zeros at the last timestep, target x0), the estimate `num_inference_steps=0` returns.
+    estimate_fraction: float = 0.0
     crop_size: int = 0  # high-res training crop for SR stages; 0 trains on whole images
     noise_level_max: int = 250  # conditioning augmentation: s ~ U{0..noise_level_max}
     blur_prob: float = 0.0
@@ -304,6 +307,13 @@ def validate_stage(cfg) -> None:
     if not 0.25 <= stage.timestep_power <= 8:
         raise UserError(
             f"stage.timestep_power={stage.timestep_power}: expected a value in 0.25..8 (1 is uniform)"
+        )
+    if not 0 <= stage.estimate_fraction <= 1:
+        raise UserError(f"stage.estimate_fraction={stage.estimate_fraction}: expected a value in [0, 1]")
+    if stage.estimate_fraction > 0 and stage.prediction_type != PredictionType.v_prediction:
+        raise UserError(
+            f"stage.estimate_fraction={stage.estimate_fraction} with stage.prediction_type="
+            f"{stage.prediction_type.value}: expected v_prediction (an epsilon stage has no 0-step estimate)"
         )
     if not stage.residual_scale > 0:
         raise UserError(f"stage.residual_scale={stage.residual_scale}: expected a value > 0")

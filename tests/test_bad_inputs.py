@@ -195,6 +195,18 @@ CASES = [
     ("train-negative-learning-rate", [*TRAIN, "train.learning_rate=-1"], "learning_rate", None),
     ("train-zero-timestep-power", [*TRAIN, "stage.timestep_power=0"], "stage.timestep_power=0.0", None),
     (
+        "train-estimate-fraction-above-one",
+        [*TRAIN, "stage.estimate_fraction=2"],
+        "stage.estimate_fraction=2.0",
+        None,
+    ),
+    (
+        "train-estimate-fraction-on-epsilon",
+        [*TRAIN, "stage.prediction_type=epsilon", "stage.estimate_fraction=0.5"],
+        "expected v_prediction",
+        None,
+    ),
+    (
         "train-max-scale-below-min",
         [*TRAIN, "data.min_scale=0.5", "data.max_scale=0.25"],
         "data.max_scale=0.25",

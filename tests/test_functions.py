@@ -87,6 +87,35 @@ def test_diffusion_loss_is_zero_for_the_exact_target(prediction_type):
     assert DiffusionLoss(sched, prediction_type)(lambda x_t, t: torch.zeros_like(x_t), x0, g(1)).item() > 0.1
 
 
+def test_estimate_fraction_trains_the_zero_step_estimate_that_the_pipeline_returns():
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    x0 = torch.randn(64, 3, 4, 4, generator=g(0))
+    seen = {}
+
+    def capture(x_t, t):
+        seen["x_t"], seen["t"] = x_t, t
+        return torch.zeros_like(x_t)
+
+    plain = DiffusionLoss(sched, "v_prediction")
+    base = plain(capture, x0, g(1))
+    assert (
+        DiffusionLoss(sched, "v_prediction", estimate_fraction=0.0)(capture, x0, g(1)) == base
+    )  # off: unchanged
+    loss = DiffusionLoss(sched, "v_prediction", estimate_fraction=0.5)
+    x_t, t, target = loss.with_estimates(x0, torch.ones_like(x0), torch.zeros(64, dtype=torch.long), x0, g(2))
+    picked = t == 999
+    assert 16 < picked.sum() < 48  # about half
+    assert (x_t[picked] == 0).all() and (x_t[~picked] == 1).all() and (target[~picked] == x0[~picked]).all()
+    ab = sched.alphas_cumprod[999]
+    clean = ab.sqrt() * x_t[picked] - (1 - ab).sqrt() * target[picked]  # the pipeline's v -> x0
+    torch.testing.assert_close(clean, x0[picked], atol=1e-5, rtol=0)
+    everything = DiffusionLoss(sched, "v_prediction", estimate_fraction=1.0)
+    everything(capture, x0, g(1))
+    assert (seen["t"] == 999).all() and (seen["x_t"] == 0).all()
+    with pytest.raises(ValueError, match="expected v_prediction"):
+        DiffusionLoss(sched, "epsilon", estimate_fraction=0.5)(capture, x0, g(1))
+
+
 def test_timestep_power_moves_training_to_low_noise_and_one_is_the_uniform_draw():
     sched = DDPMScheduler(num_train_timesteps=1000)
     uniform = DiffusionLoss(sched, timestep_power=1.0).timesteps(4000, g(3))

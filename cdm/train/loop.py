@@ -157,7 +157,12 @@ class Trainer:
         if resume_from is None and opts.init_from:  # before the EMA copies the weights
             self.init_record = init_weights(unet, opts.init_from)
         self.noising = build_noise_scheduler(cfg.stage)
-        self.loss_fn = DiffusionLoss(self.noising, cfg.stage.prediction_type.value, cfg.stage.timestep_power)
+        self.loss_fn = DiffusionLoss(
+            self.noising,
+            cfg.stage.prediction_type.value,
+            cfg.stage.timestep_power,
+            cfg.stage.estimate_fraction,
+        )
         self.ema = EMAModel(
             unet.parameters(),
             decay=opts.ema_decay,
