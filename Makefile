@@ -24,7 +24,7 @@ browser:
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
 test: install browser
-	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" --durations=10
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]
