@@ -301,9 +301,8 @@ def validate(cfg) -> None:
     validate_data(cfg)
 
 
-def validate_stage(cfg) -> None:
-    """Stage rules: residual scale, augmentation levels and modes, SR sizes and crops."""
-    stage = cfg.stage
+def validate_objective(stage) -> None:
+    """Training-loss rules: where the timesteps are drawn, and the share that trains the 0-step estimate."""
     if not 0.25 <= stage.timestep_power <= 8:
         raise UserError(
             f"stage.timestep_power={stage.timestep_power}: expected a value in 0.25..8 (1 is uniform)"
@@ -315,6 +314,12 @@ def validate_stage(cfg) -> None:
             f"stage.estimate_fraction={stage.estimate_fraction} with stage.prediction_type="
             f"{stage.prediction_type.value}: expected v_prediction (an epsilon stage has no 0-step estimate)"
         )
+
+
+def validate_stage(cfg) -> None:
+    """Stage rules: residual scale, augmentation levels and modes, SR sizes and crops."""
+    stage = cfg.stage
+    validate_objective(stage)
     if not stage.residual_scale > 0:
         raise UserError(f"stage.residual_scale={stage.residual_scale}: expected a value > 0")
     if not 0 < cfg.data.min_scale <= 1:
