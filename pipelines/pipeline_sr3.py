@@ -668,19 +668,40 @@ class SR3Pipeline(DiffusionPipeline):
             labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
         return cond, s_emb, labels
 
-    def check_call(self, num_images_per_prompt, tensor_inputs, output_type, truncate_alphabar) -> list[str]:
-        """Check the call's arguments that are not stage settings; return the callback's tensor names."""
-        check_number("num_images_per_prompt", num_images_per_prompt, 1, 4096, integer=True)
-        tensor_inputs = tensor_inputs or ["latents"]
+    def check_call(self, call: dict) -> tuple[dict, list[str]]:
+        """Check a call's arguments: its settings (given, else the stage's tuned defaults), then the output
+        type and the callback's tensor names; sets the guidance scales the loop reads."""
+        settings = self.call_settings(**{k: call[k] for k in SR3_CALL_DEFAULTS})
+        check_number("num_images_per_prompt", call["num_images_per_prompt"], 1, 4096, integer=True)
+        tensor_inputs = call["callback_on_step_end_tensor_inputs"] or ["latents"]
         bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs has {bad}: expected names from {self._callback_tensor_inputs}"
             )
-        to_output_type(torch.zeros(0, 3, 1, 1), output_type)  # an unknown output_type fails before work
-        if truncate_alphabar is not None:
-            check_number("truncate_alphabar", truncate_alphabar, 1e-9, 1)
-        return tensor_inputs
+        to_output_type(
+            torch.zeros(0, 3, 1, 1), call["output_type"]
+        )  # an unknown output_type fails before work
+        if call["truncate_alphabar"] is not None:
+            check_number("truncate_alphabar", call["truncate_alphabar"], 1e-9, 1)
+        self._guidance_scale, self._interrupt = settings["guidance_scale"], False
+        self._autoguidance_scale = settings["autoguidance_scale"]
+        return settings, tensor_inputs
+
+    def prepare_batch(self, call: dict, settings: dict):
+        """The low-res batch in [-1, 1], each image (and label) repeated per prompt, checked, then padded to
+        the UNet's stride; returns it, the class ids and the size before padding."""
+        n, augmented = call["num_images_per_prompt"], call["low_res_is_augmented"]
+        x_lr = image_to_tensor(call["image"], raw=augmented).to(self._execution_device)
+        x_lr = x_lr.repeat_interleave(n, dim=0)
+        class_ids, labels = None, call["class_labels"]
+        if labels is not None:
+            labels = labels if isinstance(labels, (list, tuple)) else [labels]
+            class_ids = [int(c) for c in labels for _ in range(n)]
+        any_size = call["allow_any_size"] or settings["tile_size"] > 0
+        handover = (augmented, call["truncate_alphabar"] is not None)
+        self.check_inputs(x_lr, class_ids, call["generator"], any_size, handover)
+        return self.pad_to_stride(x_lr), class_ids, tuple(x_lr.shape[-2:])
 
     def prepare_timesteps(self, steps: int, device) -> torch.Tensor:
         """The scheduler's timesteps; 0 steps: the last training timestep alone (the estimate)."""
@@ -715,12 +736,56 @@ class SR3Pipeline(DiffusionPipeline):
         pad_h, pad_w = (-h) % step, (-w) % step
         return F.pad(x_lr, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x_lr
 
-    def finish(self, sample: torch.Tensor, x_lr: torch.Tensor, size) -> torch.Tensor:
-        """A finished sample in [-1, 1]: a residual stage adds its sample to the clean upsampled input."""
+    def finish(self, sample: torch.Tensor, x_lr: torch.Tensor, size, alphabar, output_type) -> torch.Tensor:
+        """A finished sample in [-1, 1]: a residual stage adds its sample to the clean upsampled input. A
+        truncated run's noisy z_s is not finished."""
+        if alphabar is not None:
+            raise ValueError(f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'latent'")
         if self.config.residual:
             base = augment_low_res(x_lr, size, 0, self.image_noising_scheduler)
             sample = base.to(sample.dtype) + sample / self.config.residual_scale
         return sample.clamp(-1, 1)
+
+    def denoise(self, latents, timesteps, conditioning, x_lr, settings: dict, call: dict, tensor_inputs):
+        """The denoising loop; stops early to hand over z_s when truncating (CDM section 3.2), returning its
+        alphabar. With a detail threshold, the first step's estimate of the clean sample keeps the detail
+        where the input has content."""
+        cond, s_emb, labels = conditioning
+        steps = settings["num_inference_steps"]
+        extra = step_kwargs(self.scheduler, call["generator"], settings["eta"])
+        callback, truncate = call["callback_on_step_end"], call["truncate_alphabar"]
+        do_cfg, alphabar, first_estimate = self.guidance_scale > 1.0, None, None
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:
+                break
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            if steps:  # (zeros, the 0-step input, are the same in every scheduler's scaling)
+                model_input = self.scheduler.scale_model_input(model_input, t)
+            model_input = torch.cat([model_input, cond], dim=1)
+            model_output = self.predict(
+                model_input, t, labels, s_emb, settings["tile_size"], settings["tile_overlap"]
+            )
+            if do_cfg:
+                model_output = cfg_combine(model_output, self.guidance_scale)
+            if i == 0 and settings["detail_threshold"] > 0:
+                first_estimate = self.clean_estimate(model_output, model_input[:, : latents.shape[1]], t)
+            if steps:
+                latents = self.scheduler.step(model_output, t, latents, **extra).prev_sample
+            else:  # no sampling: the prediction of the clean sample is the result
+                latents = self.clean_estimate(model_output, model_input[:, : latents.shape[1]], t)
+            if callback is not None:
+                available = {"latents": latents}
+                outputs = callback(self, i, t, {k: available[k] for k in tensor_inputs}) or {}
+                latents = outputs.get("latents", latents)
+            if truncate is not None and i + 1 < len(timesteps):
+                alphabar = self.alphabar_at(timesteps[i + 1])
+                if alphabar >= truncate:  # hand over z_s, in VP form for sigma schedulers
+                    latents = self.scheduler.scale_model_input(latents, timesteps[i + 1])
+                    break
+                alphabar = None
+        if first_estimate is not None and alphabar is None:
+            latents = self.fade_detail(latents, first_estimate, x_lr, settings["detail_threshold"])
+        return latents, alphabar
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -752,94 +817,23 @@ class SR3Pipeline(DiffusionPipeline):
         Examples:
         """
         # 1. Check the call: settings (given, else the stage's tuned defaults), output type, callbacks
-        settings = self.call_settings(
-            num_inference_steps=num_inference_steps,
-            noise_level=noise_level,
-            guidance_scale=guidance_scale,
-            autoguidance_scale=autoguidance_scale,
-            tile_size=tile_size,
-            tile_overlap=tile_overlap,
-            eta=eta,
-            detail_threshold=detail_threshold,
-        )
-        tensor_inputs = self.check_call(
-            num_images_per_prompt, callback_on_step_end_tensor_inputs, output_type, truncate_alphabar
-        )
-        self._guidance_scale, self._interrupt = settings["guidance_scale"], False
-        self._autoguidance_scale = settings["autoguidance_scale"]
-        tile_size, tile_overlap = settings["tile_size"], settings["tile_overlap"]
-
-        # 2. The low-res batch in [-1, 1], each image (and label) repeated per prompt, then checked
-        device = self._execution_device
-        x_lr = image_to_tensor(image, raw=low_res_is_augmented).to(device)
-        x_lr = x_lr.repeat_interleave(num_images_per_prompt, dim=0)
-        class_ids = None
-        if class_labels is not None:
-            labels = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels]
-            class_ids = [int(c) for c in labels for _ in range(num_images_per_prompt)]
-        any_size = allow_any_size or tile_size > 0
-        handover = (low_res_is_augmented, truncate_alphabar is not None)
-        self.check_inputs(x_lr, class_ids, generator, any_size, handover)
-
-        # 3. Pad to the UNet's stride (replicated edges; cropped off in step 7) and condition on the input
-        f, (h, w) = self.scale_factor, x_lr.shape[-2:]
-        x_lr = self.pad_to_stride(x_lr)
+        call = {k: v for k, v in locals().items() if k != "self"}  # every argument, as given
+        settings, tensor_inputs = self.check_call(call)
+        # 2. The low-res batch (padded to the UNet's stride, cropped back in step 5), its conditioning
+        x_lr, class_ids, (h, w) = self.prepare_batch(call, settings)
+        f, level = self.scale_factor, settings["noise_level"]
         size = (x_lr.shape[-2] * f, x_lr.shape[-1] * f)
-        cond, s_emb, labels = self.prepare_conditioning(
-            x_lr, size, class_ids, settings["noise_level"], low_res_is_augmented, generator
-        )
-
-        # 4. Timesteps and the initial noise at the output size; 0 steps: the last timestep, the noise's mean
-        steps = settings["num_inference_steps"]
-        timesteps = self.prepare_timesteps(steps, device)
-        shape = (x_lr.shape[0], self.unet.config.out_channels, *size)
-        latents = self.prepare_latents(shape, steps, latents, generator, device)
-        extra = step_kwargs(self.scheduler, generator, settings["eta"])
-
-        # 5. Denoising loop (stops early to hand over z_s when truncating, CDM section 3.2); with a detail
-        # threshold, the first step's estimate of the clean sample is kept for step 6
-        do_cfg, alphabar, first_estimate = self.guidance_scale > 1.0, None, None
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            if self.interrupt:
-                break
-            model_input = torch.cat([latents] * 2) if do_cfg else latents
-            if steps:  # (zeros, the 0-step input, are the same in every scheduler's scaling)
-                model_input = self.scheduler.scale_model_input(model_input, t)
-            model_input = torch.cat([model_input, cond], dim=1)
-            model_output = self.predict(model_input, t, labels, s_emb, tile_size, tile_overlap)
-            if do_cfg:
-                model_output = cfg_combine(model_output, self.guidance_scale)
-            if i == 0 and settings["detail_threshold"] > 0:
-                first_estimate = self.clean_estimate(model_output, model_input[:, : latents.shape[1]], t)
-            if steps:
-                latents = self.scheduler.step(model_output, t, latents, **extra).prev_sample
-            else:  # no sampling: the prediction of the clean sample is the result
-                latents = self.clean_estimate(model_output, model_input[:, : latents.shape[1]], t)
-            if callback_on_step_end is not None:
-                available = {"latents": latents}
-                outputs = callback_on_step_end(self, i, t, {k: available[k] for k in tensor_inputs}) or {}
-                latents = outputs.get("latents", latents)
-            if truncate_alphabar is not None and i + 1 < len(timesteps):
-                alphabar = self.alphabar_at(timesteps[i + 1])
-                if alphabar >= truncate_alphabar:  # hand over z_s, in VP form for sigma schedulers
-                    latents = self.scheduler.scale_model_input(latents, timesteps[i + 1])
-                    break
-                alphabar = None
-
-        # 6. Detail where the input has content; a residual stage adds its sample to the clean upsampled
-        # input; a finished sample is clamped
-        if first_estimate is not None and alphabar is None:
-            latents = self.fade_detail(latents, first_estimate, x_lr, settings["detail_threshold"])
+        cond = self.prepare_conditioning(x_lr, size, class_ids, level, low_res_is_augmented, generator)
+        # 3. Timesteps and the initial noise at the output size; 0 steps: the last timestep, the noise's mean
+        steps, shape = settings["num_inference_steps"], (x_lr.shape[0], self.unet.config.out_channels, *size)
+        timesteps = self.prepare_timesteps(steps, x_lr.device)
+        latents = self.prepare_latents(shape, steps, latents, generator, x_lr.device)
+        # 4. Denoise; a finished sample gets the upsampled input back (residual stages) and is clamped
+        latents, alphabar = self.denoise(latents, timesteps, cond, x_lr, settings, call, tensor_inputs)
         if output_type != "latent":
-            if alphabar is not None:
-                raise ValueError(
-                    f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'latent'"
-                )
-            latents = self.finish(latents, x_lr, size)
-
-        # 7. Post-process: crop the padding off, convert
-        latents = latents[..., : h * f, : w * f]
-        images = to_output_type(latents, output_type)
+            latents = self.finish(latents, x_lr, size, alphabar, output_type)
+        # 5. Post-process: crop the padding off, convert
+        images = to_output_type(latents[..., : h * f, : w * f], output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
