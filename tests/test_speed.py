@@ -1,6 +1,9 @@
 """Speed settings: what `--precision auto` picks on which hardware, that they change rounding only, and
 that `--exact` gives plain diffusers' arithmetic back."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -19,11 +22,43 @@ def test_auto_takes_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, fast_bf1
     speed = Speed.resolve("auto", CPU)
     assert speed.dtype == (torch.bfloat16 if fast_bf16 else None)
     assert speed.channels_last  # oneDNN's convolutions are faster in it on any CPU
+    assert speed.keep_memory
     assert training_precision("auto") == ("bf16" if fast_bf16 else "no")
     assert training_precision("fp16") == "fp16"  # a chosen precision is kept
     assert Speed.resolve("fp32", CPU).dtype is None
     assert Speed.resolve("bf16", CPU).dtype == torch.bfloat16  # asked for: emulated if need be
     assert Speed.resolve("auto", CPU, exact=True) == Speed.exact() == Speed(None, False)
+
+
+FAULTS = """
+import resource, sys, torch
+from cdm import devices
+
+def faults_of_64_mib_activations():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(16 * 2**20)
+    y = (x + 1) * 2  # three tensors of 64 MiB, as a 1024 px layer's, each page written, then freed
+    del x, y
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = [faults_of_64_mib_activations() for _ in range(3)]
+applied = devices.keep_freed_memory()
+kept = [faults_of_64_mib_activations() for _ in range(8)]
+print(applied, min(default), sum(kept[1:]))  # after the first, which grows the heap to its working size
+
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a setting of glibc's malloc")
+def test_kept_memory_is_reused_instead_of_faulted_in_again():
+    # In a process of its own: the setting stays for the life of the process.
+    out = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, check=True)
+    applied, default, kept = out.stdout.split()
+    assert applied == "True"
+    assert int(default) > 40_000  # 3 x 16,384 pages of 4 KiB, mapped and faulted in again each time
+    # Seven more rounds fault in fewer pages than two rounds did before: freed blocks are reused (the heap
+    # still grows now and then, where Python's own allocations split a free block).
+    assert int(kept) < 2 * int(default)
 
 
 def test_exact_with_bf16_or_an_unknown_precision_is_one_clear_error():
