@@ -153,6 +153,33 @@ class CDMCascadePipeline(DiffusionPipeline):
         view.set_progress_bar_config(**getattr(stage, "_progress_bar_config", {}))
         return view
 
+    def run_stage(self, k: int, x, alphabar, ids: list[int], s: dict, truncate, generator):
+        """Stage k on `x` (the class ids for the base stage; else the previous stage's [0, 1] images, or
+        its truncated z_s with that z_s's `alphabar`); returns its images and where it stopped."""
+        stage = self.with_scheduler(self.stages[k], s["scheduler"])
+        kwargs = {
+            "num_inference_steps": s["steps"],
+            "guidance_scale": s["guidance_scale"],
+            "generator": generator,
+            "output_type": "pt" if truncate is None else "latent",  # [0, 1], or a truncated z_s
+            "truncate_alphabar": truncate,
+        }
+        if k == 0:
+            out = stage(ids, **kwargs)
+            return out.images, out.alphabar
+        handed_over, level = alphabar is not None, s["noise_level"]
+        if handed_over:  # the level whose alphabar is closest to where the previous stage stopped
+            level = int((stage.image_noising_scheduler.alphas_cumprod - alphabar).abs().argmin())
+        out = stage(
+            x,
+            class_labels=ids if stage.num_classes else None,
+            noise_level=level,
+            low_res_is_augmented=handed_over,
+            autoguidance_scale=s["autoguidance_scale"],
+            **kwargs,
+        )
+        return out.images, out.alphabar
+
     @torch.no_grad()
     def __call__(
         self,
@@ -189,34 +216,10 @@ class CDMCascadePipeline(DiffusionPipeline):
         ids = [i for i in self.stages[0].get_label_ids(class_labels) for _ in range(num_images_per_prompt)]
 
         # 2. Each stage in turn on the previous one's output ([0, 1], or a truncated z_s)
-        x, alphabar, per_stage = None, None, []
-        for k, stage in enumerate(self.stages):
-            s = settings[k]
+        x, alphabar, per_stage = ids, None, []
+        for k in range(len(STAGES)):
             truncate = self.truncation_alphabar(k, settings[k + 1] if k + 1 < len(STAGES) else None)
-            kwargs = {
-                "num_inference_steps": s["steps"],
-                "guidance_scale": s["guidance_scale"],
-                "generator": generator,
-                "output_type": "pt" if truncate is None else "latent",  # [0, 1], or a truncated z_s
-                "truncate_alphabar": truncate,
-            }
-            stage = self.with_scheduler(stage, s["scheduler"])
-            if k == 0:
-                out = stage(ids, **kwargs)
-            else:
-                handed_over = alphabar is not None
-                level = s["noise_level"]
-                if handed_over:  # the level whose alphabar is closest to where the previous stage stopped
-                    level = int((stage.image_noising_scheduler.alphas_cumprod - alphabar).abs().argmin())
-                out = stage(
-                    x,
-                    class_labels=ids if stage.num_classes else None,
-                    noise_level=level,
-                    low_res_is_augmented=handed_over,
-                    autoguidance_scale=s["autoguidance_scale"],
-                    **kwargs,
-                )
-            x, alphabar = out.images, out.alphabar
+            x, alphabar = self.run_stage(k, x, alphabar, ids, settings[k], truncate, generator)
             if truncate is not None and alphabar is None:  # the sampler never reached the handover level
                 x = (x / 2 + 0.5).clamp(0, 1)
             per_stage.append(x if alphabar is None else (x / 2 + 0.5).clamp(0, 1))

@@ -360,6 +360,46 @@ class CDMBasePipeline(DiffusionPipeline):
     def alphabar_at(self, t) -> float:
         return float(self.scheduler.alphas_cumprod[int(round(float(t)))])
 
+    def prepare_labels(self, class_ids: list[int]) -> torch.Tensor:
+        """The labels of one UNet batch: [cond; null] when guiding, so the UNet runs once per step."""
+        labels = torch.tensor(class_ids, device=self._execution_device)
+        if self.guidance_scale > 1.0:
+            labels = torch.cat([labels, torch.full_like(labels, self.null_class_id)])
+        return labels
+
+    def denoise(self, latents, labels, step: dict, truncate_alphabar):
+        """The denoising loop; with `truncate_alphabar`, it stops at the first timestep whose alpha-bar
+        reaches it and returns (z_s, alpha-bar), else (x_0, None). `step` holds the scheduler's extra
+        arguments, the step-end callback and the tensors it may read."""
+        timesteps, do_cfg = self.scheduler.timesteps, self.guidance_scale > 1.0
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:
+                break
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            model_output = self.unet(model_input, t, class_labels=labels).sample
+            if do_cfg:
+                model_output = cfg_combine(model_output, self.guidance_scale)
+            latents = self.scheduler.step(model_output, t, latents, **step["extra"]).prev_sample
+            if step["callback"] is not None:
+                available = {"latents": latents}
+                chosen = {k: available[k] for k in step["tensor_inputs"]}
+                latents = (step["callback"](self, i, t, chosen) or {}).get("latents", latents)
+            if truncate_alphabar is not None and i + 1 < len(timesteps):
+                t_next = timesteps[i + 1]
+                if self.alphabar_at(t_next) >= truncate_alphabar:  # VP form for sigma schedulers
+                    return self.scheduler.scale_model_input(latents, t_next), self.alphabar_at(t_next)
+        return latents, None
+
+    @staticmethod
+    def finish(latents, alphabar, output_type: str):
+        """A finished sample clamped to [-1, 1] and converted; a truncated run's z_s only as latents."""
+        if output_type == "latent":
+            return latents
+        if alphabar is not None:
+            raise ValueError(f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'latent'")
+        return to_output_type(latents.clamp(-1, 1), output_type)
+
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -392,52 +432,18 @@ class CDMBasePipeline(DiffusionPipeline):
         to_output_type(torch.zeros(0, 3, 1, 1), output_type)  # an unknown output_type fails before work
         self._guidance_scale, self._interrupt = settings["guidance_scale"], False
 
-        # 2. Labels: one batch of [cond; null] when guiding, so the UNet runs once per step
-        device = self._execution_device
-        labels = torch.tensor(class_ids, device=device)
-        do_cfg = self.guidance_scale > 1.0
-        if do_cfg:
-            labels = torch.cat([labels, torch.full_like(labels, self.null_class_id)])
-
-        # 3. Timesteps and the initial noise
-        self.scheduler.set_timesteps(settings["num_inference_steps"], device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
+        # 2. Timesteps and the initial noise
+        self.scheduler.set_timesteps(settings["num_inference_steps"], device=self._execution_device)
+        self._num_timesteps = len(self.scheduler.timesteps)
         latents = self.prepare_latents(len(class_ids), generator, latents)
         extra = step_kwargs(self.scheduler, generator, settings["eta"])
 
-        # 4. Denoising loop (stops early to hand over z_s when truncating, CDM section 3.2)
-        alphabar = None
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            if self.interrupt:
-                break
-            model_input = torch.cat([latents] * 2) if do_cfg else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            model_output = self.unet(model_input, t, class_labels=labels).sample
-            if do_cfg:
-                model_output = cfg_combine(model_output, self.guidance_scale)
-            latents = self.scheduler.step(model_output, t, latents, **extra).prev_sample
-            if callback_on_step_end is not None:
-                available = {"latents": latents}
-                outputs = callback_on_step_end(self, i, t, {k: available[k] for k in tensor_inputs}) or {}
-                latents = outputs.get("latents", latents)
-            if truncate_alphabar is not None and i + 1 < len(timesteps):
-                t_next = timesteps[i + 1]
-                if self.alphabar_at(t_next) >= truncate_alphabar:  # VP form for sigma schedulers
-                    latents, alphabar = (
-                        self.scheduler.scale_model_input(latents, t_next),
-                        self.alphabar_at(t_next),
-                    )
-                    break
+        # 3. Denoising loop (stops early to hand over z_s when truncating, CDM section 3.2)
+        step = {"callback": callback_on_step_end, "tensor_inputs": tensor_inputs, "extra": extra}
+        latents, alphabar = self.denoise(latents, self.prepare_labels(class_ids), step, truncate_alphabar)
 
-        # 5. Post-process: a finished sample is clamped; a truncated run returns the noisy z_s as is
-        if output_type != "latent":
-            if alphabar is not None:
-                raise ValueError(
-                    f"output_type={output_type!r}: a truncated run returns noisy z_s, use 'latent'"
-                )
-            latents = latents.clamp(-1, 1)
-        images = to_output_type(latents, output_type)
+        # 4. Post-process: a finished sample is clamped; a truncated run returns the noisy z_s as is
+        images = self.finish(latents, alphabar, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
