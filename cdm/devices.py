@@ -61,7 +61,7 @@ def keep_freed_memory() -> bool:
     A 1024 px activation (32-64 MiB) is above the largest size glibc serves from its heap, so by default
     each one is mapped afresh and every page of it faulted in, zeroed, and unmapped when freed: on a
     2-core CPU that took more time than the UNet's arithmetic. With mmap off and trimming at 2 GiB, freed
-    blocks are reused. The process keeps its peak memory (about 0.5 GiB more for the demo cascade);
+    blocks are reused. The process keeps its peak memory (0.9 GiB more for the demo cascade);
     the results are unchanged. Returns whether it applied: glibc on Linux only, once per process."""
     if not sys.platform.startswith("linux"):
         return False
