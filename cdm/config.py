@@ -233,7 +233,7 @@ NUMBERS = {
     "stage.num_train_timesteps": (2, 100_000, True),
     "stage.label_dropout": (0, 0.99, False),
     "stage.residual_scale": (1e-6, 1e6, False),
-    "stage.sample.steps": (1, 10_000, True),
+    "stage.sample.steps": (0, 10_000, True),
     "stage.sample.guidance_scale": (1, 100, False),
     "stage.sample.autoguidance_scale": (1, 100, False),
     "stage.sample.max_batch": (1, 4096, True),
@@ -279,7 +279,6 @@ def validate(cfg) -> None:
         "train.log_every": opts.log_every,
         "stage.resolution": stage.resolution,
         "stage.num_train_timesteps": stage.num_train_timesteps,
-        "stage.sample.steps": stage.sample.steps,
     }
     for key, value in positive.items():
         if value < 1:
@@ -302,13 +301,19 @@ def validate(cfg) -> None:
 
 
 def validate_objective(stage) -> None:
-    """Training-loss rules: where the timesteps are drawn, and the share that trains the 0-step estimate."""
+    """Training-loss rules: where the timesteps are drawn, the share that trains the 0-step estimate, and
+    where the 0-step estimate can be sampled at all."""
     if not 0.25 <= stage.timestep_power <= 8:
         raise UserError(
             f"stage.timestep_power={stage.timestep_power}: expected a value in 0.25..8 (1 is uniform)"
         )
     if not 0 <= stage.estimate_fraction <= 1:
         raise UserError(f"stage.estimate_fraction={stage.estimate_fraction}: expected a value in [0, 1]")
+    v_sr = stage.kind == StageKind.sr and stage.prediction_type == PredictionType.v_prediction
+    if stage.sample.steps == 0 and not v_sr:
+        raise UserError(
+            "stage.sample.steps=0: expected 1 or more (0 steps, the estimate, is for v-prediction SR stages)"
+        )
     if stage.estimate_fraction > 0 and stage.prediction_type != PredictionType.v_prediction:
         raise UserError(
             f"stage.estimate_fraction={stage.estimate_fraction} with stage.prediction_type="

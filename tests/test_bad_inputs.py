@@ -201,6 +201,12 @@ CASES = [
         None,
     ),
     (
+        "train-zero-sample-steps-on-a-base-stage",
+        [*TRAIN, "stage.sample.steps=0"],
+        "stage.sample.steps=0: expected 1 or more",
+        None,
+    ),
+    (
         "train-estimate-fraction-on-epsilon",
         [*TRAIN, "stage.prediction_type=epsilon", "stage.estimate_fraction=0.5"],
         "expected v_prediction",

@@ -115,3 +115,14 @@ def test_a_wheel_carries_the_configs_pipelines_and_demo_cascade(tmp_path):
         "cdm/experiments/templates/guidance.md",
     } <= names
     assert any(n.startswith("cdm/demo_cascade/base64/unet/") and n.endswith(".safetensors") for n in names)
+
+
+def test_zero_sample_steps_is_the_estimate_of_a_v_prediction_sr_stage_only():
+    from cdm.errors import UserError
+
+    photo = compose("experiment=photo_sr4x")
+    assert photo.stage.sample.steps == 0  # the photo recipe samples as the shipped folder does
+    validate(photo)
+    for overrides in (["stage=base64"], ["experiment=photo_sr4x", "stage.prediction_type=epsilon"]):
+        with pytest.raises(UserError, match="stage.sample.steps=0: expected 1 or more"):
+            validate(compose(*overrides, "stage.sample.steps=0"))
