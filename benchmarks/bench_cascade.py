@@ -1,7 +1,8 @@
 """The demo cascade at its former defaults (fp32, default memory layout) beside its current ones
 (`--precision auto`: bf16 autocast where the CPU has bf16 units, channels-last and freed memory kept on
 a CPU): one 64 -> 256 -> 1024 image at batch 1, after two warm-up images, per stage, each setting in a
-fresh process; the 1024 stage's peak memory; and a quality check of each SR stage on held-out digits (PSNR and SSIM, before and now)."""
+fresh process; the 1024 stage's peak memory; and a quality check of each SR stage on held-out digits
+(PSNR and SSIM, before and now)."""
 
 from __future__ import annotations
 

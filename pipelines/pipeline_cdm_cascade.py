@@ -154,8 +154,8 @@ class CDMCascadePipeline(DiffusionPipeline):
         return view
 
     def run_stage(self, k: int, x, alphabar, ids: list[int], s: dict, truncate, generator):
-        """Stage k on `x` (the class ids for the base stage; else the previous stage's [0, 1] images, or
-        its truncated z_s with that z_s's `alphabar`); returns its images and where it stopped."""
+        """Stage k: the base stage on the class `ids`; an SR stage on `x`, the previous stage's [0, 1]
+        images or its truncated z_s (whose alpha-bar is `alphabar`). Returns its images and where it stopped."""
         stage = self.with_scheduler(self.stages[k], s["scheduler"])
         kwargs = {
             "num_inference_steps": s["steps"],
@@ -216,7 +216,7 @@ class CDMCascadePipeline(DiffusionPipeline):
         ids = [i for i in self.stages[0].get_label_ids(class_labels) for _ in range(num_images_per_prompt)]
 
         # 2. Each stage in turn on the previous one's output ([0, 1], or a truncated z_s)
-        x, alphabar, per_stage = ids, None, []
+        x, alphabar, per_stage = None, None, []
         for k in range(len(STAGES)):
             truncate = self.truncation_alphabar(k, settings[k + 1] if k + 1 < len(STAGES) else None)
             x, alphabar = self.run_stage(k, x, alphabar, ids, settings[k], truncate, generator)

@@ -31,7 +31,7 @@ def test_auto_takes_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, fast_bf1
 
 
 FAULTS = """
-import resource, sys, torch
+import resource, torch
 from cdm import devices
 
 def faults_of_64_mib_activations():
@@ -45,7 +45,6 @@ default = [faults_of_64_mib_activations() for _ in range(3)]
 applied = devices.keep_freed_memory()
 kept = [faults_of_64_mib_activations() for _ in range(8)]
 print(applied, min(default), sum(kept[1:]))  # after the first, which grows the heap to its working size
-
 """
 
 
