@@ -10,7 +10,14 @@ from conftest import run_cli
 
 from cdm.errors import UserError
 from cdm.train import builders
-from cdm.train.builders import DEBIAN_PHOTOS, MAX_SIDE, build_photo_folder, photo_name, read_deb
+from cdm.train.builders import (
+    DEBIAN_EVAL_PHOTOS,
+    DEBIAN_TRAIN_PHOTOS,
+    MAX_SIDE,
+    build_photo_folder,
+    photo_name,
+    read_deb,
+)
 
 
 def ar_member(name: str, data: bytes) -> bytes:
@@ -38,9 +45,13 @@ def jpeg(size, value) -> bytes:
     return out.getvalue()
 
 
+def names_of(packages: dict[str, list[str]]) -> set[str]:
+    return {photo_name(m) for members in packages.values() for m in members}
+
+
 def fake_packages(folder, size=(2048, 1280)):
     folder.mkdir(parents=True, exist_ok=True)
-    for package, members in DEBIAN_PHOTOS.items():
+    for package, members in {**DEBIAN_EVAL_PHOTOS, **DEBIAN_TRAIN_PHOTOS}.items():
         fake_deb(folder / f"{package}_1.0_all.deb", {m: jpeg(size, 10 + i) for i, m in enumerate(members)})
 
 
@@ -55,17 +66,17 @@ def test_read_deb_returns_the_named_files_and_names_a_missing_one(tmp_path):
         read_deb(deb, ["usr/share/a.jpg"])
 
 
-def test_the_folder_holds_the_wheel_photos_and_the_downscaled_debian_photos(tmp_path, monkeypatch):
+def test_the_folder_holds_the_wheel_photos_and_the_downscaled_training_photographs(tmp_path, monkeypatch):
     monkeypatch.setenv("CDM_CACHE", str(tmp_path / "cache"))
     fake_packages(tmp_path / "debs")
     root = build_photo_folder(tmp_path / "photos", tmp_path / "debs")
     train = sorted(p.stem for p in (root / "train" / "photo").glob("*.png"))
     test = sorted(p.stem for p in (root / "test" / "photo").glob("*.png"))
-    names = [photo_name(m) for members in DEBIAN_PHOTOS.values() for m in members]
+    names = names_of(DEBIAN_TRAIN_PHOTOS)
     assert test == ["china", "flower", "grace_hopper"]
-    assert set(names) <= set(train) and len(train) == len(names) + 14
-    assert "Path" in names and "Aqua" in names
-    with PIL.Image.open(root / "train" / "photo" / "Path.png") as image:
+    assert names <= set(train) and len(train) == len(names) + 14 and len(names) == 15
+    assert not names_of(DEBIAN_EVAL_PHOTOS) & set(train)  # no photo that the eval splits judge on
+    with PIL.Image.open(root / "train" / "photo" / "Kleiber_by_Lukas_Baubkus.png") as image:
         assert image.size == (MAX_SIDE, 640) and image.mode == "RGB"
     # complete: kept as it is, without reading any package again
     monkeypatch.setattr(builders, "read_deb", None)
@@ -74,17 +85,17 @@ def test_the_folder_holds_the_wheel_photos_and_the_downscaled_debian_photos(tmp_
 
 def test_without_apt_get_the_error_says_where_to_put_the_packages(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(UserError, match=f"mate-backgrounds_\\*.deb put in {tmp_path / 'debs'}"):
+    with pytest.raises(UserError, match=f"lomiri-wallpapers-16.04_\\*.deb put in {tmp_path / 'debs'}"):
         build_photo_folder(tmp_path / "photos", tmp_path / "debs")
     assert not (tmp_path / "photos").exists()
 
 
 def test_a_corrupt_package_is_one_line_exit_2_and_writes_nothing(tmp_path):
     (tmp_path / "debs").mkdir()
-    (tmp_path / "debs" / "mate-backgrounds_1_all.deb").write_bytes(b"not a package")
+    (tmp_path / "debs" / "lomiri-wallpapers-16.04_1_all.deb").write_bytes(b"not a package")
     res = run_cli(["python", "-m", "cdm.cli.photos", "out", "--debs", "debs"], tmp_path)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
-    assert "mate-backgrounds_1_all.deb: not a readable Debian package" in res.stderr
+    assert "lomiri-wallpapers-16.04_1_all.deb: not a readable Debian package" in res.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -100,7 +111,7 @@ def test_data_photos_with_debian_photos_trains_on_both_and_holds_out_the_same(tm
             source=DataSource.photos, resize=ResizeMode.none, label_column=None, debian_photos=debian
         )
         sizes[debian] = [len(open_dataset(data, split)[0]) for split in ("train", "test")]
-    assert sizes == {False: [14, 3], True: [14 + 23, 3]}
+    assert sizes == {False: [14, 3], True: [14 + 15, 3]}
 
 
 def test_the_card_names_the_debian_photos_only_when_they_were_used():
@@ -109,7 +120,7 @@ def test_the_card_names_the_debian_photos_only_when_they_were_used():
     plain = dataset_id({"data": {"source": "photos", "debian_photos": False}})
     more = dataset_id({"data": {"source": "photos", "debian_photos": True}})
     assert "scikit-image" in plain and "Debian" not in plain
-    assert more.startswith(plain) and "mate-backgrounds" in more and "plasma-workspace-wallpapers" in more
+    assert more.startswith(plain) and "the 15 photographs" in more and "lomiri-wallpapers-16.04" in more
 
 
 def test_the_eval_splits_keep_every_photo_in_one_split_and_none_from_training(tmp_path, monkeypatch):
@@ -118,8 +129,9 @@ def test_the_eval_splits_keep_every_photo_in_one_split_and_none_from_training(tm
     root = builders.build_photo_eval_splits(tmp_path / "eval", tmp_path / "debs")
     crops = {s: sorted(p.stem for p in (root / s / "photo").glob("*.png")) for s in ("validation", "test")}
     photos = {s: {name.rsplit("-", 1)[0] for name in names} for s, names in crops.items()}
-    names = {photo_name(m) for members in DEBIAN_PHOTOS.values() for m in members}
+    names = names_of(DEBIAN_EVAL_PHOTOS)
     assert not photos["validation"] & photos["test"]  # no photo in both splits
+    assert not (photos["validation"] | photos["test"]) & names_of(DEBIAN_TRAIN_PHOTOS)
     assert photos["validation"] | photos["test"] == names | {"china", "flower", "grace_hopper"}
     assert {"china", "flower", "grace_hopper"} <= photos["validation"]
     assert abs(len(photos["test"]) - len(names) / 2) <= 0.5  # half of the Debian photos

@@ -1,14 +1,17 @@
-"""Write the larger photo set (the wheels' photos plus Debian's background photographs) as one imagefolder.
+"""Write the larger photo set (the wheels' photos plus Debian's training photographs) as one imagefolder.
 
-    OUT/train/photo/   the wheels' training photos and the Debian photos
+    OUT/train/photo/   the wheels' training photos and 15 photographs of Debian's lomiri-wallpapers packages
     OUT/test/photo/    the wheels' held-out photos (the same as data=photos' test split)
 
     python -m cdm.cli.photos OUT      (then: cdm-train ... data=imagefolder data.path=OUT)
 
 With --eval-splits, 256 px crops of photographs no shipped stage trained on, for judging photo SR:
 
-    OUT/validation/photo/   every other Debian photo, and the wheels' three held-out photos
-    OUT/test/photo/         the other Debian photos: for final figures only
+    OUT/validation/photo/   every other photograph of Debian's mate-backgrounds and
+                            plasma-workspace-wallpapers, and the wheels' three held-out photos
+    OUT/test/photo/         the other photographs of those two packages: for final figures only
+
+No photo is in more than one of train, validation and test.
 
     python -m cdm.cli.photos OUT --eval-splits
     cdm-eval sr --data imagefolder --data-path OUT --split validation --crop 0

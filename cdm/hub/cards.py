@@ -51,10 +51,10 @@ def dataset_id(info: dict | None) -> str:
     source = data.get("source")
     described = data.get("name") or DATA_DESCRIPTIONS.get(source) or source or "unknown"
     if source == "photos" and data.get("debian_photos"):
-        from cdm.train.builders import DEBIAN_PHOTOS
+        from cdm.train.builders import DEBIAN_TRAIN_PHOTOS
 
-        count = sum(map(len, DEBIAN_PHOTOS.values()))
-        described += f", and the {count} photographs of Debian's {' and '.join(DEBIAN_PHOTOS)} packages"
+        count = sum(map(len, DEBIAN_TRAIN_PHOTOS.values()))
+        described += f", and the {count} photographs of Debian's {' and '.join(DEBIAN_TRAIN_PHOTOS)} packages"
     return described
 
 

@@ -144,8 +144,10 @@ def build_photos(root: Path, holdout: int) -> Path:
     return write_atomically(root, fill)
 
 
-# package -> the photographs in it (abstract art, drawings and renders are left out).
-DEBIAN_PHOTOS = {
+# package -> the photographs in it (abstract art, drawings and renders are left out). Two sets that
+# share no photo: the evaluation photographs (the validation and test crops below) and the training
+# photographs (`data.debian_photos=true`); a training run never sees a photo it is judged on.
+DEBIAN_EVAL_PHOTOS = {
     "mate-backgrounds": [
         f"usr/share/backgrounds/mate/nature/{name}.jpg"
         for name in (
@@ -159,8 +161,23 @@ DEBIAN_PHOTOS = {
         ).split()
     ],
 }
+# Ubuntu's wallpaper contest photographs as Lomiri packages them (CC-BY-4.0, CC-BY-SA-4.0 and CC0-1.0
+# by photo, as the package's copyright file lists them; 1365-6028 px).
+DEBIAN_TRAIN_PHOTOS = {
+    "lomiri-wallpapers-16.04": [
+        f"usr/share/backgrounds/{name}.jpg"
+        for name in (
+            "aitzgorri_by_Aitzol_Berasategi analogpattern_by_Peter_Nerlich Bridge_by_Sander_Klootwijk "
+            "Dragonfly_by_Bolly free_by_Peter_Nerlich friends_by_Aitzol_Berasategi greentock_by_Peter_Nerlich "
+            "life_by_Aitzol_Berasategi picosdeeuropa_by_Aitzol_Berasategi Picture_0B_by_freespace "
+            "Picture_1A_by_freespace seeding_by_Clements_Engelhardt sunset_by_Aitzol_Berasategi "
+            "Wine_by_Jakkub_Mede"
+        ).split()
+    ],
+    "lomiri-wallpapers-20.04": ["usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg"],
+}
 MAX_SIDE = 1024
-DEBIAN_VERSION = 1  # bump when the list or the preprocessing changes, so cached sets are rebuilt
+DEBIAN_VERSION = 2  # bump when the list or the preprocessing changes, so cached sets are rebuilt
 
 
 def photo_name(member: str) -> str:
@@ -226,23 +243,23 @@ def downscaled(data: bytes, max_side: int = MAX_SIDE) -> PIL.Image.Image:
     return image
 
 
-def debian_photos(debs: Path | None = None) -> dict[str, bytes]:
-    """Every photo of `DEBIAN_PHOTOS` by name, as its file's bytes, read out of the packages in `debs`
-    (default: the cdm cache), which are downloaded there when missing."""
+def debian_photos(packages: dict[str, list[str]], debs: Path | None = None) -> dict[str, bytes]:
+    """Every photo of `packages` (`DEBIAN_EVAL_PHOTOS` or `DEBIAN_TRAIN_PHOTOS`) by name, as its file's
+    bytes, read out of the packages in `debs` (default: the cdm cache), downloaded there when missing."""
     debs = debs or cache_root() / "debian-packages"
     return {
         photo_name(member): data
-        for package, members in DEBIAN_PHOTOS.items()
+        for package, members in packages.items()
         for member, data in read_deb(fetch_deb(package, debs), members).items()
     }
 
 
 def build_photo_folder(out: Path, debs: Path | None = None, holdout: int = 3) -> Path:
-    """The wheels' photos (train and held-out test) plus the Debian photos, as one imagefolder.
-    Every package is read before anything is written, and a complete `out` is kept as it is."""
+    """The wheels' photos (train and held-out test) plus Debian's training photographs, as one
+    imagefolder. Every package is read before anything is written, and a complete `out` is kept."""
     if (out / "labels.json").is_file():
         return out
-    photos = debian_photos(debs)
+    photos = debian_photos(DEBIAN_TRAIN_PHOTOS, debs)
     wheel = build_photos(cache_root() / f"photos-v{PHOTOS_VERSION}-{holdout}", holdout)
 
     def fill(tmp: Path):
@@ -284,7 +301,7 @@ def build_photo_eval_splits(out: Path, debs: Path | None = None) -> Path:
     every package is read before anything is written, and a complete `out` is kept as it is."""
     if (out / "labels.json").is_file():
         return out
-    photos = debian_photos(debs)
+    photos = debian_photos(DEBIAN_EVAL_PHOTOS, debs)
     wheel = build_photos(cache_root() / f"photos-v{PHOTOS_VERSION}-3", 3)
     held_out = {p.stem: p for p in sorted((wheel / "test" / "photo").glob("*.png"))}
 
