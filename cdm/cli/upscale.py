@@ -2,7 +2,7 @@
 
 cdm-upscale photo.jpg                  # the shipped 4x photo stage at its fidelity end (0 steps)
 cdm-upscale photo.jpg --steps 2        # two sampling steps: a little texture, a little less PSNR
-cdm-upscale photo.jpg --scheduler DPMSolverMultistepScheduler --steps 20 --autoguidance 1.25 \
+cdm-upscale photo.jpg --scheduler DPMSolverMultistepScheduler --steps 20 --autoguidance 1.5 \
     --detail-threshold 0.04            # the sharp end: detail where the photo has some
 cdm-upscale photo.jpg --model runs/sr64to256/export --out upscaled/
 cdm-upscale --compare figure.png original.png           # downsample, upscale, compare with bicubic
